@@ -1,0 +1,390 @@
+//! Configuration files: TOML, typed, validated once at load.
+//!
+//! Every error names the file, the line and column, and the field, e.g.
+//! `conf.d/checks.toml:7:1: checks.cpu.interval_secs: must be at least 1`.
+//! Parse errors come from serde (unknown fields, wrong types); validation errors are
+//! located by finding the offending key's span in the same text.
+//!
+//! A server config directory holds any number of `*.toml` files, each with optional
+//! `[server]`, `[checks.NAME]`, `[entities.NAME]` and `[silences.NAME]` tables; they are
+//! merged, and a name defined twice is an error naming both files.
+
+use crate::resource::{CheckSpec, Entity, EntityClass, FieldError, Silence};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// A config problem with its location.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}:{line}:{column}: {field}{}{message}", file.display(), if field.is_empty() { "" } else { ": " })]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    /// Dotted path of the field, e.g. `checks.cpu.interval_secs`; empty when unknown.
+    pub field: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn io(file: &Path, e: std::io::Error) -> ConfigError {
+        ConfigError { file: file.to_path_buf(), line: 0, column: 0, field: String::new(), message: e.to_string() }
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rfind('\n').map(|nl| before.len() - nl).unwrap_or(before.len() + 1);
+    (line, column)
+}
+
+/// Parses `text` as `T`, turning serde's complaint into a located [`ConfigError`].
+pub fn parse_toml<T: serde::de::DeserializeOwned>(file: &Path, text: &str) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| {
+        let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((0, 0));
+        let message = e.message().to_string();
+        // serde names unknown/missing fields in the message; pull the name out as the field.
+        let field = message
+            .split('`')
+            .nth(1)
+            .filter(|_| message.contains("field"))
+            .map(str::to_string)
+            .unwrap_or_default();
+        ConfigError { file: file.to_path_buf(), line, column, field, message }
+    })
+}
+
+/// Locates `path` (table keys, then the field) in the TOML text; falls back to the
+/// nearest enclosing key that exists.
+pub fn locate(file: &Path, text: &str, path: &[&str], message: String) -> ConfigError {
+    let mut span = None;
+    if let Ok(doc) = toml_edit::Document::parse(text) {
+        let mut item: &toml_edit::Item = doc.as_item();
+        for part in path {
+            let Some(table) = item.as_table_like() else { break };
+            let Some((key, next)) = table.get_key_value(part) else { break };
+            span = key.span().or(span);
+            item = next;
+        }
+    }
+    let (line, column) = span.map(|s| line_col(text, s.start)).unwrap_or((0, 0));
+    ConfigError { file: file.to_path_buf(), line, column, field: path.join("."), message }
+}
+
+fn field_error(file: &Path, text: &str, prefix: &[&str], e: FieldError) -> ConfigError {
+    let mut path: Vec<&str> = prefix.to_vec();
+    path.extend(e.field.split('.'));
+    locate(file, text, &path, e.message)
+}
+
+fn default_keepalive_warning_secs() -> u64 {
+    120
+}
+fn default_keepalive_critical_secs() -> u64 {
+    180
+}
+fn default_keepalive_interval_secs() -> u64 {
+    20
+}
+
+/// `[server]`: control-plane settings that may also come from flags.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    /// Keepalive age that raises a WARNING, unless the agent sets its own.
+    #[serde(default = "default_keepalive_warning_secs")]
+    pub keepalive_warning_secs: u64,
+    /// Keepalive age that raises a CRITICAL, unless the agent sets its own.
+    #[serde(default = "default_keepalive_critical_secs")]
+    pub keepalive_critical_secs: u64,
+    /// Handlers for keepalive events when the entity names none.
+    #[serde(default)]
+    pub keepalive_handlers: Vec<String>,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            keepalive_warning_secs: default_keepalive_warning_secs(),
+            keepalive_critical_secs: default_keepalive_critical_secs(),
+            keepalive_handlers: Vec::new(),
+        }
+    }
+}
+
+impl ServerSettings {
+    fn validate(&self) -> Result<(), FieldError> {
+        if self.keepalive_warning_secs == 0 {
+            return Err(FieldError::new("keepalive_warning_secs", "must be at least 1"));
+        }
+        if self.keepalive_critical_secs < self.keepalive_warning_secs {
+            return Err(FieldError::new("keepalive_critical_secs", "must not be below keepalive_warning_secs"));
+        }
+        Ok(())
+    }
+}
+
+/// One file of a server config directory.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfigFile {
+    #[serde(default)]
+    pub server: Option<ServerSettings>,
+    #[serde(default)]
+    pub checks: BTreeMap<String, CheckSpec>,
+    #[serde(default)]
+    pub entities: BTreeMap<String, Entity>,
+    #[serde(default)]
+    pub silences: BTreeMap<String, Silence>,
+}
+
+/// A whole config directory, merged.
+#[derive(Debug, Clone, Default)]
+pub struct ServerConfig {
+    pub server: ServerSettings,
+    pub checks: BTreeMap<String, CheckSpec>,
+    pub entities: BTreeMap<String, Entity>,
+    pub silences: BTreeMap<String, Silence>,
+    /// Which file each resource came from, for duplicate reports.
+    pub sources: BTreeMap<String, PathBuf>,
+}
+
+impl ServerConfig {
+    /// Loads every `*.toml` in `dir` (sorted, not recursive). A missing dir is empty config.
+    pub fn load_dir(dir: &Path) -> Result<ServerConfig, ConfigError> {
+        let mut cfg = ServerConfig::default();
+        let mut files = Vec::new();
+        match std::fs::read_dir(dir) {
+            Ok(rd) => {
+                for entry in rd {
+                    let p = entry.map_err(|e| ConfigError::io(dir, e))?.path();
+                    if p.extension().is_some_and(|x| x == "toml") {
+                        files.push(p);
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(cfg),
+            Err(e) => return Err(ConfigError::io(dir, e)),
+        }
+        files.sort();
+        let mut server_from: Option<PathBuf> = None;
+        for file in files {
+            let text = std::fs::read_to_string(&file).map_err(|e| ConfigError::io(&file, e))?;
+            let f = Self::parse_file(&file, &text)?;
+            if let Some(s) = f.server {
+                if let Some(prev) = &server_from {
+                    return Err(locate(&file, &text, &["server"], format!("[server] is already set in {}", prev.display())));
+                }
+                server_from = Some(file.clone());
+                cfg.server = s;
+            }
+            for (kind, names) in [
+                ("checks", f.checks.keys().cloned().collect::<Vec<_>>()),
+                ("entities", f.entities.keys().cloned().collect()),
+                ("silences", f.silences.keys().cloned().collect()),
+            ] {
+                for n in names {
+                    let key = format!("{kind}.{n}");
+                    if let Some(prev) = cfg.sources.get(&key) {
+                        return Err(locate(&file, &text, &[kind, &n], format!("already defined in {}", prev.display())));
+                    }
+                    cfg.sources.insert(key, file.clone());
+                }
+            }
+            cfg.checks.extend(f.checks);
+            cfg.entities.extend(f.entities);
+            cfg.silences.extend(f.silences);
+        }
+        Ok(cfg)
+    }
+
+    /// Parses and validates one file's text. Names come from table keys.
+    pub fn parse_file(file: &Path, text: &str) -> Result<ServerConfigFile, ConfigError> {
+        let mut f: ServerConfigFile = parse_toml(file, text)?;
+        if let Some(s) = &f.server {
+            s.validate().map_err(|e| field_error(file, text, &["server"], e))?;
+        }
+        for (name, c) in f.checks.iter_mut() {
+            c.name = name.clone();
+            c.validate().map_err(|e| field_error(file, text, &["checks", name], e))?;
+        }
+        for (name, e) in f.entities.iter_mut() {
+            e.name = name.clone();
+            // Entities declared in config have no agent: they are proxy entities.
+            e.class = EntityClass::Proxy;
+            e.validate().map_err(|err| field_error(file, text, &["entities", name], err))?;
+        }
+        for (name, s) in f.silences.iter_mut() {
+            s.name = name.clone();
+            s.validate().map_err(|e| field_error(file, text, &["silences", name], e))?;
+        }
+        Ok(f)
+    }
+}
+
+/// `drover agent --config FILE`: everything the flags can say, plus local checks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    #[serde(default)]
+    pub name: Option<String>,
+    /// ws://host:port or wss://host:port (a http:// URL is accepted and converted).
+    #[serde(default)]
+    pub server: Option<String>,
+    #[serde(default)]
+    pub token: Option<String>,
+    #[serde(default)]
+    pub address: Option<String>,
+    #[serde(default)]
+    pub subscriptions: Vec<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default = "default_keepalive_interval_secs")]
+    pub keepalive_interval_secs: u64,
+    #[serde(default)]
+    pub keepalive_warning_secs: Option<u64>,
+    #[serde(default)]
+    pub keepalive_critical_secs: Option<u64>,
+    /// On a clean stop, remove this entity from the registry without an alert.
+    #[serde(default)]
+    pub deregister: bool,
+    /// Loopback HTTP endpoint for scripts to POST results; empty string disables it.
+    #[serde(default = "default_api_listen")]
+    pub api_listen: String,
+    #[serde(default = "default_max_concurrent_checks")]
+    pub max_concurrent_checks: usize,
+    /// stdout+stderr kept per run; the rest is replaced by a truncation marker.
+    #[serde(default = "default_output_limit_bytes")]
+    pub output_limit_bytes: usize,
+    /// Results kept while disconnected; the oldest are dropped past this (and counted).
+    #[serde(default = "default_buffer_max_results")]
+    pub buffer_max_results: usize,
+    /// Local (standalone) checks scheduled by the agent itself.
+    #[serde(default)]
+    pub checks: BTreeMap<String, CheckSpec>,
+}
+
+fn default_api_listen() -> String {
+    "127.0.0.1:3031".to_string()
+}
+fn default_max_concurrent_checks() -> usize {
+    16
+}
+fn default_output_limit_bytes() -> usize {
+    64 * 1024
+}
+fn default_buffer_max_results() -> usize {
+    100_000
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("empty agent config is valid")
+    }
+}
+
+impl AgentConfig {
+    pub fn load(file: &Path) -> Result<AgentConfig, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|e| ConfigError::io(file, e))?;
+        Self::parse(file, &text)
+    }
+
+    pub fn parse(file: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
+        let mut c: AgentConfig = parse_toml(file, text)?;
+        for (name, check) in c.checks.iter_mut() {
+            check.name = name.clone();
+            if check.interval_secs.is_none() && check.cron.is_none() {
+                return Err(locate(file, text, &["checks", name], "a local check needs `interval_secs` or `cron`".into()));
+            }
+            check.validate().map_err(|e| field_error(file, text, &["checks", name], e))?;
+        }
+        c.validate().map_err(|e| field_error(file, text, &[], e))?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<(), FieldError> {
+        if let Some(n) = &self.name {
+            crate::resource::validate_name("name", n)?;
+        }
+        if self.keepalive_interval_secs == 0 {
+            return Err(FieldError::new("keepalive_interval_secs", "must be at least 1"));
+        }
+        if self.max_concurrent_checks == 0 {
+            return Err(FieldError::new("max_concurrent_checks", "must be at least 1"));
+        }
+        if self.output_limit_bytes < 64 {
+            return Err(FieldError::new("output_limit_bytes", "must be at least 64"));
+        }
+        for s in &self.subscriptions {
+            crate::resource::validate_name("subscriptions", s)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p() -> PathBuf {
+        PathBuf::from("conf.d/checks.toml")
+    }
+
+    #[test]
+    fn valid_file_loads_and_names_come_from_keys() {
+        let text = "[checks.cpu]\ncommand = \"check_load\"\nsubscriptions = [\"linux\"]\ninterval_secs = 10\n\n[entities.site]\naddress = \"example.org\"\n";
+        let f = ServerConfig::parse_file(&p(), text).unwrap();
+        assert_eq!(f.checks["cpu"].name, "cpu");
+        assert_eq!(f.entities["site"].class, EntityClass::Proxy);
+    }
+
+    #[test]
+    fn unknown_field_names_file_line_and_field() {
+        let text = "[checks.cpu]\ncommand = \"x\"\nintervl_secs = 10\n";
+        let e = ServerConfig::parse_file(&p(), text).unwrap_err();
+        assert_eq!(e.line, 3, "{e}");
+        assert_eq!(e.field, "intervl_secs");
+        assert!(e.to_string().starts_with("conf.d/checks.toml:3:"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_line() {
+        let text = "[checks.cpu]\ncommand = \"x\"\nsubscriptions = [\"a\"]\ninterval_secs = \"ten\"\n";
+        let e = ServerConfig::parse_file(&p(), text).unwrap_err();
+        assert_eq!(e.line, 4, "{e}");
+    }
+
+    #[test]
+    fn validation_error_points_at_the_field_line() {
+        let text = "# comment\n[checks.cpu]\ncommand = \"x\"\nsubscriptions = [\"a\"]\ninterval_secs = 0\n";
+        let e = ServerConfig::parse_file(&p(), text).unwrap_err();
+        assert_eq!((e.line, e.column), (5, 1), "{e}");
+        assert_eq!(e.field, "checks.cpu.interval_secs");
+        assert_eq!(e.to_string(), "conf.d/checks.toml:5:1: checks.cpu.interval_secs: must be at least 1");
+    }
+
+    #[test]
+    fn duplicate_names_across_files_are_refused() {
+        let dir = std::env::temp_dir().join(format!("drover-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let c = "[checks.cpu]\ncommand = \"x\"\nsubscriptions = [\"a\"]\ninterval_secs = 5\n";
+        std::fs::write(dir.join("a.toml"), c).unwrap();
+        std::fs::write(dir.join("b.toml"), c).unwrap();
+        let e = ServerConfig::load_dir(&dir).unwrap_err();
+        assert!(e.message.contains("a.toml"), "{e}");
+        assert!(e.file.ends_with("b.toml"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn agent_config_defaults_and_local_checks() {
+        let text = "name = \"n1\"\nsubscriptions = [\"web\"]\n[checks.local]\ncommand = \"true\"\ninterval_secs = 5\n";
+        let c = AgentConfig::parse(Path::new("agent.toml"), text).unwrap();
+        assert_eq!(c.keepalive_interval_secs, 20);
+        assert_eq!(c.checks["local"].name, "local");
+        let bad = "keepalive_interval_secs = 0\n";
+        let e = AgentConfig::parse(Path::new("agent.toml"), bad).unwrap_err();
+        assert_eq!(e.line, 1, "{e}");
+    }
+}

@@ -1,0 +1,32 @@
+//! drover-core: the vocabulary every drover role shares.
+//!
+//! Nothing here does I/O beyond reading config files; the server, agent, proxy and
+//! name server all depend on these types so that "a check", "an entity" and "healthy"
+//! mean one thing across the system.
+//!
+//! - [`status`]: Nagios plugin exit codes (0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN).
+//! - [`resource`]: declared resources: [`resource::CheckSpec`], [`resource::Entity`],
+//!   [`resource::Silence`], with validation.
+//! - [`event`]: per (entity, check) state: history, occurrences, Sensu's weighted flap
+//!   detection ([`event::Event::apply`]).
+//! - [`metrics`]: perfdata and the other output metric formats (Graphite, InfluxDB line,
+//!   Prometheus text) parsed into [`metrics::MetricPoint`]s.
+//! - [`tokens`]: entity attribute substitution into check commands.
+//! - [`protocol`]: the JSON messages agents and servers exchange over the WebSocket.
+//! - [`config`]: TOML config files, loaded with errors that name file, line and field.
+//! - [`time`]: wall-clock helpers (milliseconds since the Unix epoch).
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod event;
+pub mod metrics;
+pub mod protocol;
+pub mod resource;
+pub mod status;
+pub mod time;
+pub mod tokens;
+
+pub use event::{Event, EventState};
+pub use metrics::{MetricFormat, MetricPoint};
+pub use resource::{CheckSpec, Entity, EntityClass, Silence};
+pub use status::Status;
