@@ -76,7 +76,10 @@ pub struct TxnResponse {
 pub enum WatchEvent {
     Put(KeyValue),
     /// `mod_revision` is the revision of the deletion.
-    Delete { key: String, mod_revision: Revision },
+    Delete {
+        key: String,
+        mod_revision: Revision,
+    },
 }
 
 impl WatchEvent {
