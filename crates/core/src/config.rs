@@ -45,12 +45,8 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(file: &Path, text: &str) -> Re
         let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((0, 0));
         let message = e.message().to_string();
         // serde names unknown/missing fields in the message; pull the name out as the field.
-        let field = message
-            .split('`')
-            .nth(1)
-            .filter(|_| message.contains("field"))
-            .map(str::to_string)
-            .unwrap_or_default();
+        let field =
+            message.split('`').nth(1).filter(|_| message.contains("field")).map(str::to_string).unwrap_or_default();
         ConfigError { file: file.to_path_buf(), line, column, field, message }
     })
 }
@@ -174,7 +170,12 @@ impl ServerConfig {
             let f = Self::parse_file(&file, &text)?;
             if let Some(s) = f.server {
                 if let Some(prev) = &server_from {
-                    return Err(locate(&file, &text, &["server"], format!("[server] is already set in {}", prev.display())));
+                    return Err(locate(
+                        &file,
+                        &text,
+                        &["server"],
+                        format!("[server] is already set in {}", prev.display()),
+                    ));
                 }
                 server_from = Some(file.clone());
                 cfg.server = s;
@@ -187,7 +188,12 @@ impl ServerConfig {
                 for n in names {
                     let key = format!("{kind}.{n}");
                     if let Some(prev) = cfg.sources.get(&key) {
-                        return Err(locate(&file, &text, &[kind, &n], format!("already defined in {}", prev.display())));
+                        return Err(locate(
+                            &file,
+                            &text,
+                            &[kind, &n],
+                            format!("already defined in {}", prev.display()),
+                        ));
                     }
                     cfg.sources.insert(key, file.clone());
                 }
@@ -295,7 +301,12 @@ impl AgentConfig {
         for (name, check) in c.checks.iter_mut() {
             check.name = name.clone();
             if check.interval_secs.is_none() && check.cron.is_none() {
-                return Err(locate(file, text, &["checks", name], "a local check needs `interval_secs` or `cron`".into()));
+                return Err(locate(
+                    file,
+                    text,
+                    &["checks", name],
+                    "a local check needs `interval_secs` or `cron`".into(),
+                ));
             }
             check.validate().map_err(|e| field_error(file, text, &["checks", name], e))?;
         }

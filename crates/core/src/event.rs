@@ -240,11 +240,7 @@ pub fn total_state_change(history: &[HistoryEntry]) -> u32 {
 /// Enters flapping at `high`, leaves it only at or below `low` (hysteresis).
 pub fn is_flapping(state: EventState, tsc: u32, low: Option<u32>, high: Option<u32>) -> bool {
     let (Some(low), Some(high)) = (low, high) else { return false };
-    if state == EventState::Flapping {
-        tsc > low
-    } else {
-        tsc >= high
-    }
+    if state == EventState::Flapping { tsc > low } else { tsc >= high }
 }
 
 #[cfg(test)]

@@ -153,9 +153,8 @@ pub fn parse_influx(output: &str, now_secs: i64) -> Vec<MetricPoint> {
         let ts = parts.next().and_then(|t| t.parse::<i64>().ok()).map(|ns| ns / 1_000_000_000).unwrap_or(now_secs);
         let mut series_parts = series.split(',');
         let measurement = series_parts.next().unwrap_or_default();
-        let tags: Vec<(String, String)> = series_parts
-            .filter_map(|t| t.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
-            .collect();
+        let tags: Vec<(String, String)> =
+            series_parts.filter_map(|t| t.split_once('=').map(|(k, v)| (k.to_string(), v.to_string()))).collect();
         for field in fields.split(',') {
             let Some((k, v)) = field.split_once('=') else { continue };
             let v = v.trim_end_matches('i');

@@ -21,7 +21,10 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub enum AgentMessage {
     Hello(Hello),
     Keepalive(Keepalive),
-    Result { seq: u64, result: CheckResult },
+    Result {
+        seq: u64,
+        result: CheckResult,
+    },
     /// Sent on a clean stop when the agent is configured to deregister.
     Deregister,
 }
@@ -51,7 +54,7 @@ pub enum ServerMessage {
     Ack {
         up_to: u64,
     },
-    Request(CheckRequest),
+    Request(Box<CheckRequest>),
     /// A fatal problem with this connection (bad hello, bad frame); the server closes it next.
     Error {
         message: String,

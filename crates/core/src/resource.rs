@@ -169,7 +169,10 @@ impl CheckSpec {
         if let (Some(ttl), Some(interval)) = (self.ttl_secs, self.interval_secs)
             && ttl <= interval
         {
-            return Err(FieldError::new("ttl_secs", format!("must exceed interval_secs ({interval}), or every run would be late")));
+            return Err(FieldError::new(
+                "ttl_secs",
+                format!("must exceed interval_secs ({interval}), or every run would be late"),
+            ));
         }
         if self.splay_coverage_percent > 100 {
             return Err(FieldError::new("splay_coverage_percent", "must be 0..=100"));
@@ -181,8 +184,12 @@ impl CheckSpec {
             (Some(l), Some(h)) if l >= h => {
                 return Err(FieldError::new("low_flap_threshold", "must be below high_flap_threshold"));
             }
-            (Some(_), None) => return Err(FieldError::new("high_flap_threshold", "set both flap thresholds or neither")),
-            (None, Some(_)) => return Err(FieldError::new("low_flap_threshold", "set both flap thresholds or neither")),
+            (Some(_), None) => {
+                return Err(FieldError::new("high_flap_threshold", "set both flap thresholds or neither"));
+            }
+            (None, Some(_)) => {
+                return Err(FieldError::new("low_flap_threshold", "set both flap thresholds or neither"));
+            }
             (_, Some(h)) if h > 100 => return Err(FieldError::new("high_flap_threshold", "is a percentage, 1..=100")),
             _ => {}
         }
@@ -190,15 +197,22 @@ impl CheckSpec {
             return Err(FieldError::new("round_robin", "needs at least one subscription to rotate over"));
         }
         if self.proxy_entity_name.is_some() && self.proxy_requests.is_some() {
-            return Err(FieldError::new("proxy_requests", "give either `proxy_entity_name` or `proxy_requests`, not both"));
+            return Err(FieldError::new(
+                "proxy_requests",
+                "give either `proxy_entity_name` or `proxy_requests`, not both",
+            ));
         }
         Ok(())
     }
 }
 
-/// Parses a cron expression the way the scheduler will.
+/// Parses a cron expression the way the scheduler will: 5 fields, or 6 with seconds first.
 pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
-    expr.parse::<croner::Cron>().map_err(|e| format!("invalid cron expression `{expr}`: {e}"))
+    croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Optional)
+        .build()
+        .parse(expr)
+        .map_err(|e| format!("invalid cron expression `{expr}`: {e}"))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

@@ -95,7 +95,9 @@ mod tests {
 
     #[test]
     fn sensu_go_tokens_substitute_with_defaults() {
-        let out = substitute("check_disk -w {{ .labels.warn | default \"80\" }} -H {{ .address }} {{.name}}", &entity()).unwrap();
+        let out =
+            substitute("check_disk -w {{ .labels.warn | default \"80\" }} -H {{ .address }} {{.name}}", &entity())
+                .unwrap();
         assert_eq!(out, "check_disk -w 80 -H 10.0.0.5 web1");
     }
 

@@ -1,0 +1,272 @@
+//! Test harness: real `drover` processes on loopback, driven over HTTP.
+//!
+//! Every process is killed when its handle drops, so a failing test leaves nothing
+//! running. Waits are polls with deadlines, never bare sleeps, so tests are as fast as
+//! the system under test and fail with a message instead of hanging.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const ADMIN: &str = "test-admin-token";
+pub const AGENT: &str = "test-agent-token";
+
+pub fn drover_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_drover")
+}
+
+pub fn plugins_dir() -> PathBuf {
+    PathBuf::from(std::env::var("DROVER_NAGIOS_PLUGINS").unwrap_or_else(|_| "/usr/lib/nagios/plugins".into()))
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Polls `f` every 100 ms until it returns Some, or panics with `what` after `timeout`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A child process that is killed (SIGKILL) on drop unless already reaped.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(args: &[&str], log: PathBuf) -> Proc {
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(drover_bin())
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("spawning drover");
+        Proc { child, log }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn term(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill").arg("-TERM").arg(self.pid().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "process did not exit after SIGTERM; log:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A running `drover server` with its own config and data directories.
+pub struct Server {
+    pub proc: Proc,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// `files` are (name, content) pairs written into the config dir.
+    pub fn start(files: &[(&str, &str)]) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("conf.d")).unwrap();
+        for (name, content) in files {
+            std::fs::write(dir.path().join("conf.d").join(name), content).unwrap();
+        }
+        let port = free_port();
+        let s = Server { proc: Self::spawn_proc(dir.path(), port), port, dir };
+        s.wait_healthy();
+        s
+    }
+
+    fn spawn_proc(dir: &Path, port: u16) -> Proc {
+        let listen = format!("127.0.0.1:{port}");
+        let conf = dir.join("conf.d");
+        let data = dir.join("data");
+        Proc::spawn(
+            &[
+                "server",
+                "--config-dir",
+                conf.to_str().unwrap(),
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--listen",
+                &listen,
+                "--admin-token",
+                ADMIN,
+                "--agent-token",
+                AGENT,
+            ],
+            dir.join(format!("server-{port}.log")),
+        )
+    }
+
+    pub fn wait_healthy(&self) {
+        let url = format!("{}/health", self.url());
+        wait_for(Duration::from_secs(20), "server /health", || {
+            ureq::get(&url).call().ok().filter(|r| r.status() == 200).map(|_| ())
+        });
+    }
+
+    /// Restarts on the same port and data dir; `kill9` chooses a crash or a clean stop.
+    pub fn restart(&mut self, kill9: bool) {
+        self.stop(kill9);
+        self.start_again();
+    }
+
+    pub fn stop(&mut self, kill9: bool) {
+        if kill9 {
+            self.proc.kill9();
+        } else {
+            assert!(self.proc.term().success(), "server exited uncleanly:\n{}", self.proc.log_text());
+        }
+    }
+
+    pub fn start_again(&mut self) {
+        self.proc = Self::spawn_proc(self.dir.path(), self.port);
+        self.wait_healthy();
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://127.0.0.1:{}", self.port)
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn agent_http() -> ureq::Agent {
+        ureq::Agent::config_builder().http_status_as_error(false).build().into()
+    }
+
+    /// GET with the admin token; returns (status, JSON body).
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        self.request("GET", path, None, Some(ADMIN))
+    }
+
+    pub fn request(&self, method: &str, path: &str, body: Option<&str>, token: Option<&str>) -> (u16, Value) {
+        let url = format!("{}{}", self.url(), path);
+        let agent = Self::agent_http();
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let resp = match (method, body) {
+            ("GET", _) => {
+                let mut r = agent.get(&url);
+                if let Some(a) = &auth {
+                    r = r.header("Authorization", a);
+                }
+                r.call()
+            }
+            ("DELETE", _) => {
+                let mut r = agent.delete(&url);
+                if let Some(a) = &auth {
+                    r = r.header("Authorization", a);
+                }
+                r.call()
+            }
+            (m, b) => {
+                let mut r = match m {
+                    "POST" => agent.post(&url),
+                    "PUT" => agent.put(&url),
+                    other => panic!("method {other}"),
+                };
+                if let Some(a) = &auth {
+                    r = r.header("Authorization", a);
+                }
+                r.header("Content-Type", "application/json").send(b.unwrap_or(""))
+            }
+        };
+        let mut resp = resp.expect("HTTP request");
+        let status = resp.status().as_u16();
+        let text = resp.body_mut().read_to_string().unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    pub fn events(&self) -> Vec<Value> {
+        let (st, v) = self.get("/api/v1/events");
+        assert_eq!(st, 200, "{v}");
+        v.as_array().unwrap().clone()
+    }
+
+    pub fn event(&self, entity: &str, check: &str) -> Option<Value> {
+        let (st, v) = self.get(&format!("/api/v1/events/{entity}/{check}"));
+        (st == 200).then_some(v)
+    }
+
+    pub fn entity(&self, name: &str) -> Option<Value> {
+        let (st, v) = self.get(&format!("/api/v1/entities/{name}"));
+        (st == 200).then_some(v)
+    }
+
+    /// Waits until `entity`'s event for `check` satisfies `pred`.
+    pub fn wait_event(&self, entity: &str, check: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        wait_for(timeout, &format!("event {entity}/{check} to match"), || self.event(entity, check).filter(|e| pred(e)))
+    }
+
+    pub fn agent(&self, name: &str, subs: &str, extra: &[&str]) -> Proc {
+        let url = self.ws_url();
+        let mut args = vec!["agent", "--server", &url, "--name", name, "--token", AGENT, "--api-listen", ""];
+        if !subs.is_empty() {
+            args.extend(["--subscriptions", subs]);
+        }
+        args.extend_from_slice(extra);
+        Proc::spawn(&args, self.dir.path().join(format!("agent-{name}-{}.log", free_port())))
+    }
+
+    /// Waits until `name` is registered and connected.
+    pub fn wait_connected(&self, name: &str) {
+        wait_for(Duration::from_secs(20), &format!("agent {name} connected"), || {
+            self.entity(name).filter(|e| e["connected"] == true).map(|_| ())
+        });
+    }
+}
+
+pub fn status(ev: &Value) -> i64 {
+    ev["status"].as_i64().unwrap_or(-1)
+}

@@ -1,0 +1,401 @@
+//! The REST API and the agent WebSocket, on one listening port.
+//!
+//! Every `/api/v1` route needs `Authorization: Bearer <admin token>`, except the agent
+//! WebSocket, which takes the agent token (or the admin token). Bodies are parsed by
+//! hand rather than with axum's `Json` extractor so a bad body gets a 400 that names
+//! the field, as config errors do. A write is answered only once it is durable.
+
+use crate::auth::{Role, Tokens};
+use crate::scheduler::Scheduler;
+use crate::sessions::{self, Sessions};
+use crate::state::State;
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, Path, Request, State as AxState, WebSocketUpgrade};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use drover_core::Status;
+use drover_core::event::CheckResult;
+use drover_core::resource::{CheckSpec, Entity, EntityClass, FieldError, Silence};
+use drover_core::time::{now_ms, now_secs};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+#[derive(Clone)]
+pub struct Api {
+    pub state: Arc<State>,
+    pub sessions: Arc<Sessions>,
+    pub scheduler: Arc<Scheduler>,
+    pub tokens: Tokens,
+}
+
+/// A 4xx/5xx with a JSON body `{"error": ..., "field": ...}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    field: Option<String>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError { status, message: message.into(), field: None }
+    }
+    fn not_found(what: &str, name: &str) -> Self {
+        Self::new(StatusCode::NOT_FOUND, format!("{what} `{name}` not found"))
+    }
+    fn field(e: FieldError) -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: format!("field `{}`: {}", e.field, e.message),
+            field: Some(e.field),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({ "error": self.message });
+        if let Some(f) = self.field {
+            body["field"] = json!(f);
+        }
+        (self.status, Json(body)).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Parses a JSON body; errors name the field serde complained about.
+fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
+    if body.is_empty() {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "request body is empty; expected JSON"));
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        let msg = e.to_string();
+        let field = msg.split('`').nth(1).filter(|_| msg.contains("field")).map(str::to_string);
+        ApiError { status: StatusCode::BAD_REQUEST, message: format!("invalid JSON body: {msg}"), field }
+    })
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ").map(str::trim)
+}
+
+async fn require_admin(
+    AxState(api): AxState<Api>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+    next: Next,
+) -> Response {
+    match bearer(req.headers()).and_then(|t| api.tokens.role(t)) {
+        Some(Role::Admin) => next.run(req).await,
+        Some(Role::Agent) => {
+            api.state.metrics.auth_failures.inc();
+            tracing::warn!(%peer, path = %req.uri().path(), "agent token used on the admin API; refused");
+            ApiError::new(StatusCode::FORBIDDEN, "the agent token cannot use the admin API").into_response()
+        }
+        None => {
+            api.state.metrics.auth_failures.inc();
+            tracing::warn!(%peer, path = %req.uri().path(), "missing or wrong token; refused");
+            ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong bearer token (see DATA_DIR/admin.token)")
+                .into_response()
+        }
+    }
+}
+
+/// Counts 4xx answers for /metrics.
+async fn count_rejections(AxState(api): AxState<Api>, req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    if resp.status().is_client_error() {
+        api.state.metrics.api_requests_rejected.inc();
+    }
+    resp
+}
+
+pub fn router(api: Api) -> Router {
+    let admin = Router::new()
+        .route("/entities", get(list_entities).post(create_entity))
+        .route("/entities/{name}", get(get_entity).put(put_entity).delete(delete_entity))
+        .route("/checks", get(list_checks).post(create_check))
+        .route("/checks/{name}", get(get_check).put(put_check).delete(delete_check))
+        .route("/checks/{name}/execute", post(execute_check))
+        .route("/events", get(list_events).post(post_result))
+        .route("/events/{entity}", get(list_entity_events))
+        .route("/events/{entity}/{check}", get(get_event).delete(delete_event))
+        .route("/events/{entity}/{check}/resolve", post(resolve_event))
+        .route("/silences", get(list_silences).post(create_silence))
+        .route("/silences/{name}", get(get_silence).delete(delete_silence))
+        .layer(middleware::from_fn_with_state(api.clone(), require_admin));
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/agent/ws", get(agent_ws))
+        .nest("/api/v1", admin)
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
+        .layer(middleware::from_fn_with_state(api.clone(), count_rejections))
+        .with_state(api)
+}
+
+async fn health(AxState(api): AxState<Api>) -> Response {
+    match api.state.store.revision().await {
+        Ok(rev) => Json(json!({
+            "status": "ok",
+            "agents_connected": api.sessions.connected(),
+            "store_revision": rev,
+        }))
+        .into_response(),
+        Err(e) => {
+            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "store unavailable", "error": e.to_string() })))
+                .into_response()
+        }
+    }
+}
+
+async fn metrics(AxState(api): AxState<Api>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], api.state.metrics.render()).into_response()
+}
+
+async fn agent_ws(
+    AxState(api): AxState<Api>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if bearer(&headers).and_then(|t| api.tokens.role(t)).is_none() {
+        api.state.metrics.auth_failures.inc();
+        tracing::warn!(%peer, "agent connection with a missing or wrong token; refused");
+        return ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong agent token").into_response();
+    }
+    let (state, sessions) = (api.state.clone(), api.sessions.clone());
+    ws.max_message_size(sessions::MAX_FRAME_BYTES)
+        .max_frame_size(sessions::MAX_FRAME_BYTES)
+        .on_upgrade(move |socket| sessions::serve(socket, state, sessions, peer.to_string()))
+}
+
+// ---- entities -----------------------------------------------------------------
+
+async fn list_entities(AxState(api): AxState<Api>) -> Json<Vec<Entity>> {
+    Json(api.state.entities())
+}
+
+async fn get_entity(AxState(api): AxState<Api>, Path(name): Path<String>) -> ApiResult<Json<Entity>> {
+    api.state.entity(&name).map(Json).ok_or_else(|| ApiError::not_found("entity", &name))
+}
+
+fn prepare_entity(mut e: Entity, existing: Option<Entity>) -> ApiResult<Entity> {
+    e.validate().map_err(ApiError::field)?;
+    match existing {
+        // The server owns liveness fields of agent entities.
+        Some(old) if old.class == EntityClass::Agent => {
+            e.class = EntityClass::Agent;
+            e.connected = old.connected;
+            e.last_seen_ms = old.last_seen_ms;
+            e.metrics = old.metrics;
+        }
+        // Entities made through the API have no agent behind them.
+        _ => e.class = EntityClass::Proxy,
+    }
+    Ok(e)
+}
+
+async fn create_entity(AxState(api): AxState<Api>, body: Bytes) -> ApiResult<(StatusCode, Json<Entity>)> {
+    let e: Entity = parse_body(&body)?;
+    if api.state.entity(&e.name).is_some() {
+        return Err(ApiError::new(StatusCode::CONFLICT, format!("entity `{}` exists; PUT to replace it", e.name)));
+    }
+    let e = prepare_entity(e, None)?;
+    let seq = api.state.put_entity(e.clone());
+    api.state.wait_durable(seq).await;
+    Ok((StatusCode::CREATED, Json(e)))
+}
+
+async fn put_entity(AxState(api): AxState<Api>, Path(name): Path<String>, body: Bytes) -> ApiResult<Json<Entity>> {
+    let mut e: Entity = parse_body(&body)?;
+    name_matches(&mut e.name, &name)?;
+    let e = prepare_entity(e, api.state.entity(&name))?;
+    let seq = api.state.put_entity(e.clone());
+    api.state.wait_durable(seq).await;
+    Ok(Json(e))
+}
+
+async fn delete_entity(AxState(api): AxState<Api>, Path(name): Path<String>) -> ApiResult<StatusCode> {
+    if api.state.entity(&name).is_none() {
+        return Err(ApiError::not_found("entity", &name));
+    }
+    if let Some(seq) = api.state.delete_entity(&name) {
+        api.state.wait_durable(seq).await;
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn name_matches(body_name: &mut String, path_name: &str) -> ApiResult<()> {
+    if body_name.is_empty() {
+        *body_name = path_name.to_string();
+    }
+    if body_name != path_name {
+        return Err(ApiError::field(FieldError::new(
+            "name",
+            format!("`{body_name}` does not match the URL's `{path_name}`"),
+        )));
+    }
+    Ok(())
+}
+
+// ---- checks -------------------------------------------------------------------
+
+async fn list_checks(AxState(api): AxState<Api>) -> Json<Vec<CheckSpec>> {
+    Json(api.state.checks())
+}
+
+async fn get_check(AxState(api): AxState<Api>, Path(name): Path<String>) -> ApiResult<Json<CheckSpec>> {
+    api.state.check(&name).map(Json).ok_or_else(|| ApiError::not_found("check", &name))
+}
+
+async fn create_check(AxState(api): AxState<Api>, body: Bytes) -> ApiResult<(StatusCode, Json<CheckSpec>)> {
+    let c: CheckSpec = parse_body(&body)?;
+    c.validate().map_err(ApiError::field)?;
+    if api.state.check(&c.name).is_some() {
+        return Err(ApiError::new(StatusCode::CONFLICT, format!("check `{}` exists; PUT to replace it", c.name)));
+    }
+    let seq = api.state.put_check(c.clone());
+    api.state.wait_durable(seq).await;
+    Ok((StatusCode::CREATED, Json(c)))
+}
+
+async fn put_check(AxState(api): AxState<Api>, Path(name): Path<String>, body: Bytes) -> ApiResult<Json<CheckSpec>> {
+    let mut c: CheckSpec = parse_body(&body)?;
+    name_matches(&mut c.name, &name)?;
+    c.validate().map_err(ApiError::field)?;
+    let seq = api.state.put_check(c.clone());
+    api.state.wait_durable(seq).await;
+    Ok(Json(c))
+}
+
+async fn delete_check(AxState(api): AxState<Api>, Path(name): Path<String>) -> ApiResult<StatusCode> {
+    let seq = api.state.delete_check(&name).ok_or_else(|| ApiError::not_found("check", &name))?;
+    api.state.wait_durable(seq).await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ExecuteBody {
+    #[serde(default)]
+    subscriptions: Vec<String>,
+}
+
+async fn execute_check(
+    AxState(api): AxState<Api>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    let mut check = api.state.check(&name).ok_or_else(|| ApiError::not_found("check", &name))?;
+    let req: ExecuteBody = if body.is_empty() { ExecuteBody::default() } else { parse_body(&body)? };
+    if !req.subscriptions.is_empty() {
+        check.subscriptions = req.subscriptions;
+    }
+    let mut rr = now_ms() as usize;
+    let issued = api.scheduler.publish(&check, &mut rr, false);
+    Ok((StatusCode::ACCEPTED, Json(json!({ "issued": issued }))))
+}
+
+// ---- events -------------------------------------------------------------------
+
+async fn list_events(AxState(api): AxState<Api>) -> Json<Vec<drover_core::Event>> {
+    Json(api.state.events(None))
+}
+
+async fn list_entity_events(AxState(api): AxState<Api>, Path(entity): Path<String>) -> Json<Vec<drover_core::Event>> {
+    Json(api.state.events(Some(&entity)))
+}
+
+async fn get_event(
+    AxState(api): AxState<Api>,
+    Path((entity, check)): Path<(String, String)>,
+) -> ApiResult<Json<drover_core::Event>> {
+    api.state.event(&entity, &check).map(Json).ok_or_else(|| ApiError::not_found("event", &format!("{entity}/{check}")))
+}
+
+async fn delete_event(
+    AxState(api): AxState<Api>,
+    Path((entity, check)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    let seq = api
+        .state
+        .delete_event(&entity, &check)
+        .ok_or_else(|| ApiError::not_found("event", &format!("{entity}/{check}")))?;
+    api.state.wait_durable(seq).await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn resolve_event(
+    AxState(api): AxState<Api>,
+    Path((entity, check)): Path<(String, String)>,
+) -> ApiResult<Json<drover_core::Event>> {
+    if api.state.event(&entity, &check).is_none() {
+        return Err(ApiError::not_found("event", &format!("{entity}/{check}")));
+    }
+    let now = now_ms();
+    let r = CheckResult {
+        check: check.clone(),
+        entity: entity.clone(),
+        status: Status::Ok,
+        output: "Resolved manually through the API".into(),
+        issued_ms: now,
+        executed_ms: now,
+        duration_ms: 0,
+        metrics: Vec::new(),
+        check_config: None,
+    };
+    let seq = api.state.ingest(None, r).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+    api.state.wait_durable(seq).await;
+    api.state.event(&entity, &check).map(Json).ok_or_else(|| ApiError::not_found("event", &format!("{entity}/{check}")))
+}
+
+/// A result from outside the agents (a script with the admin token); `entity` required.
+async fn post_result(AxState(api): AxState<Api>, body: Bytes) -> ApiResult<(StatusCode, Json<drover_core::Event>)> {
+    let r: CheckResult = parse_body(&body)?;
+    if r.entity.is_empty() {
+        return Err(ApiError::field(FieldError::new("entity", "required for results posted to the API")));
+    }
+    let (entity, check) = (r.entity.clone(), r.check.clone());
+    let seq = api.state.ingest(None, r).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+    api.state.wait_durable(seq).await;
+    let ev =
+        api.state.event(&entity, &check).ok_or_else(|| ApiError::not_found("event", &format!("{entity}/{check}")))?;
+    Ok((StatusCode::ACCEPTED, Json(ev)))
+}
+
+// ---- silences -----------------------------------------------------------------
+
+async fn list_silences(AxState(api): AxState<Api>) -> Json<Vec<Silence>> {
+    Json(api.state.silences())
+}
+
+async fn get_silence(AxState(api): AxState<Api>, Path(name): Path<String>) -> ApiResult<Json<Silence>> {
+    api.state.silence(&name).map(Json).ok_or_else(|| ApiError::not_found("silence", &name))
+}
+
+async fn create_silence(AxState(api): AxState<Api>, body: Bytes) -> ApiResult<(StatusCode, Json<Silence>)> {
+    let mut s: Silence = parse_body(&body)?;
+    if s.name.is_empty() {
+        s.name = s.default_name();
+    }
+    if s.begin_unix_secs == 0 {
+        s.begin_unix_secs = now_secs();
+    }
+    s.validate().map_err(ApiError::field)?;
+    let seq = api.state.put_silence(s.clone());
+    api.state.wait_durable(seq).await;
+    Ok((StatusCode::CREATED, Json(s)))
+}
+
+async fn delete_silence(AxState(api): AxState<Api>, Path(name): Path<String>) -> ApiResult<StatusCode> {
+    let seq = api.state.delete_silence(&name).ok_or_else(|| ApiError::not_found("silence", &name))?;
+    api.state.wait_durable(seq).await;
+    Ok(StatusCode::NO_CONTENT)
+}

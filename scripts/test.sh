@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what the tests need, then runs every test.
+# Usage: scripts/test.sh            (README's test command; .ci/run calls it)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian packages the tests drive for real. Nothing is skipped when one is missing:
+# it is installed here instead.
+need_pkgs=()
+have() { command -v "$1" >/dev/null 2>&1; }
+[ -x /usr/lib/nagios/plugins/check_dummy ] || need_pkgs+=(monitoring-plugins-basic)
+[ -x /usr/lib/nagios/plugins/check_load ] || need_pkgs+=(monitoring-plugins-basic)
+have curl || need_pkgs+=(curl)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  echo "installing: ${need_pkgs[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}"
+fi
+
+export DROVER_NAGIOS_PLUGINS=/usr/lib/nagios/plugins
+# Integration tests start real server and agent processes; two at a time keeps the
+# 2-core machine from starving their timers.
+cargo test --workspace --all-targets --locked -- --test-threads="${DROVER_TEST_THREADS:-4}"
