@@ -94,12 +94,22 @@ fn start_server(drover: &str, check_interval: u64, mode: &str) -> anyhow::Result
     if mode == "hold" {
         std::fs::write(
             dir.join("conf.d/bench.toml"),
-            format!("[checks.bench]\ncommand = \"true\"\nsubscriptions = [\"bench\"]\ninterval_secs = {check_interval}\n"),
+            format!(
+                "[checks.bench]\ncommand = \"true\"\nsubscriptions = [\"bench\"]\ninterval_secs = {check_interval}\n"
+            ),
         )?;
     }
     let port = free_port();
     let child = Command::new(drover)
-        .args(["server", "--listen", &format!("127.0.0.1:{port}"), "--agent-token", TOKEN, "--admin-token", "bench-admin"])
+        .args([
+            "server",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--agent-token",
+            TOKEN,
+            "--admin-token",
+            "bench-admin",
+        ])
         .arg("--config-dir")
         .arg(dir.join("conf.d"))
         .arg("--data-dir")
@@ -146,7 +156,14 @@ fn ack_of(text: &str) -> Option<u64> {
     rest.trim_end_matches('}').trim().parse().ok()
 }
 
-async fn flood_agent(port: u16, name: String, window: u64, checks: u64, acked: Arc<AtomicU64>, stop: Arc<AtomicU64>) -> anyhow::Result<()> {
+async fn flood_agent(
+    port: u16,
+    name: String,
+    window: u64,
+    checks: u64,
+    acked: Arc<AtomicU64>,
+    stop: Arc<AtomicU64>,
+) -> anyhow::Result<()> {
     let ws = connect(port, &name).await?;
     let (mut tx, mut rx) = ws.split();
     let mut sent = 0u64;

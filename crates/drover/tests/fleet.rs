@@ -95,14 +95,18 @@ fn killed_agent_raises_keepalive_event_and_restart_resolves_it() {
 
     let _again = server.agent("victim", "linux", &ka);
     let ok = server.wait_event("victim", "keepalive", T, |e| status(e) == 0);
-    assert_eq!(ok["action"], "resolve", "{ok}");
+    let statuses: Vec<i64> = ok["history"].as_array().unwrap().iter().map(|h| h["status"].as_i64().unwrap()).collect();
+    let crit_then_ok = statuses.windows(2).any(|w| w == [2, 0]);
+    assert!(crit_then_ok, "history shows CRITICAL resolved by the returning agent: {statuses:?}");
+    assert_eq!(ok["state"], "passing");
 }
 
 #[test]
 fn server_restart_keeps_entities_events_silences_and_checks() {
     let cfg = check_toml("disk", "echo DISK CRITICAL; exit 2", "\"linux\"", "");
     let mut server = Server::start(&[("checks.toml", &cfg)]);
-    let mut agent = server.agent("n1", "linux", &["--keepalive-interval-secs", "1"]);
+    let ka = ["--keepalive-interval-secs", "1", "--keepalive-warning-secs", "3", "--keepalive-critical-secs", "5"];
+    let mut agent = server.agent("n1", "linux", &ka);
     server.wait_event("n1", "disk", T, |e| status(e) == 2 && e["occurrences"].as_u64().unwrap() >= 2);
     let (st, _) = server.request(
         "POST",

@@ -115,6 +115,23 @@ pub async fn serve(socket: WebSocket, state: Arc<State>, sessions: Arc<Sessions>
     let mut last_seq = acked_up_to;
     let mut deregistered = false;
     let close_reason: Option<String> = loop {
+        // Acknowledge whatever is durable now; this also covers results whose covering
+        // change was durable before they arrived (duplicates), when no flush will come.
+        let durable = *flushed.borrow_and_update();
+        let mut up_to = None;
+        while let Some(&(d, s)) = pending.front() {
+            if d > durable {
+                break;
+            }
+            up_to = Some(s);
+            pending.pop_front();
+        }
+        if let Some(up_to) = up_to {
+            sessions.acked.lock().expect("acked lock").insert(name.clone(), (session.clone(), up_to));
+            if sink.send(Message::Text(frame(&ServerMessage::Ack { up_to }).into())).await.is_err() {
+                break None;
+            }
+        }
         tokio::select! {
             out = rx.recv() => {
                 let Some(out) = out else { break None };
@@ -122,21 +139,7 @@ pub async fn serve(socket: WebSocket, state: Arc<State>, sessions: Arc<Sessions>
                     break None;
                 }
             }
-            _ = flushed.changed(), if !pending.is_empty() => {
-                let durable = *flushed.borrow_and_update();
-                let mut up_to = None;
-                while let Some(&(d, s)) = pending.front() {
-                    if d > durable { break; }
-                    up_to = Some(s);
-                    pending.pop_front();
-                }
-                if let Some(up_to) = up_to {
-                    sessions.acked.lock().expect("acked lock").insert(name.clone(), (session.clone(), up_to));
-                    if sink.send(Message::Text(frame(&ServerMessage::Ack { up_to }).into())).await.is_err() {
-                        break None;
-                    }
-                }
-            }
+            _ = flushed.changed(), if !pending.is_empty() => {}
             msg = stream.next() => {
                 let text = match msg {
                     None => break None,

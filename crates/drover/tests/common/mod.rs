@@ -251,7 +251,11 @@ impl Server {
 
     pub fn agent(&self, name: &str, subs: &str, extra: &[&str]) -> Proc {
         let url = self.ws_url();
-        let mut args = vec!["agent", "--server", &url, "--name", name, "--token", AGENT, "--api-listen", ""];
+        let mut args = vec!["agent", "--server", &url, "--name", name, "--token", AGENT];
+        if !extra.contains(&"--api-listen") {
+            // No loopback results endpoint unless a test asks: parallel agents would collide on 3031.
+            args.extend(["--api-listen", ""]);
+        }
         if !subs.is_empty() {
             args.extend(["--subscriptions", subs]);
         }
