@@ -147,7 +147,7 @@ async fn connect(port: u16, name: &str) -> anyhow::Result<Ws> {
 fn result_frame(seq: u64, check: u64) -> String {
     format!(
         r#"{{"type":"result","seq":{seq},"result":{{"check":"c{check}","status":{},"output":"bench result {seq} | value={seq}"}}}}"#,
-        if seq % 7 == 0 { 1 } else { 0 }
+        if seq.is_multiple_of(7) { 1 } else { 0 }
     )
 }
 
@@ -238,10 +238,10 @@ fn main() -> anyhow::Result<()> {
                 } else {
                     hold_agent(port, name, c, s).await
                 };
-                if let Err(e) = r {
-                    if f.fetch_add(1, Ordering::Relaxed) < 5 {
-                        eprintln!("agent failed: {e:#}");
-                    }
+                if let Err(e) = r
+                    && f.fetch_add(1, Ordering::Relaxed) < 5
+                {
+                    eprintln!("agent failed: {e:#}");
                 }
             }));
             if i % 500 == 499 {
