@@ -137,8 +137,15 @@ impl Sampler {
         };
 
         if let Some(s) = &mut self.system {
-            // Usage over a shorter span than sysinfo's minimum is noise, not a reading.
-            let usable = self.last_cpu_refresh.is_some_and(|t| t.elapsed() >= sysinfo::MINIMUM_CPU_UPDATE_INTERVAL);
+            // Usage over a shorter span than sysinfo's minimum is noise, not a reading. The
+            // first keepalive follows the start at once, so wait out the rest of the span
+            // (this runs on a blocking thread) rather than send a keepalive with no CPU.
+            if let Some(t) = self.last_cpu_refresh
+                && let Some(rest) = sysinfo::MINIMUM_CPU_UPDATE_INTERVAL.checked_sub(t.elapsed())
+            {
+                std::thread::sleep(rest);
+            }
+            let usable = self.last_cpu_refresh.is_some();
             s.refresh_cpu_usage();
             self.last_cpu_refresh = Some(Instant::now());
             if usable {
