@@ -257,9 +257,9 @@ fn main() -> anyhow::Result<()> {
         let elapsed = t0.elapsed().as_secs_f64();
         let (cpu1, rss) = proc_usage(pid).unwrap();
         let n = counter.load(Ordering::Relaxed) - n0;
+        let connected = health_connected(server.port);
         stop.store(1, Ordering::Relaxed);
         let cpu = cpu1 - cpu0;
-        let connected = health_connected(server.port);
         println!("mode={} agents={} seconds={elapsed:.1}", args.mode, args.agents);
         match args.mode.as_str() {
             "flood" => println!(

@@ -60,12 +60,25 @@ pub struct StoreOptions {
     /// How many recent revisions of history are kept for watches that start in the past.
     /// Older ones are deleted in batches, so slightly more may be kept.
     pub history_revisions: u64,
+    /// Bytes of history kept, whichever limit is hit first. History holds whole values,
+    /// so a busy control plane (thousands of event writes a second) would otherwise fill
+    /// the disk long before the revision limit; watchers that fall further behind get
+    /// `Compacted` and re-sync with a range read, as on etcd.
+    pub history_max_bytes: u64,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { history_revisions: 100_000 }
+        StoreOptions { history_revisions: 100_000, history_max_bytes: 64 * 1024 * 1024 }
     }
+}
+
+/// Encoded size of each kept history row, oldest first, to enforce the byte budget
+/// without reading history back.
+#[derive(Default)]
+struct HistorySizes {
+    rows: std::collections::VecDeque<(Revision, u64)>,
+    total: u64,
 }
 
 /// The single-machine [`Store`], persisted in a redb file.
@@ -89,6 +102,8 @@ struct Inner {
     /// History is trimmed once this many revisions beyond `history_revisions` pile up,
     /// so trimming is an occasional range delete rather than one delete per write.
     compact_step: i64,
+    history_max_bytes: u64,
+    history_sizes: Mutex<HistorySizes>,
     queue: Mutex<WriteQueue>,
     hub: Mutex<Hub>,
     /// Shared with the expiry task, which must not keep `Inner` (and the file) alive.
@@ -195,8 +210,15 @@ impl EmbeddedStore {
         let db = Database::create(path).map_err(backend)?;
 
         let wtx = db.begin_write().map_err(backend)?;
+        let mut sizes = HistorySizes::default();
         let (revision, compact_revision, persisted_leases) = {
             let mut tables = Tables::open(&wtx)?;
+            for row in tables.history.iter().map_err(backend)? {
+                let (rev, value) = row.map_err(backend)?;
+                let len = value.value().len() as u64;
+                sizes.rows.push_back((rev.value(), len));
+                sizes.total += len;
+            }
             // etcd starts an empty store at revision 1; history of revision 1 is empty.
             let revision = tables.meta_or_init(META_REVISION, 1)?;
             let compact = tables.meta_or_init(META_COMPACT, 1)?;
@@ -222,6 +244,8 @@ impl EmbeddedStore {
             db,
             history_revisions,
             compact_step: (history_revisions / 16).clamp(1, 1024),
+            history_max_bytes: options.history_max_bytes.max(1),
+            history_sizes: Mutex::new(sizes),
             queue: Mutex::new(WriteQueue::default()),
             hub: Mutex::new(Hub { revision, compact_revision, watchers: Vec::new() }),
             leases: Arc::new(Mutex::new(leases)),
@@ -387,6 +411,9 @@ impl Inner {
         let mut published: Vec<(Revision, Vec<WatchEvent>)> = Vec::new();
         let mut granted: Vec<(LeaseId, u64)> = Vec::new();
         let mut revoked: Vec<LeaseId> = Vec::new();
+        let mut new_rows: Vec<(Revision, u64)> = Vec::new();
+        // Only the write leader runs here, so holding this for the batch costs nothing.
+        let mut sizes = lock(&self.history_sizes);
 
         let outcome: Result<(Revision, Revision, bool), StoreError> = (|| {
             let mut t = Tables::open(&wtx)?;
@@ -419,13 +446,32 @@ impl Inner {
                 dirty |= result.is_ok() && !matches!(result, Ok(WriteOk::Txn { changed: false, .. }));
                 if !events.is_empty() {
                     revision = next;
-                    t.history.insert(revision, encode_events(&events)?.as_slice()).map_err(backend)?;
+                    let encoded = encode_events(&events)?;
+                    new_rows.push((revision, encoded.len() as u64));
+                    t.history.insert(revision, encoded.as_slice()).map_err(backend)?;
                     published.push((revision, events));
                 }
                 results.push(result);
             }
+            let mut new_compact = compact;
             if revision - compact >= self.history_revisions + self.compact_step {
-                compact = revision - self.history_revisions + 1;
+                new_compact = revision - self.history_revisions + 1;
+            }
+            let mut total = sizes.total + new_rows.iter().map(|r| r.1).sum::<u64>();
+            let max = self.history_max_bytes;
+            if new_compact > compact || total > max + max / 16 {
+                for &(r, len) in sizes.rows.iter().chain(new_rows.iter()) {
+                    // Always keep the newest revision: a compact point past it would be in
+                    // the future.
+                    if r >= revision || (r >= new_compact && total <= max) {
+                        break;
+                    }
+                    total -= len;
+                    new_compact = new_compact.max(r + 1);
+                }
+            }
+            if new_compact > compact {
+                compact = new_compact;
                 dirty = true;
                 t.history.retain_in::<i64, _>(..compact, |_, _| false).map_err(backend)?;
                 t.meta.insert(META_COMPACT, compact).map_err(backend)?;
@@ -442,6 +488,16 @@ impl Inner {
         })?;
         if dirty {
             wtx.commit().map_err(|e| e.to_string())?;
+            sizes.rows.extend(new_rows.iter().copied());
+            sizes.total += new_rows.iter().map(|r| r.1).sum::<u64>();
+            while let Some(&(r, len)) = sizes.rows.front() {
+                if r >= compact {
+                    break;
+                }
+                sizes.total -= len;
+                sizes.rows.pop_front();
+            }
+            drop(sizes);
         } else {
             // Nothing changed (failed CAS with an empty branch, deleting missing keys, ...):
             // skip the fsync.

@@ -243,7 +243,7 @@ async fn watch_replays_from_a_past_revision_then_streams_live_without_gaps() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_from_a_compacted_revision_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
-    let store = EmbeddedStore::open_with(&dir.path().join("s.redb"), StoreOptions { history_revisions: 10 }).unwrap();
+    let store = EmbeddedStore::open_with(&dir.path().join("s.redb"), StoreOptions { history_revisions: 10, ..StoreOptions::default() }).unwrap();
     for i in 0..100 {
         store.put("k", vec![i], None).await.unwrap();
     }
@@ -260,6 +260,36 @@ async fn watch_from_a_compacted_revision_is_rejected() {
     let mut rx = store.watch("", from).await.unwrap();
     for rev in from..=current {
         assert_eq!(next_event(&mut rx).await.revision(), rev);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_is_bounded_in_bytes_and_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let opts = StoreOptions { history_revisions: 100_000, history_max_bytes: 20_000 };
+    let store = EmbeddedStore::open_with(&path, opts.clone()).unwrap();
+    for i in 0..200u32 {
+        store.put(&format!("k{}", i % 7), vec![i as u8; 1000], None).await.unwrap();
+    }
+    let current = store.revision().await.unwrap();
+    // About 20 revisions of 1 KB fit the budget; the oldest are gone.
+    assert!(matches!(store.watch("", 2).await, Err(StoreError::Compacted { .. })));
+    let mut rx = store.watch("", current - 10).await.expect("recent history is kept");
+    for rev in current - 10..=current {
+        assert_eq!(next_event(&mut rx).await.revision(), rev);
+    }
+    drop(rx);
+    drop(store);
+    // The budget is enforced from what is on disk after a reopen, too.
+    let store = EmbeddedStore::open_with(&path, opts).unwrap();
+    for i in 0..50u32 {
+        store.put("again", vec![i as u8; 1000], None).await.unwrap();
+    }
+    let current = store.revision().await.unwrap();
+    match store.watch("", current - 40).await {
+        Err(StoreError::Compacted { compact_revision, .. }) => assert!(compact_revision > current - 40),
+        other => panic!("expected Compacted, got {:?}", other.map(|_| ())),
     }
 }
 
