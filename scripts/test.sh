@@ -11,12 +11,16 @@ have() { command -v "$1" >/dev/null 2>&1; }
 [ -x /usr/lib/nagios/plugins/check_dummy ] || need_pkgs+=(monitoring-plugins-basic)
 [ -x /usr/lib/nagios/plugins/check_load ] || need_pkgs+=(monitoring-plugins-basic)
 have curl || need_pkgs+=(curl)
+have openssl || need_pkgs+=(openssl)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "installing: ${need_pkgs[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}"
 fi
+
+# The pipeline's SMTP tests deliver to a real SMTP server (aiosmtpd, from PyPI).
+python3 -c "import aiosmtpd" 2>/dev/null || python3 -m pip install -q aiosmtpd
 
 export DROVER_NAGIOS_PLUGINS=/usr/lib/nagios/plugins
 # Integration tests start real server and agent processes; two at a time keeps the

@@ -54,11 +54,44 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 pub(crate) struct Target {
     url: String,
     auth: Option<HeaderValue>,
+    /// rustls client config for wss:// (public roots plus any configured CA).
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// The trust roots for a wss:// server: the public web PKI, plus the PEM certificates in
+/// `ca_file` (how a self-signed or private-CA control plane is trusted).
+pub(crate) fn client_tls(ca_file: Option<&std::path::Path>) -> Result<Arc<rustls::ClientConfig>, AgentError> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    if let Some(path) = ca_file {
+        let bad = |e: String| AgentError::Config(format!("`ca_file` {}: {e}", path.display()));
+        let mut n = 0;
+        for cert in rustls_pki_types::CertificateDer::pem_file_iter(path).map_err(|e| bad(e.to_string()))? {
+            roots.add(cert.map_err(|e| bad(e.to_string()))?).map_err(|e| bad(e.to_string()))?;
+            n += 1;
+        }
+        if n == 0 {
+            return Err(bad("no PEM certificate found".into()));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| AgentError::Config(format!("TLS: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
 }
 
 impl Target {
+    #[cfg(test)]
     pub fn new(server: &str, token: Option<&str>) -> Result<Target, AgentError> {
+        Self::with_ca(server, token, None)
+    }
+
+    pub fn with_ca(server: &str, token: Option<&str>, ca_file: Option<&std::path::Path>) -> Result<Target, AgentError> {
         let url = normalize_url(server)?;
+        let tls = if url.starts_with("wss://") { Some(client_tls(ca_file)?) } else { None };
         let auth = match token {
             None => None,
             Some(t) => {
@@ -70,7 +103,7 @@ impl Target {
                 Some(v)
             }
         };
-        let target = Target { url, auth };
+        let target = Target { url, auth, tls };
         target.request()?;
         Ok(target)
     }
@@ -274,7 +307,8 @@ async fn session(
 
 async fn connect(target: &Target, limit: Duration) -> Result<Ws, End> {
     let request = target.request().map_err(End::Fatal)?;
-    let attempt = tokio_tungstenite::connect_async_with_config(request, Some(ws_config()), true);
+    let connector = target.tls.clone().map(tokio_tungstenite::Connector::Rustls);
+    let attempt = tokio_tungstenite::connect_async_tls_with_config(request, Some(ws_config()), true, connector);
     match tokio::time::timeout(limit, attempt).await {
         Err(_) => Err(lost(format!("no connection within {} s", limit.as_secs()))),
         Ok(Ok((ws, _response))) => Ok(ws),

@@ -110,7 +110,7 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
     cfg.validate().map_err(|e| AgentError::Config(e.to_string()))?;
     let server =
         cfg.server.as_deref().ok_or_else(|| AgentError::Config("`server` is required (ws://host:port)".into()))?;
-    let target = connection::Target::new(server, cfg.token.as_deref())?;
+    let target = connection::Target::with_ca(server, cfg.token.as_deref(), cfg.ca_file.as_deref())?;
     let checks = local_checks(&cfg)?;
 
     let mut sampler = system::Sampler::new();

@@ -6,9 +6,14 @@
 //! located by finding the offending key's span in the same text.
 //!
 //! A server config directory holds any number of `*.toml` files, each with optional
-//! `[server]`, `[checks.NAME]`, `[entities.NAME]` and `[silences.NAME]` tables; they are
-//! merged, and a name defined twice is an error naming both files.
+//! `[server]`, `[checks.NAME]`, `[entities.NAME]`, `[silences.NAME]`, and the event
+//! pipeline's `[handlers.NAME]`, `[filters.NAME]`, `[mutators.NAME]` and
+//! `[aggregates.NAME]` tables; they are merged, and a name defined twice is an error
+//! naming both files. References between pipeline resources (a handler's filters and
+//! mutator, a set's members, an aggregate's handlers) may cross files and are checked
+//! after the merge.
 
+use crate::pipeline::{AggregateSpec, BUILTIN_FILTERS, BUILTIN_MUTATORS, FilterSpec, HandlerSpec, MutatorSpec};
 use crate::resource::{CheckSpec, Entity, EntityClass, FieldError, Silence};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -133,6 +138,14 @@ pub struct ServerConfigFile {
     pub entities: BTreeMap<String, Entity>,
     #[serde(default)]
     pub silences: BTreeMap<String, Silence>,
+    #[serde(default)]
+    pub handlers: BTreeMap<String, HandlerSpec>,
+    #[serde(default)]
+    pub filters: BTreeMap<String, FilterSpec>,
+    #[serde(default)]
+    pub mutators: BTreeMap<String, MutatorSpec>,
+    #[serde(default)]
+    pub aggregates: BTreeMap<String, AggregateSpec>,
 }
 
 /// A whole config directory, merged.
@@ -142,6 +155,10 @@ pub struct ServerConfig {
     pub checks: BTreeMap<String, CheckSpec>,
     pub entities: BTreeMap<String, Entity>,
     pub silences: BTreeMap<String, Silence>,
+    pub handlers: BTreeMap<String, HandlerSpec>,
+    pub filters: BTreeMap<String, FilterSpec>,
+    pub mutators: BTreeMap<String, MutatorSpec>,
+    pub aggregates: BTreeMap<String, AggregateSpec>,
     /// Which file each resource came from, for duplicate reports.
     pub sources: BTreeMap<String, PathBuf>,
 }
@@ -165,6 +182,8 @@ impl ServerConfig {
         }
         files.sort();
         let mut server_from: Option<PathBuf> = None;
+        // Kept so cross-file reference errors can be located after the merge.
+        let mut texts: BTreeMap<PathBuf, String> = BTreeMap::new();
         for file in files {
             let text = std::fs::read_to_string(&file).map_err(|e| ConfigError::io(&file, e))?;
             let f = Self::parse_file(&file, &text)?;
@@ -184,6 +203,10 @@ impl ServerConfig {
                 ("checks", f.checks.keys().cloned().collect::<Vec<_>>()),
                 ("entities", f.entities.keys().cloned().collect()),
                 ("silences", f.silences.keys().cloned().collect()),
+                ("handlers", f.handlers.keys().cloned().collect()),
+                ("filters", f.filters.keys().cloned().collect()),
+                ("mutators", f.mutators.keys().cloned().collect()),
+                ("aggregates", f.aggregates.keys().cloned().collect()),
             ] {
                 for n in names {
                     let key = format!("{kind}.{n}");
@@ -201,8 +224,71 @@ impl ServerConfig {
             cfg.checks.extend(f.checks);
             cfg.entities.extend(f.entities);
             cfg.silences.extend(f.silences);
+            cfg.handlers.extend(f.handlers);
+            cfg.filters.extend(f.filters);
+            cfg.mutators.extend(f.mutators);
+            cfg.aggregates.extend(f.aggregates);
+            texts.insert(file, text);
         }
+        cfg.check_pipeline_references().map_err(|(kind, name, e)| {
+            let file = cfg.sources.get(&format!("{kind}.{name}")).cloned().unwrap_or_default();
+            let text = texts.get(&file).map(String::as_str).unwrap_or_default();
+            field_error(&file, text, &[kind, &name], e)
+        })?;
         Ok(cfg)
+    }
+
+    /// Every name a handler, set or aggregate refers to must exist, and sets must not
+    /// contain themselves. Errors say which resource (kind, name) holds the reference.
+    pub fn check_pipeline_references(&self) -> Result<(), (&'static str, String, FieldError)> {
+        let unknown = |what: &str, n: &str, builtins: &[&str]| {
+            let mut m = format!("unknown {what} `{n}`");
+            if !builtins.is_empty() {
+                m.push_str(&format!(" (built-in: {})", builtins.join(", ")));
+            }
+            m
+        };
+        for (name, h) in &self.handlers {
+            for f in &h.filters {
+                if !BUILTIN_FILTERS.contains(&f.as_str()) && !self.filters.contains_key(f) {
+                    let e = FieldError::new("filters", unknown("filter", f, BUILTIN_FILTERS));
+                    return Err(("handlers", name.clone(), e));
+                }
+            }
+            if let Some(m) = &h.mutator
+                && !BUILTIN_MUTATORS.contains(&m.as_str())
+                && !self.mutators.contains_key(m)
+            {
+                let e = FieldError::new("mutator", unknown("mutator", m, BUILTIN_MUTATORS));
+                return Err(("handlers", name.clone(), e));
+            }
+            for member in &h.handlers {
+                if !self.handlers.contains_key(member) {
+                    return Err((
+                        "handlers",
+                        name.clone(),
+                        FieldError::new("handlers", unknown("handler", member, &[])),
+                    ));
+                }
+            }
+            if let Err(cycle) = crate::pipeline::expand_handler_sets(&self.handlers, std::slice::from_ref(name)) {
+                let e = FieldError::new("handlers", format!("handler sets form a cycle: {}", cycle.join(" -> ")));
+                return Err(("handlers", name.clone(), e));
+            }
+        }
+        for (name, a) in &self.aggregates {
+            if self.checks.contains_key(name) {
+                // The server gives an event of a defined check that check's handlers.
+                let e = FieldError::new("name", format!("`{name}` is also a check; name the aggregate differently"));
+                return Err(("aggregates", name.clone(), e));
+            }
+            for h in &a.handlers {
+                if !self.handlers.contains_key(h) {
+                    return Err(("aggregates", name.clone(), FieldError::new("handlers", unknown("handler", h, &[]))));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Parses and validates one file's text. Names come from table keys.
@@ -225,6 +311,22 @@ impl ServerConfig {
             s.name = name.clone();
             s.validate().map_err(|e| field_error(file, text, &["silences", name], e))?;
         }
+        for (name, h) in f.handlers.iter_mut() {
+            h.name = name.clone();
+            h.validate().map_err(|e| field_error(file, text, &["handlers", name], e))?;
+        }
+        for (name, x) in f.filters.iter_mut() {
+            x.name = name.clone();
+            x.validate().map_err(|e| field_error(file, text, &["filters", name], e))?;
+        }
+        for (name, m) in f.mutators.iter_mut() {
+            m.name = name.clone();
+            m.validate().map_err(|e| field_error(file, text, &["mutators", name], e))?;
+        }
+        for (name, a) in f.aggregates.iter_mut() {
+            a.name = name.clone();
+            a.validate().map_err(|e| field_error(file, text, &["aggregates", name], e))?;
+        }
         Ok(f)
     }
 }
@@ -240,6 +342,10 @@ pub struct AgentConfig {
     pub server: Option<String>,
     #[serde(default)]
     pub token: Option<String>,
+    /// PEM CA certificate(s) to trust for a wss:// server, in addition to the public roots
+    /// (a self-signed or private-CA server certificate).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
     #[serde(default)]
     pub address: Option<String>,
     #[serde(default)]
@@ -386,6 +492,57 @@ mod tests {
         assert!(e.message.contains("a.toml"), "{e}");
         assert!(e.file.ends_with("b.toml"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn pipeline_resources_load_with_names_from_keys() {
+        let text = "[handlers.ops]\ntype = \"set\"\nhandlers = [\"mail\"]\n\n[handlers.mail]\ntype = \"smtp\"\naddress = \"localhost:25\"\nfrom = \"drover@x\"\nto = [\"ops@x\"]\nfilters = [\"is_incident\", \"third\"]\n\n[filters.third]\noccurrences = 3\nrefresh_secs = 600\n\n[mutators.short]\ncommand = \"jq .check.output\"\n\n[aggregates.web]\ncheck = \"http\"\nsubscription = \"web\"\ncritical_percent = 30\n";
+        let f = ServerConfig::parse_file(&p(), text).unwrap();
+        assert_eq!(f.handlers["mail"].name, "mail");
+        assert_eq!(f.filters["third"].occurrences, Some(3));
+        assert_eq!(f.mutators["short"].timeout_secs, 10);
+        assert_eq!(f.aggregates["web"].entity_name(), "aggregate:web");
+    }
+
+    #[test]
+    fn handler_validation_error_points_at_the_field_line() {
+        let text = "[handlers.hook]\ntype = \"http\"\nurl = \"ftp://x\"\n";
+        let e = ServerConfig::parse_file(&p(), text).unwrap_err();
+        assert_eq!((e.line, e.field.as_str()), (3, "handlers.hook.url"), "{e}");
+    }
+
+    #[test]
+    fn unknown_filter_and_set_cycles_are_refused_across_files() {
+        let dir = tempdir("refs");
+        std::fs::write(dir.join("a.toml"), "[handlers.a]\ntype = \"set\"\nhandlers = [\"b\"]\n").unwrap();
+        std::fs::write(dir.join("b.toml"), "[handlers.b]\ntype = \"set\"\nhandlers = [\"a\"]\n").unwrap();
+        let e = ServerConfig::load_dir(&dir).unwrap_err();
+        assert!(e.message.contains("cycle: a -> b -> a"), "{e}");
+        assert!(e.file.ends_with("a.toml") && e.line == 3, "{e}");
+        std::fs::write(dir.join("b.toml"), "[handlers.b]\ntype = \"pipe\"\ncommand = \"cat\"\nfilters = [\"nope\"]\n")
+            .unwrap();
+        let e = ServerConfig::load_dir(&dir).unwrap_err();
+        assert_eq!(e.field, "handlers.b.filters", "{e}");
+        assert!(e.message.contains("unknown filter `nope`"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn duplicate_handler_across_files_is_refused() {
+        let dir = tempdir("duph");
+        let h = "[handlers.h]\ntype = \"udp\"\naddress = \"127.0.0.1:9\"\n";
+        std::fs::write(dir.join("a.toml"), h).unwrap();
+        std::fs::write(dir.join("b.toml"), h).unwrap();
+        let e = ServerConfig::load_dir(&dir).unwrap_err();
+        assert!(e.message.contains("a.toml") && e.file.ends_with("b.toml"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn tempdir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("drover-cfg-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
     }
 
     #[test]

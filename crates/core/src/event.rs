@@ -177,13 +177,17 @@ impl Event {
             self.occurrences = 1;
         }
         if result.status.is_ok() {
-            // A resolution ends the incident; the watermark describes the next one.
-            if previous.is_some_and(|p| !p.is_ok()) || previous.is_none() {
+            // The resolution keeps the incident's watermark (as Sensu does), so a filter can
+            // tell whether the incident was ever alerted before passing its resolution on.
+            if previous.is_none() {
                 self.occurrences_watermark = 1;
             }
             self.last_ok_ms = executed;
-        } else if self.occurrences > self.occurrences_watermark || previous.is_some_and(|p| p.is_ok()) {
+        } else if previous.is_none_or(|p| p.is_ok()) {
+            // A new incident starts a new watermark.
             self.occurrences_watermark = self.occurrences;
+        } else {
+            self.occurrences_watermark = self.occurrences_watermark.max(self.occurrences);
         }
 
         self.total_state_change = total_state_change(&self.history);
@@ -275,9 +279,12 @@ mod tests {
         assert_eq!(e.action, EventAction::Update);
         e.apply(&result(Status::Ok), 4);
         assert_eq!(e.occurrences, 1);
+        assert_eq!(e.occurrences_watermark, 3, "the resolution keeps the incident's watermark");
         assert_eq!(e.action, EventAction::Resolve);
         assert_eq!(e.state, EventState::Passing);
         assert_eq!(e.last_ok_ms, 4);
+        e.apply(&result(Status::Warning), 5);
+        assert_eq!(e.occurrences_watermark, 1, "a new incident starts a new watermark");
     }
 
     #[test]

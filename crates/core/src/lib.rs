@@ -11,6 +11,8 @@
 //!   detection ([`event::Event::apply`]).
 //! - [`metrics`]: perfdata and the other output metric formats (Graphite, InfluxDB line,
 //!   Prometheus text) parsed into [`metrics::MetricPoint`]s.
+//! - [`pipeline`]: event pipeline resources: handlers, filters, mutators, aggregates,
+//!   check dependencies (run by the `drover-pipeline` crate).
 //! - [`tokens`]: entity attribute substitution into check commands.
 //! - [`protocol`]: the JSON messages agents and servers exchange over the WebSocket.
 //! - [`config`]: TOML config files, loaded with errors that name file, line and field.
@@ -20,6 +22,7 @@
 pub mod config;
 pub mod event;
 pub mod metrics;
+pub mod pipeline;
 pub mod protocol;
 pub mod resource;
 pub mod status;

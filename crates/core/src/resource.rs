@@ -98,6 +98,10 @@ pub struct CheckSpec {
     /// Write the check request JSON to the command's stdin, as Sensu does.
     #[serde(default)]
     pub stdin: bool,
+    /// Checks this one depends on: `check` (same entity) or `entity/check`. While any
+    /// of them fails, this check's events are recorded but not handled.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dependencies: Vec<String>,
 }
 
 /// Selects proxy entities for a proxy check: all entities of class `proxy` whose labels
@@ -142,6 +146,7 @@ impl CheckSpec {
             high_flap_threshold: None,
             output_metric_format: None,
             stdin: false,
+            dependencies: Vec::new(),
         }
     }
 
@@ -195,6 +200,12 @@ impl CheckSpec {
         }
         if self.round_robin && self.subscriptions.is_empty() {
             return Err(FieldError::new("round_robin", "needs at least one subscription to rotate over"));
+        }
+        for d in &self.dependencies {
+            let dep = crate::pipeline::Dependency::parse(d)?;
+            if dep.entity.is_none() && dep.check == self.name {
+                return Err(FieldError::new("dependencies", "a check cannot depend on itself"));
+            }
         }
         if self.proxy_entity_name.is_some() && self.proxy_requests.is_some() {
             return Err(FieldError::new(
@@ -449,6 +460,17 @@ mod tests {
         let mut c = check();
         c.name = "a/b".into();
         assert_eq!(c.validate().unwrap_err().field, "name");
+    }
+
+    #[test]
+    fn dependencies_accept_check_and_entity_slash_check() {
+        let mut c = check();
+        c.dependencies = vec!["db".into(), "router1/ping".into()];
+        c.validate().unwrap();
+        c.dependencies = vec!["a/b/c".into()];
+        assert_eq!(c.validate().unwrap_err().field, "dependencies");
+        c.dependencies = vec!["cpu".into()];
+        assert_eq!(c.validate().unwrap_err().field, "dependencies");
     }
 
     #[test]

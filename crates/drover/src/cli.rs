@@ -61,6 +61,12 @@ pub struct ServerArgs {
     /// Token agents must present; generated into DATA_DIR/agent.token when not given.
     #[arg(long, value_name = "TOKEN", env = "DROVER_AGENT_TOKEN", hide_env_values = true)]
     pub agent_token: Option<String>,
+    /// PEM certificate chain: serve HTTPS and WSS on --listen (needs --tls-key).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -100,6 +106,9 @@ pub struct AgentArgs {
     /// Loopback HTTP endpoint for scripts to POST results; "" disables it.
     #[arg(long, value_name = "ADDR")]
     pub api_listen: Option<String>,
+    /// PEM CA certificate(s) to trust for a wss:// server (self-signed or private CA).
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
 }
 
 impl AgentArgs {
@@ -127,6 +136,9 @@ impl AgentArgs {
         }
         if let Some(v) = &self.address {
             cfg.address = Some(v.clone());
+        }
+        if let Some(v) = &self.ca_file {
+            cfg.ca_file = Some(v.clone());
         }
         if let Some(v) = self.keepalive_interval_secs {
             cfg.keepalive_interval_secs = v;
@@ -286,6 +298,9 @@ pub struct CtlArgs {
     /// [default: drover-data/admin.token, if it exists].
     #[arg(long, global = true, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// PEM CA certificate(s) to trust for an https:// server (self-signed or private CA).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Table)]
     pub format: OutputFormat,

@@ -31,7 +31,7 @@ pub fn run(args: &CtlArgs) -> Result<(), String> {
 
 /// Runs the command and returns what it would print.
 pub fn execute(args: &CtlArgs) -> Result<String, String> {
-    let client = Client::new(&args.server, resolve_token(args)?)?;
+    let client = Client::new(&args.server, resolve_token(args)?, args.ca_file.as_deref())?;
     let json = args.format == OutputFormat::Json;
     match &args.resource {
         CtlResource::Entities(cmd) => entities(&client, cmd, json),
@@ -65,12 +65,27 @@ struct Client {
 }
 
 impl Client {
-    fn new(server: &str, token: Option<String>) -> Result<Client, String> {
+    fn new(server: &str, token: Option<String>, ca_file: Option<&std::path::Path>) -> Result<Client, String> {
         let base = server.trim_end_matches('/').to_string();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             return Err(format!("--server: `{server}` must start with http:// or https://"));
         }
-        let agent = ureq::Agent::config_builder()
+        let mut builder = ureq::Agent::config_builder();
+        if let Some(path) = ca_file {
+            let pem = std::fs::read(path).map_err(|e| format!("--ca-file {}: {e}", path.display()))?;
+            let certs: Vec<ureq::tls::Certificate<'static>> = ureq::tls::parse_pem(&pem)
+                .filter_map(|item| match item {
+                    Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
+                    _ => None,
+                })
+                .collect();
+            if certs.is_empty() {
+                return Err(format!("--ca-file {}: no PEM certificate found", path.display()));
+            }
+            let roots = ureq::tls::RootCerts::Specific(std::sync::Arc::new(certs));
+            builder = builder.tls_config(ureq::tls::TlsConfig::builder().root_certs(roots).build());
+        }
+        let agent = builder
             // Error responses carry the server's explanation in the body; read it ourselves.
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(5)))

@@ -25,6 +25,10 @@ pub async fn server(args: &ServerArgs) -> anyhow::Result<()> {
         listen: args.listen,
         admin_token: args.admin_token.clone(),
         agent_token: args.agent_token.clone(),
+        tls: match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some(drover_server::tls::TlsFiles { cert: cert.clone(), key: key.clone() }),
+            _ => None,
+        },
     })
     .await
     .context("drover server failed to start")?;
@@ -57,6 +61,7 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<()> {
         listen: args.listen,
         admin_token: None,
         agent_token: None,
+        tls: None,
     })
     .await
     .context("drover server failed to start")?;

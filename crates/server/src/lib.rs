@@ -21,6 +21,7 @@ pub mod scheduler;
 pub mod sessions;
 pub mod state;
 pub mod telemetry;
+pub mod tls;
 
 use drover_core::config::{ConfigError, ServerConfig, ServerSettings};
 use drover_store::Store;
@@ -38,6 +39,8 @@ pub struct ServerOptions {
     pub listen: SocketAddr,
     pub admin_token: Option<String>,
     pub agent_token: Option<String>,
+    /// Serve HTTPS/WSS with these PEM files; plain HTTP/WS when none.
+    pub tls: Option<tls::TlsFiles>,
 }
 
 /// Why the server could not start or stopped. Says which part failed.
@@ -49,6 +52,8 @@ pub enum ServerError {
     DataDir { path: PathBuf, source: std::io::Error },
     #[error("store: {0}")]
     Store(#[from] drover_store::StoreError),
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
 }
@@ -83,10 +88,10 @@ impl Server {
         let state = state::State::load(store.clone(), config.server.clone(), metrics.clone()).await?;
         apply_config(&state, &config);
 
-        let listener = tokio::net::TcpListener::bind(opts.listen)
-            .await
-            .map_err(|source| ServerError::Listen { addr: opts.listen, source })?;
-        let addr = listener.local_addr().map_err(|source| ServerError::Listen { addr: opts.listen, source })?;
+        let tls = opts.tls.as_ref().map(tls::server_config).transpose().map_err(ServerError::Tls)?;
+        let listen_err = |source| ServerError::Listen { addr: opts.listen, source };
+        let listener = std::net::TcpListener::bind(opts.listen).map_err(listen_err)?;
+        let addr = listener.local_addr().map_err(listen_err)?;
 
         let sessions = Arc::new(sessions::Sessions::default());
         let scheduler = scheduler::Scheduler::new(state.clone(), sessions.clone());
@@ -96,16 +101,40 @@ impl Server {
         tasks.spawn(scheduler.clone().supervise());
         tasks.spawn(monitor::run(state.clone()));
         let app = api::router(api::Api { state: state.clone(), sessions, scheduler, tokens: tokens.clone() });
-        tasks.spawn(async move {
-            let serve = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-                .with_graceful_shutdown(async move {
-                    let _ = shutdown_rx.wait_for(|s| *s).await;
+        let make = app.into_make_service_with_connect_info::<SocketAddr>();
+        match tls {
+            None => {
+                listener.set_nonblocking(true).map_err(listen_err)?;
+                let listener = tokio::net::TcpListener::from_std(listener).map_err(listen_err)?;
+                tasks.spawn(async move {
+                    let serve = axum::serve(listener, make).with_graceful_shutdown(async move {
+                        let _ = shutdown_rx.wait_for(|s| *s).await;
+                    });
+                    if let Err(e) = serve.await {
+                        tracing::error!(error = %e, "API server stopped");
+                    }
                 });
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "API server stopped");
             }
-        });
-        tracing::info!(%addr, data_dir = %opts.data_dir.display(), checks = config.checks.len(), "drover server listening");
+            Some(cfg) => {
+                let handle = axum_server::Handle::new();
+                let server = axum_server::tls_rustls::from_tcp_rustls(
+                    listener,
+                    axum_server::tls_rustls::RustlsConfig::from_config(cfg),
+                )
+                .map_err(listen_err)?
+                .handle(handle.clone());
+                tasks.spawn(async move {
+                    let _ = shutdown_rx.wait_for(|s| *s).await;
+                    handle.graceful_shutdown(Some(std::time::Duration::from_secs(5)));
+                });
+                tasks.spawn(async move {
+                    if let Err(e) = server.serve(make).await {
+                        tracing::error!(error = %e, "API server stopped");
+                    }
+                });
+            }
+        }
+        tracing::info!(%addr, tls = opts.tls.is_some(), data_dir = %opts.data_dir.display(), checks = config.checks.len(), "drover server listening");
         Ok(Server { addr, tokens, state, tasks, shutdown })
     }
 

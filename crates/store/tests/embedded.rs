@@ -243,7 +243,11 @@ async fn watch_replays_from_a_past_revision_then_streams_live_without_gaps() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_from_a_compacted_revision_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
-    let store = EmbeddedStore::open_with(&dir.path().join("s.redb"), StoreOptions { history_revisions: 10, ..StoreOptions::default() }).unwrap();
+    let store = EmbeddedStore::open_with(
+        &dir.path().join("s.redb"),
+        StoreOptions { history_revisions: 10, ..StoreOptions::default() },
+    )
+    .unwrap();
     for i in 0..100 {
         store.put("k", vec![i], None).await.unwrap();
     }
