@@ -16,12 +16,17 @@ pub fn run(args: &CheckConfigArgs) -> Result<String, String> {
             return Err(format!("{}: not a directory", dir.display()));
         }
         let cfg = ServerConfig::load_dir(dir).map_err(|e| e.to_string())?;
+        // Handlers, filters (their expressions compile here) and aggregates, as the server
+        // would build them.
+        drover_pipeline::PipelineConfig::from_server_config(&cfg).validate().map_err(|e| e.to_string())?;
         lines.push(format!(
-            "ok: {}: {} checks, {} entities, {} silences",
+            "ok: {}: {} checks, {} entities, {} silences, {} handlers, {} filters",
             dir.display(),
             cfg.checks.len(),
             cfg.entities.len(),
-            cfg.silences.len()
+            cfg.silences.len(),
+            cfg.handlers.len(),
+            cfg.filters.len()
         ));
     }
     if let Some(file) = &args.agent_config {
@@ -56,7 +61,7 @@ mod tests {
         .unwrap();
         let out = run(&args(Some(d.path().into()), None)).unwrap();
         assert!(out.starts_with("ok: "), "{out}");
-        assert!(out.ends_with(": 1 checks, 1 entities, 0 silences"), "{out}");
+        assert!(out.ends_with(": 1 checks, 1 entities, 0 silences, 0 handlers, 0 filters"), "{out}");
     }
 
     #[test]

@@ -328,6 +328,21 @@ pub enum CtlResource {
     /// Suppressions of event handling.
     #[command(subcommand)]
     Silences(SilencesCmd),
+    /// Handler deliveries that failed every retry.
+    #[command(subcommand)]
+    Deadletters(DeadlettersCmd),
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum DeadlettersCmd {
+    List,
+    /// Deliver it again (from the first attempt).
+    Retry {
+        id: u64,
+    },
+    Delete {
+        id: u64,
+    },
 }
 
 #[derive(Debug, Clone, Subcommand)]

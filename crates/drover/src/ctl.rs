@@ -5,7 +5,8 @@
 //! never reshaped) so scripts see the API's own schema; the table format is for people.
 
 use crate::cli::{
-    ChecksCmd, CtlArgs, CtlResource, EntitiesCmd, EventsCmd, OutputFormat, SilenceCreateArgs, SilencesCmd,
+    ChecksCmd, CtlArgs, CtlResource, DeadlettersCmd, EntitiesCmd, EventsCmd, OutputFormat, SilenceCreateArgs,
+    SilencesCmd,
 };
 use drover_core::config::ServerConfig;
 use drover_core::event::{Event, EventState};
@@ -38,6 +39,7 @@ pub fn execute(args: &CtlArgs) -> Result<String, String> {
         CtlResource::Checks(cmd) => checks(&client, cmd, json),
         CtlResource::Events(cmd) => events(&client, cmd, json),
         CtlResource::Silences(cmd) => silences(&client, cmd, json),
+        CtlResource::Deadletters(cmd) => deadletters(&client, cmd, json),
     }
 }
 
@@ -320,6 +322,41 @@ fn silences(c: &Client, cmd: &SilencesCmd, json: bool) -> Result<String, String>
             let body = serde_json::to_value(silence_from_args(a)?).expect("a Silence always serializes");
             let (_, text) = c.send("POST", "/api/v1/silences", Some(&body))?;
             if json { pretty(&text, false) } else { Ok(silence_table(&[parse::<Silence>(&text)?], now_ms() / 1000)) }
+        }
+    }
+}
+
+fn deadletters(c: &Client, cmd: &DeadlettersCmd, json: bool) -> Result<String, String> {
+    match cmd {
+        DeadlettersCmd::List => {
+            let text = c.get("/api/v1/deadletters")?;
+            if json {
+                return pretty(&text, true);
+            }
+            let items: Vec<Value> = parse(&text)?;
+            let rows: Vec<Vec<String>> = items
+                .iter()
+                .map(|d| {
+                    let s = |k: &str| d[k].as_str().map(str::to_string).unwrap_or_else(|| d[k].to_string());
+                    vec![
+                        s("id"),
+                        s("handler"),
+                        s("entity"),
+                        s("check"),
+                        s("attempts"),
+                        truncate(first_line(&s("error")), 60),
+                    ]
+                })
+                .collect();
+            Ok(table(&["ID", "HANDLER", "ENTITY", "CHECK", "ATTEMPTS", "ERROR"], &rows))
+        }
+        DeadlettersCmd::Retry { id } => {
+            let (_, text) = c.send("POST", &format!("/api/v1/deadletters/{id}/retry"), Some(&serde_json::json!({})))?;
+            Ok(if json { text } else { format!("retrying dead letter {id}") })
+        }
+        DeadlettersCmd::Delete { id } => {
+            c.send("DELETE", &format!("/api/v1/deadletters/{id}"), None)?;
+            Ok(if json { String::new() } else { format!("deleted dead letter {id}") })
         }
     }
 }

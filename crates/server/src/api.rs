@@ -129,6 +129,10 @@ pub fn router(api: Api) -> Router {
         .route("/events/{entity}/{check}/resolve", post(resolve_event))
         .route("/silences", get(list_silences).post(create_silence))
         .route("/silences/{name}", get(get_silence).delete(delete_silence))
+        .route("/deadletters", get(list_dead_letters))
+        .route("/deadletters/{id}", axum::routing::delete(delete_dead_letter))
+        .route("/deadletters/{id}/retry", post(retry_dead_letter))
+        .route("/pipeline", get(pipeline_stats))
         .layer(middleware::from_fn_with_state(api.clone(), require_admin));
     Router::new()
         .route("/health", get(health))
@@ -156,7 +160,50 @@ async fn health(AxState(api): AxState<Api>) -> Response {
 }
 
 async fn metrics(AxState(api): AxState<Api>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], api.state.metrics.render()).into_response()
+    let mut body = api.state.metrics.render();
+    // prometheus-client ends with `# EOF`; the appended families must come before it.
+    if let Some(stripped) = body.strip_suffix("# EOF\n") {
+        body = stripped.to_string();
+    }
+    if let Some(p) = api.state.pipeline.get() {
+        body.push_str(&crate::handling::render_stats(&p.stats()));
+    }
+    // Metric points from check output and keepalives, labelled by entity and check.
+    body.push_str(&drover_pipeline::prometheus_text(&api.state.events(None)));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+// ---- pipeline -----------------------------------------------------------------
+
+fn pipeline(api: &Api) -> ApiResult<&drover_pipeline::Pipeline> {
+    api.state.pipeline.get().ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "event pipeline not running"))
+}
+
+async fn list_dead_letters(AxState(api): AxState<Api>) -> ApiResult<Json<Vec<drover_pipeline::DeadLetter>>> {
+    Ok(Json(pipeline(&api)?.dead_letters()))
+}
+
+async fn retry_dead_letter(
+    AxState(api): AxState<Api>,
+    Path(id): Path<u64>,
+) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    if pipeline(&api)?.retry_dead_letter(id) {
+        Ok((StatusCode::ACCEPTED, Json(json!({ "retrying": id }))))
+    } else {
+        Err(ApiError::not_found("dead letter", &id.to_string()))
+    }
+}
+
+async fn delete_dead_letter(AxState(api): AxState<Api>, Path(id): Path<u64>) -> ApiResult<StatusCode> {
+    if pipeline(&api)?.drop_dead_letter(id) {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found("dead letter", &id.to_string()))
+    }
+}
+
+async fn pipeline_stats(AxState(api): AxState<Api>) -> ApiResult<Json<drover_pipeline::PipelineStats>> {
+    Ok(Json(pipeline(&api)?.stats()))
 }
 
 async fn agent_ws(

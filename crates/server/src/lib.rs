@@ -14,6 +14,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod handling;
 pub mod keys;
 pub mod monitor;
 pub mod persist;
@@ -52,6 +53,8 @@ pub enum ServerError {
     DataDir { path: PathBuf, source: std::io::Error },
     #[error("store: {0}")]
     Store(#[from] drover_store::StoreError),
+    #[error("event pipeline: {0}")]
+    Pipeline(String),
     #[error("TLS: {0}")]
     Tls(String),
     #[error("cannot listen on {addr}: {source}")]
@@ -87,6 +90,13 @@ impl Server {
         let metrics = Arc::new(telemetry::Metrics::new());
         let state = state::State::load(store.clone(), config.server.clone(), metrics.clone()).await?;
         apply_config(&state, &config);
+        let pipeline_cfg = drover_pipeline::PipelineConfig::from_server_config(&config);
+        let pipeline = drover_pipeline::Pipeline::start(pipeline_cfg, Arc::new(handling::Ctx(Arc::downgrade(&state))))
+            .map_err(|e| match e {
+                drover_pipeline::PipelineError::Config(c) => ServerError::Config(c),
+                other => ServerError::Pipeline(other.to_string()),
+            })?;
+        let _ = state.pipeline.set(pipeline);
 
         let tls = opts.tls.as_ref().map(tls::server_config).transpose().map_err(ServerError::Tls)?;
         let listen_err = |source| ServerError::Listen { addr: opts.listen, source };
@@ -157,6 +167,9 @@ impl Server {
         // Let connections see the close, then stop the background loops.
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         self.tasks.abort_all();
+        if let Some(p) = self.state.pipeline.get() {
+            p.stop();
+        }
         while self.tasks.join_next().await.is_some() {}
         self.state.persister.flush_once(&*self.state.store, &*self.state, &self.state.metrics).await;
         tracing::info!("drover server stopped; state flushed");

@@ -37,6 +37,8 @@ pub struct State {
     events: Mutex<HashMap<String, Event>>,
     /// Bumped whenever the set of checks changes, for the scheduler.
     checks_generation: watch::Sender<u64>,
+    /// Where events with handlers go; set once at start (the pipeline needs the state).
+    pub pipeline: std::sync::OnceLock<drover_pipeline::Pipeline>,
 }
 
 impl Render for State {
@@ -111,6 +113,7 @@ impl State {
             silences: RwLock::new(load_map(sils, keys::SILENCES)),
             events: Mutex::new(events),
             checks_generation,
+            pipeline: std::sync::OnceLock::new(),
         }))
     }
 
@@ -293,6 +296,11 @@ impl State {
         v
     }
 
+    /// Every entity's event for `check` (aggregates).
+    pub fn events_of_check(&self, check: &str) -> Vec<Event> {
+        self.events.lock().expect("events lock").values().filter(|e| e.check == check).cloned().collect()
+    }
+
     pub fn event(&self, entity: &str, check: &str) -> Option<Event> {
         self.events.lock().expect("events lock").get(&keys::event(entity, check)).cloned()
     }
@@ -349,7 +357,7 @@ impl State {
         };
 
         let key = keys::event(&entity_name, &result.check);
-        let action = {
+        let (action, to_handle) = {
             let mut evs = self.events.lock().expect("events lock");
             let was_failing;
             let ev = match evs.get_mut(&key) {
@@ -370,9 +378,17 @@ impl State {
                 (true, true) => self.metrics.events_failing.dec(),
                 _ => 0,
             };
-            ev.action
+            // Only events that name handlers go to the pipeline: the copy costs, and an
+            // event without handlers has nothing to notify.
+            let to_handle = (!ev.check_config.handlers.is_empty() && self.pipeline.get().is_some()).then(|| ev.clone());
+            (ev.action, to_handle)
         };
         self.metrics.results_received.inc();
+        if let (Some(ev), Some(p)) = (to_handle, self.pipeline.get())
+            && !p.submit(ev)
+        {
+            tracing::warn!(entity = %entity_name, check = %result.check, "pipeline queue full; event not handled");
+        }
         let seq = self.persister.mark(key);
         if action == EventAction::Resolve
             && let Some(entity) = self.entity(&entity_name)
