@@ -42,6 +42,13 @@ struct Args {
     /// Check interval for hold mode.
     #[arg(long, default_value_t = 10)]
     check_interval_secs: u64,
+    /// flood only: attach a handler to every result's check — none | slow | http | tcp.
+    /// `slow` is a pipe handler that sleeps 5 s (4 at once): ingestion must not notice.
+    #[arg(long, default_value = "none")]
+    handler: String,
+    /// flood only: offered results per second across all agents (0 = as fast as acks allow).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
 }
 
 const TOKEN: &str = "bench-agent";
@@ -88,9 +95,84 @@ fn proc_usage(pid: u32) -> anyhow::Result<(f64, u64)> {
     Ok((ticks / 100.0, rss))
 }
 
-fn start_server(drover: &str, check_interval: u64, mode: &str) -> anyhow::Result<ServerProc> {
+/// Server config that gives the flood's checks `c0..cN` a handler.
+fn handler_config(kind: &str, checks: u64, sink_port: u16) -> anyhow::Result<String> {
+    let handler = match kind {
+        // The same checks, defined on the server, with no handler: the baseline that
+        // isolates what attaching a handler costs.
+        "none" => {
+            return Ok((0..checks)
+                .map(|c| format!("[checks.c{c}]\ncommand = \"true\"\npublish = false\n\n"))
+                .collect());
+        }
+        "slow" => "type = \"pipe\"\ncommand = \"sleep 5\"\nmax_concurrent = 4\ntimeout_secs = 10\n".to_string(),
+        "http" => format!("type = \"http\"\nurl = \"http://127.0.0.1:{sink_port}/\"\nmax_concurrent = 64\n"),
+        "tcp" => format!("type = \"tcp\"\naddress = \"127.0.0.1:{sink_port}\"\nmax_concurrent = 64\n"),
+        other => bail!("--handler {other}: expected none, slow, http or tcp"),
+    };
+    let mut cfg = format!("[handlers.h]\n{handler}\n");
+    for c in 0..checks {
+        cfg.push_str(&format!("[checks.c{c}]\ncommand = \"true\"\npublish = false\nhandlers = [\"h\"]\n\n"));
+    }
+    Ok(cfg)
+}
+
+/// Counts what handlers deliver: newline-separated JSON over TCP, or HTTP requests
+/// answered 200 (a minimal sink, so the bench measures drover, not the receiver).
+async fn sink(listener: tokio::net::TcpListener, http: bool, count: Arc<AtomicU64>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else { return };
+        let count = count.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut pending: Vec<u8> = Vec::new();
+            loop {
+                let n = match sock.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                if !http {
+                    count.fetch_add(buf[..n].iter().filter(|b| **b == b'\n').count() as u64, Ordering::Relaxed);
+                    continue;
+                }
+                pending.extend_from_slice(&buf[..n]);
+                // One request per header block + Content-Length body.
+                while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&pending[..end]).to_ascii_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+                        .unwrap_or(0);
+                    if pending.len() < end + 4 + len {
+                        break;
+                    }
+                    pending.drain(..end + 4 + len);
+                    count.fetch_add(1, Ordering::Relaxed);
+                    if sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+    }
+}
+
+fn pipeline_stats(port: u16) -> serde_json::Value {
+    ureq::get(&format!("http://127.0.0.1:{port}/api/v1/pipeline"))
+        .header("Authorization", "Bearer bench-admin")
+        .call()
+        .ok()
+        .and_then(|mut r| r.body_mut().read_json::<serde_json::Value>().ok())
+        .unwrap_or_default()
+}
+
+fn start_server(drover: &str, check_interval: u64, mode: &str, handler_cfg: &str) -> anyhow::Result<ServerProc> {
     let dir = std::env::temp_dir().join(format!("drover-bench-{}", std::process::id()));
     std::fs::create_dir_all(dir.join("conf.d"))?;
+    if !handler_cfg.is_empty() {
+        std::fs::write(dir.join("conf.d/handlers.toml"), handler_cfg)?;
+    }
     if mode == "hold" {
         std::fs::write(
             dir.join("conf.d/bench.toml"),
@@ -156,11 +238,25 @@ fn ack_of(text: &str) -> Option<u64> {
     rest.trim_end_matches('}').trim().parse().ok()
 }
 
+/// Paces an agent at `per_sec` results per second (0: unpaced).
+struct Pace {
+    per_sec: f64,
+    started: Instant,
+}
+
+impl Pace {
+    /// How many results may have been sent by now.
+    fn allowed(&self) -> u64 {
+        if self.per_sec <= 0.0 { u64::MAX } else { (self.started.elapsed().as_secs_f64() * self.per_sec) as u64 }
+    }
+}
+
 async fn flood_agent(
     port: u16,
     name: String,
     window: u64,
     checks: u64,
+    pace: Pace,
     acked: Arc<AtomicU64>,
     stop: Arc<AtomicU64>,
 ) -> anyhow::Result<()> {
@@ -169,11 +265,18 @@ async fn flood_agent(
     let mut sent = 0u64;
     let mut last_ack = 0u64;
     while stop.load(Ordering::Relaxed) == 0 {
-        while sent - last_ack < window {
+        if sent >= pace.allowed() && sent == last_ack {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        }
+        while sent - last_ack < window && sent < pace.allowed() {
             sent += 1;
             tx.feed(Message::Text(result_frame(sent, sent % checks).into())).await?;
         }
         tx.flush().await?;
+        if sent == last_ack {
+            continue;
+        }
         match tokio::time::timeout(Duration::from_secs(5), rx.next()).await {
             Ok(Some(Ok(Message::Text(t)))) => {
                 if let Some(up) = ack_of(&t) {
@@ -220,9 +323,14 @@ fn main() -> anyhow::Result<()> {
     if args.mode == "agent-idle" {
         return agent_idle(&args);
     }
-    let server = start_server(&args.drover, args.check_interval_secs, &args.mode)?;
-    let pid = server.child.id();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let delivered = Arc::new(AtomicU64::new(0));
+    let sink_listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+    let sink_port = sink_listener.local_addr()?.port();
+    rt.spawn(sink(sink_listener, args.handler == "http", delivered.clone()));
+    let handler_cfg = handler_config(&args.handler, args.checks, sink_port)?;
+    let server = start_server(&args.drover, args.check_interval_secs, &args.mode, &handler_cfg)?;
+    let pid = server.child.id();
     let counter = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
@@ -232,9 +340,10 @@ fn main() -> anyhow::Result<()> {
             let (c, s, f) = (counter.clone(), stop.clone(), failed.clone());
             let name = format!("sim-{i:05}");
             let (port, window, checks, mode) = (server.port, args.window, args.checks, args.mode.clone());
+            let pace = Pace { per_sec: args.rate as f64 / args.agents as f64, started: Instant::now() };
             tasks.push(tokio::spawn(async move {
                 let r = if mode == "flood" {
-                    flood_agent(port, name, window, checks, c, s).await
+                    flood_agent(port, name, window, checks, pace, c, s).await
                 } else {
                     hold_agent(port, name, c, s).await
                 };
@@ -252,18 +361,34 @@ fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_secs(3)).await;
         let (cpu0, _) = proc_usage(pid).unwrap();
         let n0 = counter.load(Ordering::Relaxed);
+        let d0 = delivered.load(Ordering::Relaxed);
+        let p0 = pipeline_stats(server.port);
         let t0 = Instant::now();
         tokio::time::sleep(Duration::from_secs(args.seconds)).await;
         let elapsed = t0.elapsed().as_secs_f64();
         let (cpu1, rss) = proc_usage(pid).unwrap();
         let n = counter.load(Ordering::Relaxed) - n0;
         let connected = health_connected(server.port);
+        let sunk = delivered.load(Ordering::Relaxed) - d0;
+        let p1 = pipeline_stats(server.port);
         stop.store(1, Ordering::Relaxed);
         let cpu = cpu1 - cpu0;
         println!("mode={} agents={} seconds={elapsed:.1}", args.mode, args.agents);
+        if args.handler != "none" {
+            let delta = |k: &str| p1[k].as_u64().unwrap_or(0).saturating_sub(p0[k].as_u64().unwrap_or(0));
+            println!(
+                "handler={} events_delivered_per_sec={:.0} sink_received_per_sec={:.0} pipeline_dropped={} dead_lettered={}",
+                args.handler,
+                delta("delivered") as f64 / elapsed,
+                sunk as f64 / elapsed,
+                delta("dropped") + delta("handler_dropped"),
+                delta("dead_lettered"),
+            );
+        }
         match args.mode.as_str() {
             "flood" => println!(
-                "results_stored_per_sec={:.0} server_cpu_secs={cpu:.2} results_per_server_cpu_sec={:.0} server_rss_mib={:.1} failed_agents={}",
+                "offered_per_sec={} results_stored_per_sec={:.0} server_cpu_secs={cpu:.2} results_per_server_cpu_sec={:.0} server_rss_mib={:.1} failed_agents={}",
+                if args.rate == 0 { "max".to_string() } else { args.rate.to_string() },
                 n as f64 / elapsed,
                 n as f64 / cpu.max(1e-9),
                 rss as f64 / 1024.0,
@@ -295,7 +420,7 @@ fn health_connected(port: u16) -> i64 {
 
 /// A real agent, connected, with nothing to do: its resident memory and idle CPU.
 fn agent_idle(args: &Args) -> anyhow::Result<()> {
-    let server = start_server(&args.drover, 10, "flood")?;
+    let server = start_server(&args.drover, 10, "flood", "")?;
     let mut agent = Command::new(&args.drover)
         .args(["agent", "--server", &format!("ws://127.0.0.1:{}", server.port), "--name", "idle", "--token", TOKEN])
         .args(["--subscriptions", "idle", "--api-listen", "127.0.0.1:0"])

@@ -173,6 +173,9 @@ struct Shared {
     queue_capacity: usize,
     specs: BTreeMap<String, HandlerSpec>,
     slots: BTreeMap<String, Slot>,
+    /// Each handler name (sets included) expanded to the handlers that deliver, computed
+    /// once so `would_accept` costs a lookup per name.
+    expansion: HashMap<String, Vec<String>>,
     counters: Counters,
     dead: Mutex<DeadLetters>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -231,12 +234,17 @@ impl Pipeline {
             receivers.push((name, max_concurrent, rx));
         }
         let (tx, rx) = mpsc::channel(cfg.queue_capacity);
+        let expansion = specs
+            .keys()
+            .filter_map(|n| expand_handler_sets(&specs, std::slice::from_ref(n)).ok().map(|leaves| (n.clone(), leaves)))
+            .collect();
         let shared = Arc::new(Shared {
             ctx,
             tx,
             queue_capacity: cfg.queue_capacity,
             specs,
             slots,
+            expansion,
             counters: Counters::default(),
             dead: Mutex::new(DeadLetters {
                 next_id: 1,
@@ -277,6 +285,44 @@ impl Pipeline {
                 false
             }
         }
+    }
+
+    /// Whether an event naming `handlers` could be taken now: the intake queue has room
+    /// and at least one of the handlers it reaches has room in its queue. The server asks
+    /// before copying an event, so a handler that cannot keep up (its queue full) costs
+    /// ingestion a lookup, not a copy and a dispatch. Refusals are counted as drops,
+    /// exactly as if the event had been queued and then dropped.
+    pub fn would_accept(&self, handlers: &[String]) -> bool {
+        let s = &self.shared;
+        if s.tx.capacity() == 0 {
+            s.counters.submitted.inc();
+            s.counters.dropped.inc();
+            return false;
+        }
+        let mut any_known = false;
+        for name in handlers {
+            let Some(leaves) = s.expansion.get(name) else { continue };
+            for leaf in leaves {
+                if let Some(slot) = s.slots.get(leaf) {
+                    any_known = true;
+                    if slot.tx.capacity() > 0 {
+                        return true;
+                    }
+                }
+            }
+        }
+        if !any_known {
+            // Unknown handler names: let the dispatcher count and log them.
+            return true;
+        }
+        for name in handlers {
+            for leaf in s.expansion.get(name).into_iter().flatten() {
+                if let Some(slot) = s.slots.get(leaf) {
+                    slot.counters.dropped.inc();
+                }
+            }
+        }
+        false
     }
 
     /// Oldest first.

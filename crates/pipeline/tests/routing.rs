@@ -234,3 +234,33 @@ async fn a_panic_while_routing_one_event_skips_only_that_event() {
         json_payloads(&got).iter().map(|v| v["entity"]["name"].as_str().unwrap().to_string()).collect();
     assert_eq!(names, vec!["good"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handler_that_cannot_keep_up_is_refused_before_the_event_is_copied() {
+    let ctx = FakeContext::new();
+    ctx.add_entity("web1", EntityClass::Agent, &["web"]);
+    let mut cfg = config(
+        "[handlers.slow]\ntype = \"pipe\"\ncommand = \"sleep 30\"\nmax_concurrent = 1\ntimeout_secs = 60\n\n\
+         [handlers.everything]\ntype = \"set\"\nhandlers = [\"slow\"]\n",
+    );
+    cfg.handler_queue_capacity = 2;
+    let p = start(&ctx, cfg);
+    let names = vec!["everything".to_string()];
+    // The worker holds a bounded number of deliveries in progress, the queue holds two
+    // more; after that every further event must be refused, and counted.
+    let mut accepted = Vec::new();
+    for _ in 0..60 {
+        let yes = p.would_accept(&names);
+        if yes {
+            assert!(p.submit(ctx.record("web1", "disk", Status::Critical, &["everything"])));
+        }
+        accepted.push(yes);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(accepted[..20].iter().any(|a| *a), "an idle handler accepts");
+    assert!(accepted[30..].iter().all(|a| !a), "a full handler refuses further events: {accepted:?}");
+    let stats = p.stats();
+    assert!(stats.handlers["slow"].dropped >= 30, "refusals are counted as drops: {:?}", stats.handlers["slow"]);
+    assert!(p.would_accept(&["undefined".to_string()]), "unknown names pass through to be reported by the dispatcher");
+    p.stop();
+}

@@ -380,7 +380,12 @@ impl State {
             };
             // Only events that name handlers go to the pipeline: the copy costs, and an
             // event without handlers has nothing to notify.
-            let to_handle = (!ev.check_config.handlers.is_empty() && self.pipeline.get().is_some()).then(|| ev.clone());
+            let to_handle = match self.pipeline.get() {
+                Some(p) if !ev.check_config.handlers.is_empty() && p.would_accept(&ev.check_config.handlers) => {
+                    Some(ev.clone())
+                }
+                _ => None,
+            };
             (ev.action, to_handle)
         };
         self.metrics.results_received.inc();
