@@ -200,3 +200,30 @@ fn bad_filter_expression_is_refused_at_load_with_its_position() {
     assert!(!out.status.success(), "the server refuses to start with it");
     assert!(String::from_utf8_lossy(&out.stderr).contains("f.toml:2:"));
 }
+
+#[test]
+fn dead_node_alert_goes_to_the_keepalive_handlers() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook_port = free_port();
+    let got = dir.path().join("hook.txt");
+    let _hook = http_receiver(hook_port, &got);
+    let cfg = format!(
+        "[server]\nkeepalive_handlers = [\"pager\"]\n\n\
+         [handlers.pager]\ntype = \"http\"\nurl = \"http://127.0.0.1:{hook_port}/page\"\nfilters = [\"is_incident\"]\n"
+    );
+    let server = Server::start(&[("server.toml", &cfg)]);
+    let mut node = server.agent(
+        "www3",
+        "web",
+        &["--keepalive-interval-secs", "1", "--keepalive-warning-secs", "2", "--keepalive-critical-secs", "3"],
+    );
+    server.wait_connected("www3");
+    node.kill9();
+    let page = wait_for(T, "keepalive alert delivered", || {
+        lines(&got).into_iter().find(|l| l.contains("\"status\":2") || l.contains("CRITICAL"))
+    });
+    let v: serde_json::Value = serde_json::from_str(&page).unwrap();
+    assert_eq!(v["entity"]["name"], "www3", "{v}");
+    assert_eq!(v["check"]["name"], "keepalive", "{v}");
+    assert!(v["check"]["output"].as_str().unwrap().contains("No keepalive"), "{v}");
+}
