@@ -39,6 +39,25 @@ pub struct CheckResult {
     pub check_config: Option<EventCheckConfig>,
 }
 
+impl CheckResult {
+    /// A result drover makes itself rather than a check command (keepalive and TTL
+    /// monitors, the pipeline's handler and aggregate events, a manual resolve),
+    /// stamped as issued and executed at `now_ms`.
+    pub fn made_by_drover(entity: &str, check: &str, status: Status, output: String, now_ms: i64) -> CheckResult {
+        CheckResult {
+            check: check.to_string(),
+            entity: entity.to_string(),
+            status,
+            output,
+            issued_ms: now_ms,
+            executed_ms: now_ms,
+            duration_ms: 0,
+            metrics: Vec::new(),
+            check_config: None,
+        }
+    }
+}
+
 /// The part of a check's definition that an event needs to be handled on its own.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct EventCheckConfig {

@@ -73,21 +73,13 @@ pub fn evaluate(ctx: &dyn Context, a: &AggregateSpec, now_ms: i64) -> bool {
     if ctx.event(&entity, &a.name).is_some_and(|e| e.status == status && e.output == output) {
         return false;
     }
-    ctx.ingest(CheckResult {
-        check: a.name.clone(),
-        entity,
-        status,
-        output,
-        issued_ms: now_ms,
-        executed_ms: now_ms,
-        duration_ms: 0,
-        metrics: Vec::new(),
-        check_config: Some(EventCheckConfig {
-            handlers: a.handlers.clone(),
-            labels: [("aggregate".to_string(), a.name.clone())].into(),
-            ..Default::default()
-        }),
+    let mut result = CheckResult::made_by_drover(&entity, &a.name, status, output, now_ms);
+    result.check_config = Some(EventCheckConfig {
+        handlers: a.handlers.clone(),
+        labels: [("aggregate".to_string(), a.name.clone())].into(),
+        ..Default::default()
     });
+    ctx.ingest(result);
     true
 }
 

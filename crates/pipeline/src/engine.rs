@@ -555,17 +555,13 @@ impl Shared {
 
     fn raise_failure(&self, handler: &str, status: Status, output: String) {
         let now = now_ms();
-        self.ctx.ingest(CheckResult {
-            check: failure_check(handler),
-            entity: self.ctx.server_entity(),
+        self.ctx.ingest(CheckResult::made_by_drover(
+            &self.ctx.server_entity(),
+            &failure_check(handler),
             status,
             output,
-            issued_ms: now,
-            executed_ms: now,
-            duration_ms: 0,
-            metrics: Vec::new(),
-            check_config: None,
-        });
+            now,
+        ));
     }
 }
 

@@ -391,17 +391,7 @@ async fn resolve_event(
         return Err(ApiError::not_found("event", &format!("{entity}/{check}")));
     }
     let now = now_ms();
-    let r = CheckResult {
-        check: check.clone(),
-        entity: entity.clone(),
-        status: Status::Ok,
-        output: "Resolved manually through the API".into(),
-        issued_ms: now,
-        executed_ms: now,
-        duration_ms: 0,
-        metrics: Vec::new(),
-        check_config: None,
-    };
+    let r = CheckResult::made_by_drover(&entity, &check, Status::Ok, "Resolved manually through the API".into(), now);
     let seq = api.state.ingest(None, r).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
     api.state.wait_durable(seq).await;
     api.state.event(&entity, &check).map(Json).ok_or_else(|| ApiError::not_found("event", &format!("{entity}/{check}")))

@@ -27,20 +27,6 @@ pub async fn run(state: Arc<State>) {
     }
 }
 
-fn synthetic(entity: &str, check: &str, status: Status, output: String, now: i64) -> CheckResult {
-    CheckResult {
-        check: check.to_string(),
-        entity: entity.to_string(),
-        status,
-        output,
-        issued_ms: now,
-        executed_ms: now,
-        duration_ms: 0,
-        metrics: Vec::new(),
-        check_config: None,
-    }
-}
-
 /// Raises (and repeats once per keepalive interval) keepalive events for silent agents.
 pub fn keepalives(state: &State) {
     let now = now_ms();
@@ -65,7 +51,7 @@ pub fn keepalives(state: &State) {
         if repeat {
             let threshold = if status == Status::Critical { crit } else { warn };
             let output = format!("No keepalive sent from {} for {} seconds (>= {threshold})", e.name, age_ms / 1000);
-            due.push(synthetic(&e.name, KEEPALIVE, status, output, now));
+            due.push(CheckResult::made_by_drover(&e.name, KEEPALIVE, status, output, now));
         }
     }
     for r in due {
@@ -84,7 +70,7 @@ pub fn ttls(state: &State) {
                 let ttl_ms = ev.check_config.ttl_secs? as i64 * 1000;
                 let age = now - ev.received_ms.max(state.started_ms);
                 (age >= ttl_ms).then(|| {
-                    synthetic(
+                    CheckResult::made_by_drover(
                         &ev.entity,
                         &ev.check,
                         Status::Warning,

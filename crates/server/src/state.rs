@@ -164,17 +164,8 @@ impl State {
             e.metrics = metrics;
         }
         self.persister.mark(keys::entity(name));
-        let result = CheckResult {
-            check: KEEPALIVE.to_string(),
-            entity: name.to_string(),
-            status: Status::Ok,
-            output: format!("Keepalive last sent from {name} at {}", now / 1000),
-            issued_ms: now,
-            executed_ms: now,
-            duration_ms: 0,
-            metrics: Vec::new(),
-            check_config: None,
-        };
+        let output = format!("Keepalive last sent from {name} at {}", now / 1000);
+        let result = CheckResult::made_by_drover(name, KEEPALIVE, Status::Ok, output, now);
         self.ingest(None, result).ok()
     }
 
