@@ -227,3 +227,54 @@ fn resent_results_after_reconnect_are_stored_once() {
     assert_eq!(ev["occurrences"], 3, "duplicates dropped: {ev}");
     assert_eq!(ev["history"].as_array().unwrap().len(), 3);
 }
+
+#[test]
+fn api_crud_for_entities_events_checks_and_silences() {
+    let server = Server::start(&[]);
+    // A proxy entity (a website, no agent) made through the API.
+    let site = r#"{"name":"shop","address":"shop.example","labels":{"role":"website"}}"#;
+    let (st, v) = server.request("POST", "/api/v1/entities", Some(site), Some(ADMIN));
+    assert_eq!(st, 201, "{v}");
+    assert_eq!(v["class"], "proxy", "API-made entities have no agent");
+    assert_eq!(server.request("POST", "/api/v1/entities", Some(site), Some(ADMIN)).0, 409);
+    let (st, v) = server.request("PUT", "/api/v1/entities/shop", Some(r#"{"address":"shop2.example"}"#), Some(ADMIN));
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(server.entity("shop").unwrap()["address"], "shop2.example");
+
+    // An external result creates its event; resolve and delete it.
+    let result = r#"{"entity":"shop","check":"http","status":2,"output":"HTTP CRITICAL - 503"}"#;
+    let (st, ev) = server.request("POST", "/api/v1/events", Some(result), Some(ADMIN));
+    assert_eq!(st, 202, "{ev}");
+    assert_eq!(status(&ev), 2);
+    let (st, missing) = server.request("POST", "/api/v1/events", Some(r#"{"check":"http","status":0}"#), Some(ADMIN));
+    assert_eq!((st, missing["field"].as_str()), (400, Some("entity")));
+    let (st, ev) = server.request("POST", "/api/v1/events/shop/http/resolve", Some("{}"), Some(ADMIN));
+    assert_eq!(st, 200, "{ev}");
+    assert_eq!(status(&ev), 0);
+    assert_eq!(ev["action"], "resolve");
+    let (_, list) = server.get("/api/v1/events/shop");
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(server.request("DELETE", "/api/v1/events/shop/http", None, Some(ADMIN)).0, 204);
+    assert!(server.event("shop", "http").is_none());
+    assert_eq!(server.request("DELETE", "/api/v1/events/shop/http", None, Some(ADMIN)).0, 404);
+
+    // Checks: create, replace, delete.
+    let c = r#"{"name":"web","command":"check_http -H {{ .address }}","subscriptions":["probe"],"interval_secs":30}"#;
+    assert_eq!(server.request("POST", "/api/v1/checks", Some(c), Some(ADMIN)).0, 201);
+    let c2 = r#"{"command":"check_http -H {{ .address }} -S","subscriptions":["probe"],"interval_secs":60}"#;
+    assert_eq!(server.request("PUT", "/api/v1/checks/web", Some(c2), Some(ADMIN)).0, 200);
+    assert_eq!(server.get("/api/v1/checks/web").1["interval_secs"], 60);
+    assert_eq!(server.request("DELETE", "/api/v1/checks/web", None, Some(ADMIN)).0, 204);
+    assert_eq!(server.get("/api/v1/checks/web").0, 404);
+
+    // Silences: the name is derived from the selectors.
+    let (st, s) =
+        server.request("POST", "/api/v1/silences", Some(r#"{"entity":"shop","expire_secs":60}"#), Some(ADMIN));
+    assert_eq!(st, 201, "{s}");
+    assert_eq!(s["name"], "shop:*:*");
+    assert_eq!(server.request("DELETE", "/api/v1/silences/shop:*:*", None, Some(ADMIN)).0, 204);
+
+    // Deleting the entity removes it (and any events) without an alert.
+    assert_eq!(server.request("DELETE", "/api/v1/entities/shop", None, Some(ADMIN)).0, 204);
+    assert!(server.entity("shop").is_none());
+}
