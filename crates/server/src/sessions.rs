@@ -149,7 +149,7 @@ pub async fn serve(socket: WebSocket, state: Arc<State>, sessions: Arc<Sessions>
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                     Some(Ok(Message::Binary(_))) => break Some("binary frames are not part of the protocol".into()),
                 };
-                match serde_json::from_str::<AgentMessage>(&text) {
+                match AgentMessage::parse(&text) {
                     Ok(AgentMessage::Keepalive(k)) => {
                         state.metrics.keepalives_received.inc();
                         state.keepalive(&name, k.metrics);
