@@ -297,6 +297,22 @@ fn silence_marks_events_and_expire_on_resolve_removes_it() {
     assert_eq!(st, 201, "{sil}");
     let name = sil["name"].as_str().unwrap().to_string();
     let url = format!("http://{listen}/results");
+    // An event that exists before the silence is marked as soon as the silence is made.
+    ureq::post(&url)
+        .header("Content-Type", "application/json")
+        .send(r#"{"check":"other","status":2,"output":"y"}"#)
+        .unwrap();
+    server.wait_event("s1", "other", T, |e| status(e) == 2);
+    let (st, _) = server.request(
+        "POST",
+        "/api/v1/silences",
+        Some(r#"{"entity":"s1","check":"other","reason":"now"}"#),
+        Some(ADMIN),
+    );
+    assert_eq!(st, 201);
+    assert_eq!(server.event("s1", "other").unwrap()["silenced_by"], serde_json::json!(["s1:*:other"]));
+    assert_eq!(server.request("DELETE", "/api/v1/silences/s1:*:other", None, Some(ADMIN)).0, 204);
+    assert_eq!(server.event("s1", "other").unwrap()["silenced_by"], serde_json::json!([]), "and unmarked when removed");
     let post = |status: u8| {
         let body = format!(r#"{{"check":"app","status":{status},"output":"x"}}"#);
         ureq::post(&url).header("Content-Type", "application/json").send(&body).unwrap();

@@ -239,12 +239,34 @@ impl State {
     pub fn put_silence(&self, s: Silence) -> u64 {
         let key = keys::silence(&s.name);
         self.silences.write().expect("silences lock").insert(s.name.clone(), s);
-        self.persister.mark(key)
+        let seq = self.persister.mark(key);
+        self.refresh_silenced().unwrap_or(seq)
     }
 
     pub fn delete_silence(&self, name: &str) -> Option<u64> {
         self.silences.write().expect("silences lock").remove(name)?;
-        Some(self.persister.mark(keys::silence(name)))
+        let seq = self.persister.mark(keys::silence(name));
+        Some(self.refresh_silenced().unwrap_or(seq))
+    }
+
+    /// Re-marks which events are silenced after the set of silences changed, so the
+    /// API shows a new silence at once rather than at each check's next result.
+    fn refresh_silenced(&self) -> Option<u64> {
+        let now = now_secs();
+        let changed: Vec<String> = {
+            let ents = self.entities.read().expect("entities lock");
+            let mut evs = self.events.lock().expect("events lock");
+            let mut changed = Vec::new();
+            for (key, ev) in evs.iter_mut() {
+                let by = ents.get(&ev.entity).map(|e| self.silenced_by(e, &ev.check, now)).unwrap_or_default();
+                if by != ev.silenced_by {
+                    ev.silenced_by = by;
+                    changed.push(key.clone());
+                }
+            }
+            changed
+        };
+        changed.into_iter().map(|k| self.persister.mark(k)).max()
     }
 
     /// Drops silences whose time is up.
