@@ -381,6 +381,10 @@ impl Session {
         let shared = self.shared.clone();
         let stop = shared.stopped();
         tokio::pin!(stop);
+        // Sampling system metrics takes a while (disks, interfaces); it runs beside the
+        // loop so results queued meanwhile go out at once, and the keepalive follows
+        // when the sample is ready.
+        let mut sampling: Option<tokio::task::JoinHandle<Vec<drover_core::MetricPoint>>> = None;
         loop {
             let backlog = self.shared.outbox.has_after(self.sent_up_to);
             let step = tokio::select! {
@@ -389,7 +393,15 @@ impl Session {
                     return End::Stopped;
                 }
                 frame = self.ws.next() => self.on_frame(frame),
-                _ = keepalive.tick() => self.keepalive(sampler, silence_limit).await,
+                _ = keepalive.tick(), if sampling.is_none() => {
+                    let sampler = sampler.clone();
+                    sampling = Some(tokio::spawn(async move { system::sample_bounded(&sampler).await }));
+                    Ok(())
+                }
+                sample = async { sampling.as_mut().expect("guarded by is_some").await }, if sampling.is_some() => {
+                    sampling = None;
+                    self.keepalive(sample.unwrap_or_default(), silence_limit).await
+                }
                 () = std::future::ready(()), if backlog => self.send_backlog().await,
                 () = self.shared.outbox.ready.notified(), if !backlog => Ok(()),
             };
@@ -434,11 +446,15 @@ impl Session {
         Ok(())
     }
 
-    async fn keepalive(&mut self, sampler: &system::SharedSampler, silence_limit: Duration) -> Result<(), String> {
+    async fn keepalive(
+        &mut self,
+        metrics: Vec<drover_core::MetricPoint>,
+        silence_limit: Duration,
+    ) -> Result<(), String> {
         if self.last_rx.elapsed() > silence_limit {
             return Err(format!("nothing heard from the server for {} s", silence_limit.as_secs()));
         }
-        let msg = AgentMessage::Keepalive(Keepalive { metrics: system::sample_bounded(sampler).await });
+        let msg = AgentMessage::Keepalive(Keepalive { metrics });
         self.ws.feed(Message::text(to_text(&msg))).await.map_err(|e| format!("sending keepalive: {e}"))?;
         self.ws.feed(Message::Ping(Default::default())).await.map_err(|e| format!("sending ping: {e}"))?;
         self.ws.flush().await.map_err(|e| format!("sending keepalive: {e}"))

@@ -9,6 +9,8 @@
 //!   [`resource::Silence`], with validation.
 //! - [`event`]: per (entity, check) state: history, occurrences, Sensu's weighted flap
 //!   detection ([`event::Event::apply`]).
+//! - [`health`]: member health as published to proxies and name servers
+//!   ([`health::MemberHealth`], [`health::WatchMessage`]).
 //! - [`metrics`]: perfdata and the other output metric formats (Graphite, InfluxDB line,
 //!   Prometheus text) parsed into [`metrics::MetricPoint`]s.
 //! - [`pipeline`]: event pipeline resources: handlers, filters, mutators, aggregates,
@@ -21,6 +23,7 @@
 
 pub mod config;
 pub mod event;
+pub mod health;
 pub mod metrics;
 pub mod pipeline;
 pub mod protocol;

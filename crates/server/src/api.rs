@@ -138,6 +138,7 @@ pub fn router(api: Api) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/api/v1/agent/ws", get(agent_ws))
+        .route("/api/v1/watch", get(watch_ws))
         .nest("/api/v1", admin)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .layer(middleware::from_fn_with_state(api.clone(), count_rejections))
@@ -210,13 +211,18 @@ async fn agent_ws(
     AxState(api): AxState<Api>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
     if bearer(&headers).and_then(|t| api.tokens.role(t)).is_none() {
         api.state.metrics.auth_failures.inc();
         tracing::warn!(%peer, "agent connection with a missing or wrong token; refused");
         return ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong agent token").into_response();
     }
+    // Authenticate before judging the upgrade, so a wrong token is a 401 either way.
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => return rejection.into_response(),
+    };
     let (state, sessions) = (api.state.clone(), api.sessions.clone());
     // tungstenite's default 128 KiB read and write buffers cost over a gigabyte at
     // 10,000 agents; agent frames are small, and a larger one simply grows the buffer.
@@ -225,6 +231,26 @@ async fn agent_ws(
         .read_buffer_size(4 * 1024)
         .write_buffer_size(0)
         .on_upgrade(move |socket| sessions::serve(socket, state, sessions, peer.to_string()))
+}
+
+/// Data planes (proxies, name servers) use the agent token or the admin token.
+async fn watch_ws(
+    AxState(api): AxState<Api>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    if bearer(&headers).and_then(|t| api.tokens.role(t)).is_none() {
+        api.state.metrics.auth_failures.inc();
+        tracing::warn!(%peer, "watch with a missing or wrong token; refused");
+        return ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong token").into_response();
+    }
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => return rejection.into_response(),
+    };
+    let state = api.state.clone();
+    ws.on_upgrade(move |socket| crate::watch::serve(socket, state, peer.to_string()))
 }
 
 // ---- entities -----------------------------------------------------------------

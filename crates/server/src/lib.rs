@@ -7,6 +7,7 @@
 //! check requests to subscribed agents; [`monitor`] raises keepalive and TTL events
 //! from the passage of time; [`api`] serves REST, `/health` and `/metrics`.
 //!
+//! - [`watch`]: `GET /api/v1/watch`, member health streamed to proxies and name servers.
 //! - [`auth`]: admin and agent tokens, created on first start (0600).
 //! - [`keys`]: the store key layout.
 //! - [`telemetry`]: drover's own Prometheus metrics.
@@ -23,6 +24,7 @@ pub mod sessions;
 pub mod state;
 pub mod telemetry;
 pub mod tls;
+pub mod watch;
 
 use drover_core::config::{ConfigError, ServerConfig, ServerSettings};
 use drover_store::Store;
@@ -116,6 +118,12 @@ impl Server {
             None => {
                 listener.set_nonblocking(true).map_err(listen_err)?;
                 let listener = tokio::net::TcpListener::from_std(listener).map_err(listen_err)?;
+                // Agent acks and watch frames are small writes: without TCP_NODELAY, Nagle
+                // holds each behind the peer's delayed ACK (~40-200 ms on Linux).
+                use axum::serve::ListenerExt;
+                let listener = listener.tap_io(|tcp| {
+                    let _ = tcp.set_nodelay(true);
+                });
                 tasks.spawn(async move {
                     let serve = axum::serve(listener, make).with_graceful_shutdown(async move {
                         let _ = shutdown_rx.wait_for(|s| *s).await;
@@ -127,12 +135,12 @@ impl Server {
             }
             Some(cfg) => {
                 let handle = axum_server::Handle::new();
-                let server = axum_server::tls_rustls::from_tcp_rustls(
-                    listener,
+                let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(
                     axum_server::tls_rustls::RustlsConfig::from_config(cfg),
                 )
-                .map_err(listen_err)?
-                .handle(handle.clone());
+                .acceptor(axum_server::accept::NoDelayAcceptor::new());
+                let server =
+                    axum_server::from_tcp(listener).map_err(listen_err)?.acceptor(acceptor).handle(handle.clone());
                 tasks.spawn(async move {
                     let _ = shutdown_rx.wait_for(|s| *s).await;
                     handle.graceful_shutdown(Some(std::time::Duration::from_secs(5)));

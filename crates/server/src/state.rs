@@ -11,6 +11,7 @@ use crate::persist::{Persister, Render};
 use crate::telemetry::Metrics;
 use drover_core::config::ServerSettings;
 use drover_core::event::{CheckResult, EventAction, EventCheckConfig};
+use drover_core::health::{MemberHealth, WatchMessage};
 use drover_core::resource::{CheckSpec, Entity, EntityClass, Silence};
 use drover_core::time::{now_ms, now_secs};
 use drover_core::{Event, Status};
@@ -39,7 +40,14 @@ pub struct State {
     checks_generation: watch::Sender<u64>,
     /// Where events with handlers go; set once at start (the pipeline needs the state).
     pub pipeline: std::sync::OnceLock<drover_pipeline::Pipeline>,
+    /// Member health as published to proxies and name servers, kept incrementally: it
+    /// changes only when an entity does or an event's status does, never per result.
+    members: Mutex<HashMap<String, MemberHealth>>,
+    watch_tx: tokio::sync::broadcast::Sender<WatchMessage>,
 }
+
+/// Frames a slow watcher may fall behind by before it is sent a fresh snapshot.
+const WATCH_BACKLOG: usize = 8192;
 
 impl Render for State {
     fn render(&self, key: &str) -> Option<Vec<u8>> {
@@ -102,6 +110,20 @@ impl State {
         let failing = events.values().filter(|e| !e.status.is_ok()).count();
         metrics.events_failing.set(failing as i64);
         let (checks_generation, _) = watch::channel(0);
+        let members = {
+            let mut by_entity: HashMap<&str, Vec<&Event>> = HashMap::new();
+            for ev in events.values() {
+                by_entity.entry(ev.entity.as_str()).or_default().push(ev);
+            }
+            entities
+                .values()
+                .map(|e| {
+                    let evs = by_entity.remove(e.name.as_str()).unwrap_or_default();
+                    (e.name.clone(), MemberHealth::derive(e, evs.into_iter()))
+                })
+                .collect()
+        };
+        let (watch_tx, _) = tokio::sync::broadcast::channel(WATCH_BACKLOG);
         Ok(Arc::new(State {
             settings,
             started_ms: now_ms(),
@@ -114,6 +136,8 @@ impl State {
             events: Mutex::new(events),
             checks_generation,
             pipeline: std::sync::OnceLock::new(),
+            members: Mutex::new(members),
+            watch_tx,
         }))
     }
 
@@ -121,6 +145,56 @@ impl State {
     pub async fn wait_durable(&self, seq: u64) {
         let mut rx = self.persister.flushed.clone();
         let _ = rx.wait_for(|v| *v >= seq).await;
+    }
+
+    // ---- member health (the watch stream) --------------------------------------
+
+    /// The current members and a receiver for every change after them, taken together
+    /// so nothing falls between the snapshot and the stream.
+    pub fn watch(&self) -> (Vec<MemberHealth>, tokio::sync::broadcast::Receiver<WatchMessage>) {
+        let members = self.members.lock().expect("members lock");
+        let rx = self.watch_tx.subscribe();
+        let mut snapshot: Vec<MemberHealth> = members.values().cloned().collect();
+        snapshot.sort_by(|a, b| a.entity.cmp(&b.entity));
+        (snapshot, rx)
+    }
+
+    pub fn member(&self, name: &str) -> Option<MemberHealth> {
+        self.members.lock().expect("members lock").get(name).cloned()
+    }
+
+    fn member_entity(&self, e: &Entity) {
+        use std::collections::hash_map::Entry;
+        let mut members = self.members.lock().expect("members lock");
+        let (changed, m) = match members.entry(e.name.clone()) {
+            // A new member is published at once, though it starts unhealthy.
+            Entry::Vacant(v) => (true, v.insert(MemberHealth::new(e))),
+            Entry::Occupied(o) => {
+                let m = o.into_mut();
+                let before = m.clone();
+                m.set_entity(e);
+                (*m != before, m)
+            }
+        };
+        if changed {
+            let _ = self.watch_tx.send(WatchMessage::Upsert { member: m.clone() });
+        }
+    }
+
+    fn member_update(&self, name: &str, f: impl FnOnce(&mut MemberHealth)) {
+        let mut members = self.members.lock().expect("members lock");
+        let Some(m) = members.get_mut(name) else { return };
+        let before = m.clone();
+        f(m);
+        if *m != before {
+            let _ = self.watch_tx.send(WatchMessage::Upsert { member: m.clone() });
+        }
+    }
+
+    fn member_remove(&self, name: &str) {
+        if self.members.lock().expect("members lock").remove(name).is_some() {
+            let _ = self.watch_tx.send(WatchMessage::Remove { entity: name.to_string() });
+        }
     }
 
     // ---- entities -------------------------------------------------------------
@@ -141,6 +215,7 @@ impl State {
         e.connected = true;
         e.last_seen_ms = now_ms();
         let key = keys::entity(&e.name);
+        self.member_entity(&e);
         self.entities.write().expect("entities lock").insert(e.name.clone(), e);
         self.persister.mark(key)
     }
@@ -172,6 +247,7 @@ impl State {
     /// Creates or replaces an entity from the API or config (proxy entities).
     pub fn put_entity(&self, e: Entity) -> u64 {
         let key = keys::entity(&e.name);
+        self.member_entity(&e);
         self.entities.write().expect("entities lock").insert(e.name.clone(), e);
         self.persister.mark(key)
     }
@@ -179,6 +255,7 @@ impl State {
     /// Removes an entity and all its events, raising nothing (deregistration).
     pub fn delete_entity(&self, name: &str) -> Option<u64> {
         let removed = self.entities.write().expect("entities lock").remove(name);
+        self.member_remove(name);
         let prefix = keys::events_of(name);
         let mut seq = removed.as_ref().map(|_| self.persister.mark(keys::entity(name)));
         let gone: Vec<String> = {
@@ -324,6 +401,7 @@ impl State {
         if !ev.status.is_ok() {
             self.metrics.events_failing.dec();
         }
+        self.member_update(entity, |m| m.remove_check(check));
         Some(self.persister.mark(key))
     }
 
@@ -370,12 +448,14 @@ impl State {
         };
 
         let key = keys::event(&entity_name, &result.check);
-        let (action, to_handle) = {
+        let (action, to_handle, status_change) = {
             let mut evs = self.events.lock().expect("events lock");
             let was_failing;
+            let mut previous = None;
             let ev = match evs.get_mut(&key) {
                 Some(ev) => {
                     was_failing = !ev.status.is_ok();
+                    previous = Some(ev.status);
                     ev.check_config = cfg;
                     ev.apply(&result, now);
                     ev
@@ -399,8 +479,12 @@ impl State {
                 }
                 _ => None,
             };
-            (ev.action, to_handle)
+            let status_change = (previous != Some(ev.status)).then(|| (ev.status, ev.output.clone()));
+            (ev.action, to_handle, status_change)
         };
+        if let Some((status, output)) = status_change {
+            self.member_update(&entity_name, |m| m.set_check(&result.check, status, &output));
+        }
         self.metrics.results_received.inc();
         if let (Some(ev), Some(p)) = (to_handle, self.pipeline.get())
             && !p.submit(ev)

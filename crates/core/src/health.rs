@@ -1,0 +1,182 @@
+//! Member health as the control plane publishes it to data planes (proxies, name
+//! servers): one [`MemberHealth`] per entity, streamed as a snapshot then changes.
+//!
+//! Health has one meaning across drover: a member is healthy when its agent's keepalive
+//! is passing (a member that has never sent one is not: new members start out of
+//! rotation until proven). Consumers add their own rules on top — a proxy may also
+//! require named checks to pass (`checks`), and applies rise/fall thresholds to its own
+//! active checks.
+
+use crate::Event;
+use crate::resource::{Entity, EntityClass};
+use crate::status::Status;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemberHealth {
+    pub entity: String,
+    #[serde(default)]
+    pub class: EntityClass,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    #[serde(default)]
+    pub subscriptions: Vec<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Keepalive passing (agents) or no failing check (proxy entities).
+    pub healthy: bool,
+    /// Why, for people: "keepalive passing", "keepalive CRITICAL: No keepalive ...".
+    pub reason: String,
+    /// Latest status of every check on this member, keepalive included.
+    #[serde(default)]
+    pub checks: BTreeMap<String, Status>,
+}
+
+impl MemberHealth {
+    /// A member with no results yet: an agent is not healthy until its first keepalive.
+    pub fn new(entity: &Entity) -> MemberHealth {
+        let mut m = MemberHealth {
+            entity: entity.name.clone(),
+            class: entity.class,
+            address: None,
+            subscriptions: Vec::new(),
+            labels: BTreeMap::new(),
+            healthy: false,
+            reason: "no keepalive yet".to_string(),
+            checks: BTreeMap::new(),
+        };
+        m.set_entity(entity);
+        if m.class == EntityClass::Proxy {
+            m.recompute_proxy();
+        }
+        m
+    }
+
+    /// Derives a member's health from its entity and its events.
+    pub fn derive<'a>(entity: &Entity, events: impl Iterator<Item = &'a Event>) -> MemberHealth {
+        let mut m = MemberHealth::new(entity);
+        for ev in events {
+            m.set_check(&ev.check, ev.status, &ev.output);
+        }
+        m
+    }
+
+    /// Takes the entity's registration data (address, subscriptions, labels, class).
+    pub fn set_entity(&mut self, entity: &Entity) {
+        self.address = entity.address.clone();
+        self.subscriptions = entity.subscriptions.clone();
+        self.labels = entity.labels.clone();
+        if self.class != entity.class {
+            self.class = entity.class;
+            self.recompute_proxy();
+        }
+    }
+
+    /// Records a check's latest status; `output` explains a failing keepalive.
+    pub fn set_check(&mut self, check: &str, status: Status, output: &str) {
+        self.checks.insert(check.to_string(), status);
+        match self.class {
+            EntityClass::Agent if check == KEEPALIVE => {
+                self.healthy = status.is_ok();
+                self.reason = if status.is_ok() {
+                    "keepalive passing".to_string()
+                } else {
+                    format!("keepalive {status}: {}", output.lines().next().unwrap_or(""))
+                };
+            }
+            EntityClass::Agent => {}
+            EntityClass::Proxy => self.recompute_proxy(),
+        }
+    }
+
+    pub fn remove_check(&mut self, check: &str) {
+        self.checks.remove(check);
+        if self.class == EntityClass::Agent && check == KEEPALIVE {
+            self.healthy = false;
+            self.reason = "no keepalive yet".to_string();
+        } else if self.class == EntityClass::Proxy {
+            self.recompute_proxy();
+        }
+    }
+
+    fn recompute_proxy(&mut self) {
+        if self.class != EntityClass::Proxy {
+            return;
+        }
+        match self.checks.iter().find(|(_, s)| !s.is_ok()) {
+            None => {
+                self.healthy = true;
+                self.reason = "no failing check".to_string();
+            }
+            Some((name, s)) => {
+                self.healthy = false;
+                self.reason = format!("check {name} {s}");
+            }
+        }
+    }
+
+    /// Healthy, and every check named in `required` is passing (a missing one is not).
+    pub fn passes(&self, required: &[String]) -> bool {
+        self.healthy && required.iter().all(|c| self.checks.get(c).is_some_and(|s| s.is_ok()))
+    }
+}
+
+const KEEPALIVE: &str = "keepalive";
+
+/// Frames of `GET /api/v1/watch`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WatchMessage {
+    /// Every member; sent first, and again whenever the watcher fell behind.
+    Snapshot { members: Vec<MemberHealth> },
+    /// A member appeared or its health view changed.
+    Upsert { member: MemberHealth },
+    /// A member is gone (deregistered or deleted).
+    Remove { entity: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::CheckResult;
+
+    fn ev(entity: &str, check: &str, status: Status) -> Event {
+        Event::first(
+            entity,
+            &CheckResult::made_by_drover(entity, check, status, "out".into(), 1),
+            Default::default(),
+            1,
+        )
+    }
+
+    #[test]
+    fn agent_without_keepalive_is_not_yet_healthy() {
+        let e = Entity::new("web1", EntityClass::Agent);
+        let m = MemberHealth::derive(&e, std::iter::empty());
+        assert!(!m.healthy);
+        assert_eq!(m.reason, "no keepalive yet");
+    }
+
+    #[test]
+    fn agent_health_follows_keepalive_and_named_checks_are_separate() {
+        let e = Entity::new("web1", EntityClass::Agent);
+        let evs = [ev("web1", "keepalive", Status::Ok), ev("web1", "http", Status::Critical)];
+        let m = MemberHealth::derive(&e, evs.iter());
+        assert!(m.healthy, "keepalive decides the base health");
+        assert!(!m.passes(&["http".to_string()]), "a consumer requiring http sees it failing");
+        assert!(!m.passes(&["missing".to_string()]), "a required check that never ran is not passing");
+        let evs = [ev("web1", "keepalive", Status::Critical)];
+        let m = MemberHealth::derive(&e, evs.iter());
+        assert!(!m.healthy);
+        assert!(m.reason.starts_with("keepalive CRITICAL"), "{}", m.reason);
+    }
+
+    #[test]
+    fn proxy_entity_is_healthy_until_a_check_fails() {
+        let e = Entity::new("site", EntityClass::Proxy);
+        assert!(MemberHealth::derive(&e, std::iter::empty()).healthy);
+        let evs = [ev("site", "http", Status::Warning)];
+        assert!(!MemberHealth::derive(&e, evs.iter()).healthy);
+    }
+}
