@@ -39,6 +39,18 @@ pub fn run(args: &CheckConfigArgs) -> Result<String, String> {
             cfg.checks.len()
         ));
     }
+    if let Some(file) = &args.proxy_config {
+        let cfg = drover_proxy::config::ProxyConfig::load(file).map_err(|e| e.to_string())?;
+        let backends: usize = cfg.services.values().map(|s| s.backends.len()).sum();
+        lines.push(format!(
+            "ok: {}: {} listeners, {} routes, {} services, {} backends",
+            file.display(),
+            cfg.listeners.len(),
+            cfg.routes.len(),
+            cfg.services.len(),
+            backends
+        ));
+    }
     Ok(lines.join("\n"))
 }
 
@@ -48,7 +60,7 @@ mod tests {
     use std::path::PathBuf;
 
     fn args(dir: Option<PathBuf>, agent: Option<PathBuf>) -> CheckConfigArgs {
-        CheckConfigArgs { config_dir: dir, agent_config: agent }
+        CheckConfigArgs { config_dir: dir, agent_config: agent, proxy_config: None }
     }
 
     #[test]
@@ -92,5 +104,19 @@ mod tests {
         std::fs::write(&f, "nme = \"n1\"\n").unwrap();
         let e = run(&args(None, Some(f))).unwrap_err();
         assert!(e.contains("agent.toml:1:"), "{e}");
+    }
+
+    #[test]
+    fn proxy_config_is_checked_with_located_errors() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("proxy.toml");
+        let good = "[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\n\n[[routes]]\nlistener = \"web\"\nservice = \"app\"\n\n[services.app]\nbackends = [{ address = \"127.0.0.1:9001\" }]\n";
+        std::fs::write(&f, good).unwrap();
+        let a = CheckConfigArgs { config_dir: None, agent_config: None, proxy_config: Some(f.clone()) };
+        let out = run(&a).unwrap();
+        assert!(out.ends_with("1 listeners, 1 routes, 1 services, 1 backends"), "{out}");
+        std::fs::write(&f, good.replace("service = \"app\"", "service = \"nope\"")).unwrap();
+        let e = run(&a).unwrap_err();
+        assert!(e.contains("proxy.toml:8:1: routes.0.service: unknown service `nope`"), "{e}");
     }
 }

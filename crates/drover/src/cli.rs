@@ -42,6 +42,16 @@ pub enum Command {
     Import(ImportArgs),
     /// Inspect and change a running server through its REST API.
     Ctl(CtlArgs),
+    /// Run the load balancer: HTTP and TCP listeners in front of health-checked backends.
+    /// SIGHUP reloads the config file; SIGTERM drains and exits.
+    Proxy(ProxyArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ProxyArgs {
+    /// Proxy config file (TOML): `[[listeners]]`, `[[routes]]`, `[services.NAME]`.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -249,7 +259,7 @@ pub fn hostname() -> String {
 }
 
 #[derive(Debug, Clone, Args)]
-#[command(group(ArgGroup::new("target").required(true).multiple(true).args(["config_dir", "agent_config"])))]
+#[command(group(ArgGroup::new("target").required(true).multiple(true).args(["config_dir", "agent_config", "proxy_config"])))]
 pub struct CheckConfigArgs {
     /// A server config directory to validate.
     #[arg(long, value_name = "DIR")]
@@ -257,6 +267,9 @@ pub struct CheckConfigArgs {
     /// An agent config file to validate.
     #[arg(long, value_name = "FILE")]
     pub agent_config: Option<PathBuf>,
+    /// A proxy config file to validate.
+    #[arg(long, value_name = "FILE")]
+    pub proxy_config: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -29,6 +29,7 @@ fn main() -> ExitCode {
             }),
         },
         Command::Ctl(a) => drover::ctl::run(a),
+        Command::Proxy(a) => block_on(true, drover::run::proxy(a)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

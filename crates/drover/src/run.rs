@@ -2,7 +2,7 @@
 //! Each runs until SIGINT or SIGTERM, then stops cleanly: the server flushes its
 //! state, the agent deregisters if configured to.
 
-use crate::cli::{AgentArgs, ServerArgs, UpArgs};
+use crate::cli::{AgentArgs, ProxyArgs, ServerArgs, UpArgs};
 use anyhow::Context;
 use drover_core::config::AgentConfig;
 use drover_server::{Server, ServerOptions};
@@ -87,5 +87,37 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<()> {
         _ = stop_signal() => { let _ = agent.shutdown().await; }
     }
     server.shutdown().await;
+    Ok(())
+}
+
+/// `drover proxy`: standalone load balancer from one config file. SIGHUP re-reads the
+/// file and applies it live (an invalid file is logged with its location and the old
+/// config stays); SIGTERM or SIGINT stop accepting, drain for `drain_timeout_secs`
+/// and exit 0.
+pub async fn proxy(args: &ProxyArgs) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let cfg = drover_proxy::config::ProxyConfig::load(&args.config)?;
+    let proxy = drover_proxy::Proxy::start(cfg).await.context("drover proxy failed to start")?;
+    for (name, addr) in proxy.local_addrs() {
+        tracing::info!(listener = %name, %addr, "proxy listener ready");
+    }
+    let mut hup = signal(SignalKind::hangup()).context("installing a SIGHUP handler")?;
+    let stop = stop_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = hup.recv() => match drover_proxy::config::ProxyConfig::load(&args.config) {
+                Ok(cfg) => match proxy.reload(cfg) {
+                    Ok(()) => tracing::info!(file = %args.config.display(), "SIGHUP: config reloaded"),
+                    Err(e) => tracing::error!("SIGHUP: {e}; keeping the running config"),
+                },
+                Err(e) => tracing::error!("SIGHUP: invalid config, keeping the running one: {e}"),
+            },
+            _ = &mut stop => break,
+        }
+    }
+    let drain = std::time::Duration::from_secs(proxy.config().drain_timeout_secs);
+    proxy.shutdown(drain).await;
+    tracing::info!("proxy stopped");
     Ok(())
 }

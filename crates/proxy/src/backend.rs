@@ -1,0 +1,560 @@
+//! Backends and their health: active checks, passive ejection, balancing.
+//!
+//! A backend is in rotation when it is not removed, its active check (if the service
+//! has one) says healthy, and it is not ejected. With an active check a backend starts
+//! **out** of rotation and enters only after `rise` consecutive passes, so a member that
+//! is added while still booting never sees a request.
+
+use crate::config::{Balance, HealthConfig, HealthKind, ServiceConfig};
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Default)]
+struct Health {
+    /// The active check's verdict (true when the service has no active check).
+    active_ok: bool,
+    ok_streak: u32,
+    fail_streak: u32,
+    last_check_error: String,
+    passive_streak: u32,
+    last_passive_error: String,
+    ejected_until: Option<Instant>,
+    ejections: u32,
+    /// When the active check last brought it into rotation (slow start counts from here
+    /// or from the end of an ejection, whichever is later).
+    healthy_since: Option<Instant>,
+}
+
+/// Passive-ejection settings, copied from the service so a reload can change them.
+#[derive(Debug, Clone, Copy)]
+struct Passive {
+    failures: u32,
+    base: Duration,
+    max: Duration,
+}
+
+#[derive(Debug)]
+pub struct Backend {
+    pub addr: SocketAddr,
+    weight: AtomicU32,
+    zone: Mutex<Option<String>>,
+    health: Mutex<Health>,
+    check: Mutex<Option<HealthConfig>>,
+    passive: Mutex<Passive>,
+    removed: AtomicBool,
+    in_flight: AtomicU64,
+    served: AtomicU64,
+    current_weight: AtomicI64,
+    /// The current service generation's "a slot was freed" signal.
+    released: Mutex<Arc<tokio::sync::Notify>>,
+}
+
+/// Counts a request or connection as in flight until dropped.
+pub struct InFlight(Arc<Backend>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        // Wakes one request queued for a backend below its limit.
+        self.0.released.lock().unwrap().notify_one();
+    }
+}
+
+/// Why no backend was handed out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unavailable {
+    /// None in rotation (or all already tried).
+    NoneHealthy,
+    /// Some are in rotation but all are at `max_in_flight_per_backend`.
+    Saturated,
+}
+
+/// What the admin endpoint shows for one backend.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BackendStatus {
+    pub address: SocketAddr,
+    pub weight: u32,
+    pub zone: Option<String>,
+    pub state: &'static str,
+    pub reason: String,
+    pub in_flight: u64,
+    pub requests: u64,
+}
+
+impl Backend {
+    pub fn new(addr: SocketAddr, weight: u32, zone: Option<String>, svc: &ServiceConfig) -> Arc<Backend> {
+        let b = Arc::new(Backend {
+            addr,
+            weight: AtomicU32::new(weight),
+            zone: Mutex::new(zone),
+            health: Mutex::new(Health { active_ok: svc.health.is_none(), ..Health::default() }),
+            check: Mutex::new(None),
+            passive: Mutex::new(passive_of(svc)),
+            removed: AtomicBool::new(false),
+            in_flight: AtomicU64::new(0),
+            served: AtomicU64::new(0),
+            current_weight: AtomicI64::new(0),
+            released: Mutex::new(Arc::new(tokio::sync::Notify::new())),
+        });
+        b.apply(svc);
+        b
+    }
+
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    /// Weight ×100 (so a ramp has room below weight 1), reduced during slow start.
+    fn effective_weight(&self, now: Instant, slow_start: Duration) -> u64 {
+        let full = u64::from(self.weight()) * 100;
+        if slow_start.is_zero() {
+            return full;
+        }
+        let h = self.health.lock().unwrap();
+        let Some(since) = h.healthy_since.max(h.ejected_until) else { return full };
+        let elapsed = now.saturating_duration_since(since);
+        if elapsed >= slow_start {
+            return full;
+        }
+        let permille = 100 + 900 * elapsed.as_millis() as u64 / slow_start.as_millis().max(1) as u64;
+        (full * permille / 1000).max(1)
+    }
+
+    /// Takes a reloaded member's weight and zone, keeping its health state.
+    pub fn set_member(&self, weight: u32, zone: Option<String>) {
+        self.weight.store(weight, Ordering::Relaxed);
+        *self.zone.lock().unwrap() = zone;
+    }
+
+    /// Takes a (possibly reloaded) service's settings, keeping health state.
+    pub fn apply(&self, svc: &ServiceConfig) {
+        *self.passive.lock().unwrap() = passive_of(svc);
+        let mut check = self.check.lock().unwrap();
+        if svc.health.is_none() {
+            // Nothing will ever mark it healthy again, so trust it.
+            self.health.lock().unwrap().active_ok = true;
+        }
+        *check = svc.health.clone();
+    }
+
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::SeqCst)
+    }
+
+    pub fn remove(&self) {
+        self.removed.store(true, Ordering::SeqCst);
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    pub fn available(&self, now: Instant) -> bool {
+        if self.is_removed() {
+            return false;
+        }
+        let h = self.health.lock().unwrap();
+        h.active_ok && h.ejected_until.is_none_or(|t| now >= t)
+    }
+
+    pub fn start_request(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(self.clone())
+    }
+
+    pub fn record_success(&self) {
+        self.served.fetch_add(1, Ordering::Relaxed);
+        let mut h = self.health.lock().unwrap();
+        h.passive_streak = 0;
+    }
+
+    /// A connect failure, a reset or a 5xx; ejects after `passive_failures` in a row.
+    pub fn record_failure(&self, reason: &str) {
+        let p = *self.passive.lock().unwrap();
+        let mut h = self.health.lock().unwrap();
+        h.passive_streak += 1;
+        h.last_passive_error = reason.to_string();
+        let now = Instant::now();
+        let ejected = h.ejected_until.is_some_and(|t| now < t);
+        if p.failures > 0 && h.passive_streak >= p.failures && !ejected {
+            let factor = 1u32 << h.ejections.min(16);
+            let dur = p.base.saturating_mul(factor).min(p.max);
+            h.ejections += 1;
+            h.ejected_until = Some(now + dur);
+            h.passive_streak = 0;
+            tracing::warn!(backend = %self.addr, ?dur, reason, "ejected after consecutive failures");
+        }
+    }
+
+    pub fn status(&self) -> BackendStatus {
+        let now = Instant::now();
+        let h = self.health.lock().unwrap();
+        let check = self.check.lock().unwrap().clone();
+        let in_flight = self.in_flight();
+        let (state, reason) = if self.is_removed() {
+            ("draining", format!("removed, draining {in_flight} in flight"))
+        } else if let Some(t) = h.ejected_until.filter(|t| now < *t) {
+            ("ejected", format!("{}; back in {} ms", h.last_passive_error, (t - now).as_millis()))
+        } else if !h.active_ok {
+            let rise = check.as_ref().map_or(1, |c| c.rise);
+            if h.last_check_error.is_empty() {
+                ("unhealthy", format!("{}/{rise} checks passed", h.ok_streak))
+            } else {
+                ("unhealthy", format!("{} x{}", h.last_check_error, h.fail_streak.max(1)))
+            }
+        } else if let Some(c) = &check {
+            ("healthy", format!("{0}/{0} checks passed", c.rise))
+        } else {
+            ("healthy", "no active check".to_string())
+        };
+        BackendStatus {
+            address: self.addr,
+            weight: self.weight(),
+            zone: self.zone.lock().unwrap().clone(),
+            state,
+            reason,
+            in_flight,
+            requests: self.served.load(Ordering::Relaxed),
+        }
+    }
+
+    fn record_check(&self, result: Result<(), String>, cfg: &HealthConfig) {
+        let mut h = self.health.lock().unwrap();
+        match result {
+            Ok(()) => {
+                h.ok_streak = h.ok_streak.saturating_add(1);
+                h.fail_streak = 0;
+                h.last_check_error.clear();
+                if !h.active_ok && h.ok_streak >= cfg.rise {
+                    h.active_ok = true;
+                    h.healthy_since = Some(Instant::now());
+                    tracing::info!(backend = %self.addr, "healthy: {} checks passed", cfg.rise);
+                }
+            }
+            Err(e) => {
+                h.fail_streak = h.fail_streak.saturating_add(1);
+                h.ok_streak = 0;
+                h.last_check_error = e;
+                if h.active_ok && h.fail_streak >= cfg.fall {
+                    h.active_ok = false;
+                    tracing::warn!(backend = %self.addr, error = %h.last_check_error, "unhealthy: {} checks failed", cfg.fall);
+                }
+            }
+        }
+    }
+}
+
+fn passive_of(svc: &ServiceConfig) -> Passive {
+    Passive {
+        failures: svc.passive_failures,
+        base: Duration::from_millis(svc.eject_base_ms),
+        max: Duration::from_millis(svc.eject_max_ms),
+    }
+}
+
+/// Runs the backend's active checks until it is removed or `stop` fires.
+pub async fn run_checks(b: Arc<Backend>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        if b.is_removed() || *stop.borrow() {
+            return;
+        }
+        let cfg = b.check.lock().unwrap().clone();
+        let wait = match &cfg {
+            Some(c) => {
+                let result = check_once(b.addr, c).await;
+                b.record_check(result, c);
+                Duration::from_millis(c.interval_ms)
+            }
+            None => Duration::from_millis(500),
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+async fn check_once(addr: SocketAddr, cfg: &HealthConfig) -> Result<(), String> {
+    let timeout = Duration::from_millis(cfg.timeout_ms);
+    let fut = async {
+        let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| connect_reason(&e))?;
+        if cfg.kind == HealthKind::Tcp {
+            return Ok(());
+        }
+        // A fresh connection per check so a pooled connection cannot hide a dead listener.
+        let io = hyper_util::rt::TokioIo::new(stream);
+        let (mut send, conn) = hyper::client::conn::http1::handshake(io).await.map_err(|e| e.to_string())?;
+        let conn = tokio::spawn(conn);
+        let req = http::Request::get(cfg.path.as_str())
+            .header(http::header::HOST, addr.to_string())
+            .header(http::header::USER_AGENT, "drover-proxy-health")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let resp = send.send_request(req).await.map_err(|e| e.to_string());
+        conn.abort();
+        let status = resp?.status().as_u16();
+        let (lo, hi) = cfg.expect_range();
+        if (lo..=hi).contains(&status) { Ok(()) } else { Err(format!("status {status}")) }
+    };
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("timeout after {} ms", cfg.timeout_ms)),
+    }
+}
+
+pub fn connect_reason(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => "connect refused".into(),
+        std::io::ErrorKind::TimedOut => "connect timeout".into(),
+        _ => format!("connect: {e}"),
+    }
+}
+
+/// One service's members and balancing state for one config generation.
+pub struct Service {
+    pub name: String,
+    pub cfg: ServiceConfig,
+    pub backends: Vec<Arc<Backend>>,
+    /// The proxy's own zone, preferred when set.
+    zone: Option<String>,
+    rr: Mutex<()>,
+    budget: Mutex<f64>,
+    released: Arc<tokio::sync::Notify>,
+}
+
+/// Retries always allowed per service before the percentage budget has filled up, so
+/// a quiet service can still fail over.
+const MIN_RETRY_TOKENS: f64 = 10.0;
+const MAX_RETRY_TOKENS: f64 = 100.0;
+
+impl Service {
+    pub fn new(name: String, cfg: ServiceConfig, backends: Vec<Arc<Backend>>, zone: Option<String>) -> Service {
+        let released = Arc::new(tokio::sync::Notify::new());
+        for b in &backends {
+            *b.released.lock().unwrap() = released.clone();
+        }
+        Service { name, cfg, backends, zone, rr: Mutex::new(()), budget: Mutex::new(MIN_RETRY_TOKENS), released }
+    }
+
+    /// Picks an available backend not in `tried` (without counting a request on it).
+    pub fn pick(&self, tried: &HashSet<SocketAddr>) -> Option<Arc<Backend>> {
+        let _g = self.rr.lock().unwrap();
+        self.choose(tried).ok()
+    }
+
+    /// Picks a backend and counts the request on it in one step, so concurrent
+    /// requests cannot overshoot `max_in_flight_per_backend`.
+    pub fn acquire(&self, tried: &HashSet<SocketAddr>) -> Result<(Arc<Backend>, InFlight), Unavailable> {
+        let _g = self.rr.lock().unwrap();
+        let b = self.choose(tried)?;
+        let guard = b.start_request();
+        Ok((b, guard))
+    }
+
+    /// [`Service::acquire`], queueing while every backend is at its limit, until `deadline`
+    /// (`queue_timeout_ms` from the request's arrival).
+    pub async fn acquire_queued(
+        &self,
+        tried: &HashSet<SocketAddr>,
+        deadline: tokio::time::Instant,
+    ) -> Result<(Arc<Backend>, InFlight), Unavailable> {
+        loop {
+            let notified = self.released.notified();
+            match self.acquire(tried) {
+                Err(Unavailable::Saturated) if tokio::time::Instant::now() < deadline => {
+                    // The short cap bounds the cost of a wake-up lost to a reload swapping
+                    // the notifier; normally a freed slot wakes us at once.
+                    let cap = tokio::time::Instant::now() + Duration::from_millis(50);
+                    let _ = tokio::time::timeout_at(deadline.min(cap), notified).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// The choice itself; the caller holds `rr`.
+    fn choose(&self, tried: &HashSet<SocketAddr>) -> Result<Arc<Backend>, Unavailable> {
+        let now = Instant::now();
+        let mut eligible: Vec<&Arc<Backend>> =
+            self.backends.iter().filter(|b| !tried.contains(&b.addr) && b.available(now)).collect();
+        if eligible.is_empty() {
+            return Err(Unavailable::NoneHealthy);
+        }
+        let limit = u64::from(self.cfg.max_in_flight_per_backend);
+        if limit > 0 {
+            eligible.retain(|b| b.in_flight() < limit);
+            if eligible.is_empty() {
+                return Err(Unavailable::Saturated);
+            }
+        }
+        if let Some(zone) = &self.zone {
+            let local: Vec<&Arc<Backend>> =
+                eligible.iter().copied().filter(|b| b.zone.lock().unwrap().as_ref() == Some(zone)).collect();
+            if !local.is_empty() {
+                eligible = local;
+            }
+        }
+        let slow = Duration::from_millis(self.cfg.slow_start_ms);
+        let candidates: Vec<&Arc<Backend>> = match self.cfg.balance {
+            Balance::RoundRobin => eligible,
+            Balance::LeastOutstanding => {
+                // Compare in_flight/weight without division: a/wa < b/wb  <=>  a*wb < b*wa.
+                let w = |b: &Backend| b.effective_weight(now, slow);
+                let best = eligible
+                    .iter()
+                    .map(|b| (b.in_flight(), w(b)))
+                    .reduce(|x, y| if y.0 * x.1 < x.0 * y.1 { y } else { x });
+                let (bi, bw) = best.unwrap_or((0, 1));
+                eligible.into_iter().filter(|b| b.in_flight() * bw == bi * w(b)).collect()
+            }
+        };
+        smooth_weighted(&candidates, now, slow).cloned().ok_or(Unavailable::NoneHealthy)
+    }
+
+    /// Every request adds `retry_budget_percent`/100 of a token; a retry spends one.
+    pub fn note_request(&self) {
+        let mut b = self.budget.lock().unwrap();
+        *b = (*b + self.cfg.retry_budget_percent as f64 / 100.0).min(MAX_RETRY_TOKENS);
+    }
+
+    pub fn take_retry(&self) -> bool {
+        let mut b = self.budget.lock().unwrap();
+        if *b >= 1.0 {
+            *b -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// nginx's smooth weighted round robin: each pick adds every weight to its current
+/// value, takes the largest and subtracts the total from it, which spreads a heavy
+/// member's turns evenly instead of in bursts.
+fn smooth_weighted<'a>(peers: &[&'a Arc<Backend>], now: Instant, slow: Duration) -> Option<&'a Arc<Backend>> {
+    let weights: Vec<i64> = peers.iter().map(|p| p.effective_weight(now, slow) as i64).collect();
+    let total: i64 = weights.iter().sum();
+    let mut best: Option<&'a Arc<Backend>> = None;
+    for (p, &w) in peers.iter().zip(&weights) {
+        let cur = p.current_weight.fetch_add(w, Ordering::SeqCst) + w;
+        if best.is_none_or(|b| cur > b.current_weight.load(Ordering::SeqCst)) {
+            best = Some(p);
+        }
+    }
+    if let Some(b) = best {
+        b.current_weight.fetch_sub(total, Ordering::SeqCst);
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(weights: &[u32]) -> Service {
+        let cfg = ServiceConfig {
+            backends: vec![],
+            balance: Balance::RoundRobin,
+            health: None,
+            passive_failures: 5,
+            eject_base_ms: 10,
+            eject_max_ms: 40,
+            retries: 2,
+            retry_budget_percent: 20,
+            connect_timeout_ms: 100,
+            request_timeout_ms: 100,
+            slow_start_ms: 0,
+            max_in_flight_per_backend: 0,
+            queue_timeout_ms: 0,
+            send_proxy_protocol: false,
+        };
+        let bs = weights
+            .iter()
+            .enumerate()
+            .map(|(i, w)| Backend::new(format!("127.0.0.1:{}", 1000 + i).parse().unwrap(), *w, None, &cfg))
+            .collect();
+        Service::new("s".into(), cfg, bs, None)
+    }
+
+    #[test]
+    fn smooth_weighted_round_robin_interleaves_like_nginx() {
+        let s = svc(&[5, 1, 1]);
+        let picks: Vec<u16> = (0..7).map(|_| s.pick(&HashSet::new()).unwrap().addr.port() - 1000).collect();
+        // nginx's documented sequence for weights a=5 b=1 c=1: a a b a c a a.
+        assert_eq!(picks, vec![0, 0, 1, 0, 2, 0, 0]);
+    }
+
+    #[test]
+    fn own_zone_is_preferred_until_none_of_it_is_left() {
+        let s = svc(&[1, 1, 1]);
+        s.backends[1].set_member(1, Some("a".into()));
+        s.backends[2].set_member(1, Some("a".into()));
+        let s = Service::new("s".into(), s.cfg.clone(), s.backends.clone(), Some("a".into()));
+        let picks: HashSet<u16> = (0..6).map(|_| s.pick(&HashSet::new()).unwrap().addr.port()).collect();
+        assert_eq!(picks, [1001, 1002].into());
+        let tried: HashSet<_> = [s.backends[1].addr, s.backends[2].addr].into();
+        assert_eq!(s.pick(&tried).unwrap().addr.port(), 1000, "falls back to another zone");
+    }
+
+    #[test]
+    fn slow_start_gives_a_returning_backend_a_tenth_of_its_share_at_first() {
+        let mut s = svc(&[1, 1]);
+        s.cfg.slow_start_ms = 600_000;
+        s.backends[1].health.lock().unwrap().healthy_since = Some(Instant::now());
+        let mut counts = [0; 2];
+        for _ in 0..110 {
+            counts[(s.pick(&HashSet::new()).unwrap().addr.port() - 1000) as usize] += 1;
+        }
+        assert_eq!(counts, [100, 10]);
+        s.backends[1].health.lock().unwrap().healthy_since = Some(Instant::now() - Duration::from_secs(600));
+        let mut counts = [0; 2];
+        for _ in 0..100 {
+            counts[(s.pick(&HashSet::new()).unwrap().addr.port() - 1000) as usize] += 1;
+        }
+        assert_eq!(counts, [50, 50], "full weight once the ramp is over");
+    }
+
+    #[test]
+    fn least_outstanding_prefers_the_least_loaded_per_weight() {
+        let mut s = svc(&[1, 2, 1]);
+        s.cfg.balance = Balance::LeastOutstanding;
+        let _busy = [s.backends[0].start_request(), s.backends[1].start_request(), s.backends[2].start_request()];
+        let _more = s.backends[0].start_request();
+        // in flight per weight: 2/1, 1/2, 1/1 -> the weight-2 member.
+        assert_eq!(s.pick(&HashSet::new()).unwrap().addr.port(), 1001);
+        let tried: HashSet<_> = [s.backends[1].addr].into();
+        assert_eq!(s.pick(&tried).unwrap().addr.port(), 1002);
+    }
+
+    #[test]
+    fn ejection_doubles_and_is_capped() {
+        let s = svc(&[1]);
+        let b = &s.backends[0];
+        for round in 0..4 {
+            for _ in 0..5 {
+                b.record_failure("connect refused");
+            }
+            let until = b.health.lock().unwrap().ejected_until.unwrap();
+            let ms = (until - Instant::now()).as_millis() as u64;
+            let expect = (10u64 << round).min(40);
+            assert!(ms <= expect && ms + 5 >= expect, "round {round}: {ms} ms, expected {expect}");
+            b.health.lock().unwrap().ejected_until = None;
+        }
+    }
+
+    #[test]
+    fn retry_budget_is_a_share_of_requests() {
+        let s = svc(&[1]);
+        let mut granted = 0;
+        for _ in 0..1000 {
+            s.note_request();
+        }
+        while s.take_retry() {
+            granted += 1;
+        }
+        assert_eq!(granted, 100, "capped at MAX_RETRY_TOKENS");
+    }
+}

@@ -1,0 +1,608 @@
+//! The proxy's config file: TOML, typed, validated once at load.
+//!
+//! Errors are [`ConfigError`]s, `file:line:col: field: message`, as everywhere in drover.
+//! Parse errors come from [`drover_core::config::parse_toml`]; validation errors are
+//! located here because the proxy's arrays of tables (`[[listeners]]`, `[[routes]]`,
+//! `backends = [...]`) need an index step that `drover_core::config::locate` does not take.
+//!
+//! Backend addresses are `IP:PORT`: the proxy never resolves names, so a DNS outage
+//! cannot change the member set behind its back.
+//!
+//! ```toml
+//! drain_timeout_secs = 30
+//! zone = "a"                             # prefer backends with zone = "a" while any is in rotation
+//! admin_listen = "127.0.0.1:9901"        # loopback only: GET /backends, GET /health
+//!
+//! [[listeners]]
+//! name = "web"
+//! bind = "0.0.0.0:8080"
+//! protocol = "http"                      # HTTP/1.1 and h2c
+//!
+//! [[listeners]]
+//! name = "web-tls"
+//! bind = "0.0.0.0:8443"
+//! protocol = "https"                     # TLS here, then as http; ALPN h2 + http/1.1
+//! tls = [                                # chosen by SNI; the first is the default
+//!   { cert = "certs/example.pem", key = "certs/example.key", server_names = ["example.com", "*.example.com"] },
+//! ]
+//!
+//! [[listeners]]
+//! name = "pg"
+//! bind = "0.0.0.0:5433"
+//! protocol = "tcp"
+//! service = "db"
+//!
+//! [[routes]]                             # first match in file order wins
+//! listener = "web"
+//! host = "*.example.com"                 # exact, `*.suffix`, or absent for any host
+//! path_prefix = "/api"                   # default "/"
+//! header = { name = "x-canary", value = "1" }   # optional
+//! service = "api"
+//!
+//! [services.api]
+//! balance = "round_robin"                # smooth weighted; or "least_outstanding"
+//! backends = [{ address = "10.0.0.1:8000", weight = 2, zone = "a" }, { address = "10.0.0.2:8000" }]
+//! passive_failures = 5                   # connect failures/resets/5xx in a row; 0 = off
+//! eject_base_ms = 10000                  # doubles per repeat ejection
+//! eject_max_ms = 300000
+//! retries = 2
+//! retry_budget_percent = 20
+//! connect_timeout_ms = 1000
+//! request_timeout_ms = 30000             # to the response head
+//! max_in_flight_per_backend = 100       # 0 = no limit; beyond it requests queue...
+//! queue_timeout_ms = 1000                # ...this long, then 503
+//! slow_start_ms = 30000                  # weight ramps 10% -> 100% after (re-)entering rotation
+//!
+//! [services.api.health]                  # new backends wait for `rise` passes
+//! kind = "http"                          # or "tcp" (connect only)
+//! path = "/healthz"
+//! expect_status = "200-399"
+//! interval_ms = 2000
+//! timeout_ms = 1000
+//! rise = 2
+//! fall = 3
+//!
+//! [services.db]
+//! backends = [{ address = "10.0.0.5:5432" }]
+//! send_proxy_protocol = true             # tcp only: PROXY v1 line before the client's bytes
+//! ```
+
+use drover_core::config::{ConfigError, parse_toml};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+fn d_drain() -> u64 {
+    30
+}
+fn d_weight() -> u32 {
+    1
+}
+fn d_passive_failures() -> u32 {
+    5
+}
+fn d_eject_base_ms() -> u64 {
+    10_000
+}
+fn d_eject_max_ms() -> u64 {
+    300_000
+}
+fn d_retries() -> u32 {
+    2
+}
+fn d_budget() -> u32 {
+    20
+}
+fn d_connect_timeout_ms() -> u64 {
+    1_000
+}
+fn d_request_timeout_ms() -> u64 {
+    30_000
+}
+fn d_queue_timeout_ms() -> u64 {
+    1_000
+}
+fn d_path() -> String {
+    "/".into()
+}
+fn d_expect() -> String {
+    "200-399".into()
+}
+fn d_interval_ms() -> u64 {
+    2_000
+}
+fn d_timeout_ms() -> u64 {
+    1_000
+}
+fn d_rise() -> u32 {
+    2
+}
+fn d_fall() -> u32 {
+    3
+}
+
+/// The whole file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    #[serde(default)]
+    pub listeners: Vec<ListenerConfig>,
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    #[serde(default)]
+    pub services: BTreeMap<String, ServiceConfig>,
+    /// How long SIGTERM waits for in-flight requests and connections.
+    #[serde(default = "d_drain")]
+    pub drain_timeout_secs: u64,
+    /// Loopback address of the JSON admin endpoint (`/backends`, `/health`).
+    #[serde(default)]
+    pub admin_listen: Option<SocketAddr>,
+    /// This proxy's zone: backends with the same `zone` get all the traffic while any
+    /// of them is in rotation; the others take over only when none is.
+    #[serde(default)]
+    pub zone: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Http,
+    /// HTTP over TLS terminated here (ALPN `h2` and `http/1.1`); needs `tls`.
+    Https,
+    Tcp,
+}
+
+/// One certificate of an https listener.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsCertConfig {
+    /// PEM chain, leaf first; relative paths are from the config file's directory.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// SNI names this certificate answers (exact or `*.suffix`); the listener's first
+    /// certificate also answers clients that send no or an unknown name.
+    #[serde(default)]
+    pub server_names: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub bind: SocketAddr,
+    pub protocol: Protocol,
+    /// TCP listeners only: where connections go. HTTP listeners use `[[routes]]`.
+    #[serde(default)]
+    pub service: Option<String>,
+    /// https listeners only: certificates, chosen by SNI.
+    #[serde(default)]
+    pub tls: Vec<TlsCertConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub listener: String,
+    /// Exact host, or `*.suffix` for any subdomain of `suffix`; absent matches any host.
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default = "d_path")]
+    pub path_prefix: String,
+    #[serde(default)]
+    pub header: Option<HeaderMatch>,
+    pub service: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderMatch {
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Smooth weighted round robin (nginx's algorithm).
+    #[default]
+    RoundRobin,
+    /// Fewest in-flight requests per unit of weight; ties go round robin.
+    LeastOutstanding,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub backends: Vec<BackendConfig>,
+    #[serde(default)]
+    pub balance: Balance,
+    /// Active checks; without them backends are in rotation from the start and only
+    /// passive ejection takes them out.
+    #[serde(default)]
+    pub health: Option<HealthConfig>,
+    /// Consecutive connect failures, resets or 5xx before ejection; 0 disables.
+    #[serde(default = "d_passive_failures")]
+    pub passive_failures: u32,
+    /// First ejection length; doubles per repeat ejection up to `eject_max_ms`.
+    #[serde(default = "d_eject_base_ms")]
+    pub eject_base_ms: u64,
+    #[serde(default = "d_eject_max_ms")]
+    pub eject_max_ms: u64,
+    #[serde(default = "d_retries")]
+    pub retries: u32,
+    /// Retries may add at most this percentage of recent requests.
+    #[serde(default = "d_budget")]
+    pub retry_budget_percent: u32,
+    #[serde(default = "d_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// From sending the request to the response head.
+    #[serde(default = "d_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    /// After a backend (re-)enters rotation its weight ramps from 10% to 100% over
+    /// this long, so a cold cache or JIT is not hit with a full share at once; 0 = off.
+    #[serde(default)]
+    pub slow_start_ms: u64,
+    /// Requests (or TCP connections) one backend may have at once; 0 = no limit. When
+    /// every backend is full, requests queue for up to `queue_timeout_ms`, then get 503.
+    #[serde(default)]
+    pub max_in_flight_per_backend: u32,
+    #[serde(default = "d_queue_timeout_ms")]
+    pub queue_timeout_ms: u64,
+    /// TCP listeners: start each backend connection with a PROXY protocol v1 line so
+    /// the backend (PostgreSQL behind pgbouncer, HAProxy, nginx) sees the client address.
+    #[serde(default)]
+    pub send_proxy_protocol: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    pub address: SocketAddr,
+    #[serde(default = "d_weight")]
+    pub weight: u32,
+    #[serde(default)]
+    pub zone: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthKind {
+    Http,
+    Tcp,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    pub kind: HealthKind,
+    #[serde(default = "d_path")]
+    pub path: String,
+    /// `200`, or an inclusive range `200-399`.
+    #[serde(default = "d_expect")]
+    pub expect_status: String,
+    #[serde(default = "d_interval_ms")]
+    pub interval_ms: u64,
+    #[serde(default = "d_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Consecutive passes to enter rotation (also for a brand-new backend).
+    #[serde(default = "d_rise")]
+    pub rise: u32,
+    /// Consecutive failures to leave rotation.
+    #[serde(default = "d_fall")]
+    pub fall: u32,
+}
+
+impl HealthConfig {
+    /// The inclusive status range; valid after [`ProxyConfig::parse`].
+    pub fn expect_range(&self) -> (u16, u16) {
+        parse_status_range(&self.expect_status).unwrap_or((200, 399))
+    }
+}
+
+fn parse_status_range(s: &str) -> Option<(u16, u16)> {
+    let (lo, hi) = match s.split_once('-') {
+        Some((a, b)) => (a.trim().parse().ok()?, b.trim().parse().ok()?),
+        None => {
+            let v = s.trim().parse().ok()?;
+            (v, v)
+        }
+    };
+    ((100..=599).contains(&lo) && (100..=599).contains(&hi) && lo <= hi).then_some((lo, hi))
+}
+
+/// A validation failure before it is located: the path of keys and array indices.
+struct Invalid(Vec<String>, String);
+
+fn bad(path: &[&str], msg: impl Into<String>) -> Invalid {
+    Invalid(path.iter().map(|s| s.to_string()).collect(), msg.into())
+}
+
+impl ProxyConfig {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<ProxyConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            line: 0,
+            column: 0,
+            field: String::new(),
+            message: e.to_string(),
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and validates `text`; `file` only names the source in errors.
+    pub fn parse(file: &Path, text: &str) -> Result<ProxyConfig, ConfigError> {
+        let mut cfg: ProxyConfig = parse_toml(file, text)?;
+        let base = file.parent().unwrap_or(Path::new(""));
+        for t in cfg.listeners.iter_mut().flat_map(|l| l.tls.iter_mut()) {
+            t.cert = base.join(&t.cert);
+            t.key = base.join(&t.key);
+        }
+        cfg.validate().map_err(|Invalid(path, message)| locate_indexed(file, text, &path, message))?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), Invalid> {
+        if self.listeners.is_empty() {
+            return Err(bad(&["listeners"], "at least one [[listeners]] is needed"));
+        }
+        if self.drain_timeout_secs == 0 {
+            return Err(bad(&["drain_timeout_secs"], "must be at least 1"));
+        }
+        if let Some(a) = self.admin_listen
+            && !a.ip().is_loopback()
+        {
+            return Err(bad(
+                &["admin_listen"],
+                format!("{a} is not a loopback address (the admin endpoint has no auth)"),
+            ));
+        }
+        let mut names = BTreeSet::new();
+        let mut binds = BTreeSet::new();
+        for (i, l) in self.listeners.iter().enumerate() {
+            let i = i.to_string();
+            if l.name.is_empty() || !names.insert(l.name.as_str()) {
+                return Err(bad(&["listeners", &i, "name"], format!("`{}` is empty or already used", l.name)));
+            }
+            if !binds.insert(l.bind) {
+                return Err(bad(&["listeners", &i, "bind"], format!("{} is bound by another listener", l.bind)));
+            }
+            match (l.protocol, &l.service) {
+                (Protocol::Tcp, None) => {
+                    return Err(bad(&["listeners", &i, "service"], "a tcp listener needs a service"));
+                }
+                (Protocol::Tcp, Some(s)) if !self.services.contains_key(s) => {
+                    return Err(bad(&["listeners", &i, "service"], format!("unknown service `{s}`")));
+                }
+                (Protocol::Http | Protocol::Https, Some(_)) => {
+                    return Err(bad(
+                        &["listeners", &i, "service"],
+                        "only tcp listeners name a service; use [[routes]]",
+                    ));
+                }
+                _ => {}
+            }
+            match (l.protocol, l.tls.is_empty()) {
+                (Protocol::Https, true) => {
+                    return Err(bad(&["listeners", &i, "protocol"], "an https listener needs `tls` certificates"));
+                }
+                (Protocol::Http | Protocol::Tcp, false) => {
+                    return Err(bad(&["listeners", &i, "tls"], "only https listeners take certificates"));
+                }
+                _ => {}
+            }
+            for (ti, t) in l.tls.iter().enumerate() {
+                let ti = ti.to_string();
+                if let Err((field, msg)) = crate::tls::load_cert(t) {
+                    return Err(bad(&["listeners", &i, "tls", &ti, field], msg));
+                }
+            }
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            let i = i.to_string();
+            match self.listeners.iter().find(|l| l.name == r.listener) {
+                None => return Err(bad(&["routes", &i, "listener"], format!("unknown listener `{}`", r.listener))),
+                Some(l) if l.protocol == Protocol::Tcp => {
+                    return Err(bad(&["routes", &i, "listener"], format!("`{}` is not an http listener", r.listener)));
+                }
+                _ => {}
+            }
+            if !self.services.contains_key(&r.service) {
+                return Err(bad(&["routes", &i, "service"], format!("unknown service `{}`", r.service)));
+            }
+            if let Some(h) = &r.host {
+                let rest = h.strip_prefix("*.").unwrap_or(h);
+                if rest.is_empty() || rest.contains('*') || rest.contains('/') || rest.contains(':') {
+                    return Err(bad(&["routes", &i, "host"], format!("`{h}` is not a host name or `*.suffix`")));
+                }
+            }
+            if !r.path_prefix.starts_with('/') {
+                return Err(bad(&["routes", &i, "path_prefix"], "must start with `/`"));
+            }
+            if let Some(hm) = &r.header
+                && http::HeaderName::from_bytes(hm.name.as_bytes()).is_err()
+            {
+                return Err(bad(&["routes", &i, "header", "name"], format!("`{}` is not a header name", hm.name)));
+            }
+        }
+        for (name, s) in &self.services {
+            let at = |f: &str| vec!["services".to_string(), name.clone(), f.to_string()];
+            let fail = |f: &str, m: String| Err(Invalid(at(f), m));
+            if s.backends.is_empty() {
+                return fail("backends", "at least one backend is needed".into());
+            }
+            let mut seen = BTreeSet::new();
+            for (bi, b) in s.backends.iter().enumerate() {
+                let at = |f: &str| vec!["services".into(), name.clone(), "backends".into(), bi.to_string(), f.into()];
+                if !seen.insert(b.address) {
+                    return Err(Invalid(at("address"), format!("{} is listed twice", b.address)));
+                }
+                if !(1..=1000).contains(&b.weight) {
+                    return Err(Invalid(at("weight"), "must be 1 to 1000".into()));
+                }
+            }
+            if s.retry_budget_percent > 100 {
+                return fail("retry_budget_percent", "must be 0 to 100".into());
+            }
+            if s.connect_timeout_ms == 0 {
+                return fail("connect_timeout_ms", "must be at least 1".into());
+            }
+            if s.request_timeout_ms == 0 {
+                return fail("request_timeout_ms", "must be at least 1".into());
+            }
+            if s.eject_base_ms == 0 || s.eject_max_ms < s.eject_base_ms {
+                return fail("eject_base_ms", "must be at least 1 and not above eject_max_ms".into());
+            }
+            if let Some(h) = &s.health {
+                let at = |f: &str| vec!["services".to_string(), name.clone(), "health".into(), f.to_string()];
+                let fail = |f: &str, m: &str| Err(Invalid(at(f), m.to_string()));
+                if h.interval_ms < 10 {
+                    return fail("interval_ms", "must be at least 10");
+                }
+                if h.timeout_ms == 0 || h.timeout_ms > h.interval_ms {
+                    return fail("timeout_ms", "must be at least 1 and not above interval_ms");
+                }
+                if h.rise == 0 {
+                    return fail("rise", "must be at least 1");
+                }
+                if h.fall == 0 {
+                    return fail("fall", "must be at least 1");
+                }
+                if !h.path.starts_with('/') {
+                    return fail("path", "must start with `/`");
+                }
+                if parse_status_range(&h.expect_status).is_none() {
+                    return fail("expect_status", "must be a status (`200`) or a range (`200-399`) within 100-599");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Like `drover_core::config::locate`, but a numeric path part steps into an array
+/// (`[[listeners]]` or an inline `backends = [...]`); falls back to the nearest key found.
+fn locate_indexed(file: &Path, text: &str, path: &[String], message: String) -> ConfigError {
+    enum Node<'a> {
+        Item(&'a toml_edit::Item),
+        Table(&'a toml_edit::Table),
+        Value(&'a toml_edit::Value),
+    }
+    let mut span = None;
+    if let Ok(doc) = toml_edit::Document::parse(text) {
+        let mut node = Node::Item(doc.as_item());
+        for part in path {
+            let next = if let Ok(i) = part.parse::<usize>() {
+                match node {
+                    Node::Item(it) => match (it.as_array_of_tables(), it.as_array()) {
+                        (Some(a), _) => a.get(i).map(|t| (t.span(), Node::Table(t))),
+                        (_, Some(a)) => a.get(i).map(|v| (v.span(), Node::Value(v))),
+                        _ => None,
+                    },
+                    Node::Value(v) => v.as_array().and_then(|a| a.get(i)).map(|v| (v.span(), Node::Value(v))),
+                    Node::Table(_) => None,
+                }
+            } else {
+                let table: Option<&dyn toml_edit::TableLike> = match node {
+                    Node::Item(it) => it.as_table_like(),
+                    Node::Table(t) => Some(t),
+                    Node::Value(v) => v.as_inline_table().map(|t| t as &dyn toml_edit::TableLike),
+                };
+                table.and_then(|t| t.get_key_value(part)).map(|(k, it)| (k.span(), Node::Item(it)))
+            };
+            let Some((s, n)) = next else { break };
+            span = s.or(span);
+            node = n;
+        }
+    }
+    let (line, column) = span.map(|s| line_col(text, s.start)).unwrap_or((0, 0));
+    ConfigError { file: PathBuf::from(file), line, column, field: path.join("."), message }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rfind('\n').map(|nl| before.len() - nl).unwrap_or(before.len() + 1);
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"[[listeners]]
+name = "web"
+bind = "127.0.0.1:8080"
+protocol = "http"
+
+[[listeners]]
+name = "pg"
+bind = "127.0.0.1:5433"
+protocol = "tcp"
+service = "db"
+
+[[routes]]
+listener = "web"
+host = "*.example.com"
+path_prefix = "/api"
+service = "app"
+
+[services.app]
+balance = "least_outstanding"
+backends = [
+  { address = "10.0.0.1:80", weight = 3, zone = "a" },
+  { address = "10.0.0.2:80" },
+]
+
+[services.app.health]
+kind = "http"
+path = "/healthz"
+
+[services.db]
+backends = [{ address = "10.0.0.3:5432" }]
+"#;
+
+    fn err(text: &str) -> String {
+        ProxyConfig::parse(Path::new("p.toml"), text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = ProxyConfig::parse(Path::new("p.toml"), BASE).unwrap();
+        let app = &c.services["app"];
+        assert_eq!(app.balance, Balance::LeastOutstanding);
+        assert_eq!((app.retries, app.retry_budget_percent, app.passive_failures), (2, 20, 5));
+        let h = app.health.as_ref().unwrap();
+        assert_eq!((h.rise, h.fall, h.expect_range()), (2, 3, (200, 399)));
+        assert_eq!(app.backends[1].weight, 1);
+        assert_eq!(c.drain_timeout_secs, 30);
+    }
+
+    #[test]
+    fn errors_inside_arrays_name_the_element_line() {
+        let e = err(&BASE.replace("{ address = \"10.0.0.2:80\" }", "{ address = \"10.0.0.1:80\" }"));
+        assert_eq!(e, "p.toml:22:5: services.app.backends.1.address: 10.0.0.1:80 is listed twice");
+        let e = err(&BASE.replace("weight = 3", "weight = 0"));
+        assert!(e.starts_with("p.toml:21:30: services.app.backends.0.weight: "), "{e}");
+        let e = err(&BASE.replace("service = \"db\"", "service = \"nope\""));
+        assert_eq!(e, "p.toml:10:1: listeners.1.service: unknown service `nope`");
+        let e = err(&BASE.replace("path_prefix = \"/api\"", "path_prefix = \"api\""));
+        assert_eq!(e, "p.toml:15:1: routes.0.path_prefix: must start with `/`");
+    }
+
+    #[test]
+    fn bad_values_are_located() {
+        let e = err(&BASE.replace("path = \"/healthz\"", "path = \"/healthz\"\nexpect_status = \"500-200\""));
+        assert_eq!(
+            e,
+            "p.toml:28:1: services.app.health.expect_status: must be a status (`200`) or a range (`200-399`) within 100-599"
+        );
+        let e = err(&format!("admin_listen = \"0.0.0.0:9000\"\n{BASE}"));
+        assert!(e.starts_with("p.toml:1:1: admin_listen: 0.0.0.0:9000 is not a loopback address"), "{e}");
+        let e = err(&BASE.replace("protocol = \"http\"", "protocol = \"http\"\nretries = 1"));
+        assert!(e.starts_with("p.toml:5:1: ") && e.contains("unknown field `retries`"), "{e}");
+        let e = err(&BASE.replace("host = \"*.example.com\"", "host = \"a.*.com\""));
+        assert!(e.starts_with("p.toml:14:1: routes.0.host: "), "{e}");
+    }
+}

@@ -1,0 +1,511 @@
+//! The HTTP reverse proxy.
+//!
+//! Routing: the first `[[routes]]` entry (in file order) whose listener, host, path
+//! prefix and header all match. Downstream speaks HTTP/1.1 or h2c; upstream is pooled
+//! HTTP/1.1.
+//!
+//! # When a request is sent again
+//!
+//! A request is sent to at most `1 + retries` backends, never the same one twice, and
+//! each resend spends one token of the service's retry budget (every request adds
+//! `retry_budget_percent`/100 of a token). Whether it may be resent depends on how far
+//! the failed attempt got:
+//!
+//! - **Connect failure** (refused, timeout): nothing reached the backend, so any method
+//!   may be resent, provided the body can be replayed: it is empty, or it declared a
+//!   `Content-Length` of at most 64 KiB and was buffered before the first attempt.
+//!   A larger or streamed body is not buffered and never resent.
+//! - **Connection lost after the request was written, before any response byte**
+//!   (reset, close): resent only for idempotent methods (GET, HEAD, OPTIONS, PUT,
+//!   DELETE, TRACE) with an empty body. POST and PATCH are never replayed once sent:
+//!   the backend may have acted on them; the client gets 502.
+//! - **A response head arrived**: never resent, whatever the status. A 5xx counts as a
+//!   passive failure of that backend but is passed through.
+//! - **No response head within `request_timeout_ms`**: 504, not resent (the backend
+//!   may still be working on it), and not counted as a passive failure (slow is not dead).
+//!
+//! With no backend in rotation the answer is 503 with the reason in the body. With
+//! `max_in_flight_per_backend` set and every backend at it, a request waits up to
+//! `queue_timeout_ms` for a slot (woken as soon as one frees), then gets 503.
+//!
+//! # Upgrades (WebSocket)
+//!
+//! A request with `Connection: upgrade` keeps its `Upgrade` header; when the backend
+//! answers 101 the two upgraded connections are joined and bytes copied both ways, and
+//! the backend counts the tunnel as in flight until it closes (so draining waits for it,
+//! up to the drain timeout).
+
+use crate::backend::{Backend, InFlight, Service, Unavailable};
+use crate::error::ForwardError;
+use crate::{Body, Shared, StopRx};
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Empty, Full, Limited};
+use hyper::body::{Body as _, Incoming};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::graceful::GracefulShutdown;
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest declared body buffered so a request can be resent after a connect failure.
+const REPLAY_BODY_LIMIT: u64 = 64 * 1024;
+
+pub(crate) async fn serve(
+    listener: tokio::net::TcpListener,
+    name: Arc<str>,
+    shared: Arc<Shared>,
+    mut stop: StopRx,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let graceful = GracefulShutdown::new();
+    let drain = loop {
+        tokio::select! {
+            r = listener.accept() => {
+                let (stream, peer) = match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(listener = %name, "accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let (shared, name) = (shared.clone(), name.clone());
+                let https = tls.is_some();
+                let svc =
+                    hyper::service::service_fn(move |req| handle(shared.clone(), name.clone(), peer, https, req));
+                let Some(acceptor) = tls.clone() else {
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
+                    let fut = graceful.watch(conn);
+                    tokio::spawn(async move {
+                        if let Err(e) = fut.await {
+                            tracing::debug!(%peer, "downstream connection: {e}");
+                        }
+                    });
+                    continue;
+                };
+                // The handshake runs in the connection's task so a slow client cannot stall accepts.
+                let (builder, watcher) = (builder.clone(), graceful.watcher());
+                tokio::spawn(async move {
+                    let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => return tracing::debug!(%peer, "TLS handshake: {e}"),
+                        Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+                    };
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
+                    if let Err(e) = watcher.watch(conn).await {
+                        tracing::debug!(%peer, "downstream connection: {e}");
+                    }
+                });
+            }
+            _ = stop.changed() => break stop.borrow().unwrap_or_default(),
+        }
+    };
+    drop(listener);
+    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+        tracing::warn!(listener = %name, ?drain, "drain timeout: cutting the remaining connections");
+    }
+}
+
+fn text(status: StatusCode, msg: String) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(msg + "\n")).map_err(|n: Infallible| match n {}).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+fn empty_body() -> Body {
+    Empty::new().map_err(|n: Infallible| match n {}).boxed()
+}
+
+fn request_id() -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    format!("{:012x}{:04x}{:08x}", t.as_millis(), std::process::id() & 0xffff, N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Host without port, lowercased; from the URI (h2, absolute-form) or the Host header.
+fn request_host(req: &Request<Incoming>) -> String {
+    let raw = req
+        .uri()
+        .host()
+        .map(str::to_string)
+        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
+        .unwrap_or_default();
+    let host = match raw.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default().to_string(),
+        None => raw.split(':').next().unwrap_or_default().to_string(),
+    };
+    host.to_ascii_lowercase()
+}
+
+fn host_matches(pattern: &str, host: &str) -> bool {
+    match pattern.strip_prefix("*.") {
+        Some(suffix) => {
+            host.len() > suffix.len() + 1
+                && host.ends_with(&suffix.to_ascii_lowercase())
+                && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
+        }
+        None => pattern.eq_ignore_ascii_case(host),
+    }
+}
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authenticate",
+];
+
+/// Drops hop-by-hop headers, including any the Connection header names.
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<String> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
+        .filter(|s| !s.is_empty())
+        .collect();
+    for n in named.iter().map(String::as_str).chain(HOP_BY_HOP) {
+        h.remove(n);
+    }
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
+}
+
+enum ReqBody {
+    /// Can be sent any number of times.
+    Replay(Bytes),
+    /// Streamed once; taken by the first attempt.
+    Stream(Option<Incoming>),
+}
+
+async fn handle(
+    shared: Arc<Shared>,
+    listener: Arc<str>,
+    peer: SocketAddr,
+    https: bool,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .map(str::to_string)
+        .unwrap_or_else(request_id);
+    let upgrade = wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
+    let start = std::time::Instant::now();
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let mut trace = Trace { https, ..Trace::default() };
+    let mut error = None;
+    let mut resp =
+        route_and_forward(&shared, &listener, peer, req, &id, upgrade, &mut trace).await.unwrap_or_else(|e| {
+            let r = text(e.status(), format!("{} {e}", e.status().as_u16()));
+            error = Some(format!("{:?}: {e}", e.side()));
+            r
+        });
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    shared.count_response(trace.service.as_deref().unwrap_or("-"), resp.status().as_u16(), trace.tries);
+    // One line per request; `--log-format json` makes it a JSON access log.
+    tracing::info!(
+        target: "drover_proxy::access",
+        request_id = %id,
+        listener = %listener,
+        %peer,
+        %method,
+        %path,
+        status = resp.status().as_u16(),
+        service = trace.service.as_deref().unwrap_or("-"),
+        backend = %trace.backend.map(|b| b.to_string()).unwrap_or_else(|| "-".into()),
+        tries = trace.tries,
+        ms = start.elapsed().as_millis() as u64,
+        error = error.as_deref().unwrap_or(""),
+        "access"
+    );
+    Ok(resp)
+}
+
+/// What the access log and metrics need to know about how a request was forwarded.
+#[derive(Default)]
+struct Trace {
+    /// Set by the caller: the client came over TLS.
+    https: bool,
+    service: Option<String>,
+    backend: Option<SocketAddr>,
+    tries: u32,
+}
+
+async fn route_and_forward(
+    shared: &Shared,
+    listener: &str,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+    id: &str,
+    mut upgrade: Option<OnUpgrade>,
+    trace: &mut Trace,
+) -> Result<Response<Body>, ForwardError> {
+    let snap = shared.snapshot();
+    let host = request_host(&req);
+    let path = req.uri().path().to_string();
+    let route = snap.cfg.routes.iter().find(|r| {
+        r.listener == listener
+            && r.host.as_deref().is_none_or(|p| host_matches(p, &host))
+            && path.starts_with(&r.path_prefix)
+            && r.header.as_ref().is_none_or(|hm| {
+                req.headers().get_all(hm.name.as_str()).iter().any(|v| v.as_bytes() == hm.value.as_bytes())
+            })
+    });
+    let Some(route) = route else { return Err(ForwardError::NoRoute { host, path }) };
+    trace.service = Some(route.service.clone());
+    let (Some(svc), Some(client)) = (snap.services.get(&route.service), snap.clients.get(&route.service)) else {
+        return Err(ForwardError::NoHealthyBackend(route.service.clone()));
+    };
+
+    let (parts, body) = req.into_parts();
+    let declared: Option<u64> =
+        parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+    let mut body = if body.is_end_stream() {
+        ReqBody::Replay(Bytes::new())
+    } else if declared.is_some_and(|n| n <= REPLAY_BODY_LIMIT) {
+        let collected = Limited::new(body, REPLAY_BODY_LIMIT as usize)
+            .collect()
+            .await
+            .map_err(|e| ForwardError::ClientBody(e.to_string()))?;
+        ReqBody::Replay(collected.to_bytes())
+    } else {
+        ReqBody::Stream(Some(body))
+    };
+
+    let mut headers = parts.headers.clone();
+    strip_hop_by_hop(&mut headers);
+    if upgrade.is_some()
+        && let Some(proto) = parts.headers.get(header::UPGRADE)
+    {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, proto.clone());
+    }
+    let original_host = parts
+        .headers
+        .get(header::HOST)
+        .cloned()
+        .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+    if let Some(h) = &original_host {
+        headers.insert(header::HOST, h.clone());
+        headers.insert(HeaderName::from_static("x-forwarded-host"), h.clone());
+    }
+    let ip = peer.ip().to_string();
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip.clone(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(HeaderName::from_static("x-forwarded-for"), v);
+    }
+    let proto = if trace.https { "https" } else { "http" };
+    headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static(proto));
+    let for_ = if peer.is_ipv6() { format!("\"[{ip}]\"") } else { ip };
+    let mut fwd = format!("for={for_};proto={proto}");
+    if let Some(h) = original_host.as_ref().and_then(|h| h.to_str().ok()) {
+        fwd.push_str(&format!(";host=\"{h}\""));
+    }
+    let fwd = match headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {fwd}"),
+        None => fwd,
+    };
+    if let Ok(v) = HeaderValue::from_str(&fwd) {
+        headers.insert(header::FORWARDED, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(id) {
+        headers.insert(HeaderName::from_static("x-request-id"), v);
+    }
+    let path_and_query = parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
+
+    let idempotent = is_idempotent(&parts.method);
+    svc.note_request();
+    let queue_deadline = tokio::time::Instant::now() + Duration::from_millis(svc.cfg.queue_timeout_ms);
+    let mut tried = HashSet::new();
+    let mut resends = 0;
+    let mut last: Option<ForwardError> = None;
+    loop {
+        let (b, guard) = match svc.acquire_queued(&tried, queue_deadline).await {
+            Ok(x) => x,
+            Err(Unavailable::Saturated) => return Err(ForwardError::Saturated(svc.name.clone())),
+            Err(Unavailable::NoneHealthy) => {
+                return Err(last.unwrap_or_else(|| ForwardError::NoHealthyBackend(svc.name.clone())));
+            }
+        };
+        tried.insert(b.addr);
+        trace.backend = Some(b.addr);
+        trace.tries += 1;
+        let send_body = match &mut body {
+            ReqBody::Replay(bytes) if bytes.is_empty() => empty_body(),
+            ReqBody::Replay(bytes) => Full::new(bytes.clone()).map_err(|n: Infallible| match n {}).boxed(),
+            ReqBody::Stream(s) => s.take().map(BodyExt::boxed).unwrap_or_else(empty_body),
+        };
+        let uri: Uri = format!("http://{}{}", b.addr, path_and_query)
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| ForwardError::ClientBody(e.to_string()))?;
+        let mut up = Request::new(send_body);
+        *up.method_mut() = parts.method.clone();
+        *up.uri_mut() = uri;
+        *up.version_mut() = Version::HTTP_11;
+        *up.headers_mut() = headers.clone();
+        let err = match attempt(svc, client, &b, guard, up, &mut upgrade).await {
+            Ok(resp) => return Ok(resp),
+            Err(e) => e,
+        };
+        let replayable = matches!(&body, ReqBody::Replay(_));
+        let resend = match &err {
+            ForwardError::Connect { .. } => replayable,
+            ForwardError::Reset { .. } => idempotent && matches!(&body, ReqBody::Replay(b) if b.is_empty()),
+            _ => false,
+        };
+        tracing::debug!(request_id = %id, backend = %b.addr, resend, "{err}");
+        if !resend || resends >= svc.cfg.retries || !svc.take_retry() {
+            return Err(err);
+        }
+        resends += 1;
+        last = Some(err);
+    }
+}
+
+/// One try against one backend; the response body keeps the backend's in-flight
+/// count up until it has been sent on.
+async fn attempt(
+    svc: &Service,
+    client: &crate::HttpClient,
+    b: &Arc<Backend>,
+    guard: InFlight,
+    req: Request<Body>,
+    downstream: &mut Option<OnUpgrade>,
+) -> Result<Response<Body>, ForwardError> {
+    let ms = svc.cfg.request_timeout_ms;
+    match tokio::time::timeout(Duration::from_millis(ms), client.request(req)).await {
+        Ok(Ok(mut resp)) => {
+            if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                && let Some(down) = downstream.take()
+            {
+                b.record_success();
+                let up = hyper::upgrade::on(&mut resp);
+                tokio::spawn(tunnel(down, up, guard));
+                let (parts, _) = resp.into_parts();
+                return Ok(Response::from_parts(parts, empty_body()));
+            }
+            if resp.status().is_server_error() {
+                b.record_failure(&format!("HTTP {}", resp.status().as_u16()));
+            } else {
+                b.record_success();
+            }
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            let body = body
+                .map_frame(move |f| {
+                    let _held = &guard;
+                    f
+                })
+                .boxed();
+            Ok(Response::from_parts(parts, body))
+        }
+        Ok(Err(e)) => {
+            let err = if e.is_connect() {
+                ForwardError::Connect { addr: b.addr, reason: connect_reason(&e) }
+            } else {
+                ForwardError::Reset { addr: b.addr, reason: chain(&e) }
+            };
+            b.record_failure(&match &err {
+                ForwardError::Connect { reason, .. } => reason.clone(),
+                _ => "connection lost".into(),
+            });
+            Err(err)
+        }
+        Err(_) => Err(ForwardError::Timeout { addr: b.addr, ms }),
+    }
+}
+
+fn wants_upgrade(h: &HeaderMap) -> bool {
+    h.contains_key(header::UPGRADE)
+        && h.get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+}
+
+/// Joins an upgraded client connection to the upgraded backend connection.
+async fn tunnel(down: OnUpgrade, up: OnUpgrade, _in_flight: crate::backend::InFlight) {
+    match tokio::try_join!(down, up) {
+        Ok((down, up)) => {
+            let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+            if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+                tracing::debug!("upgraded connection ended: {e}");
+            }
+        }
+        Err(e) => tracing::debug!("upgrade failed: {e}"),
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn connect_reason(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cur {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return crate::backend::connect_reason(io);
+        }
+        cur = c.source();
+    }
+    let s = chain(e);
+    if s.contains("timed out") || s.contains("timeout") { "connect timeout".into() } else { s }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcard_host_matches_subdomains_only() {
+        assert!(host_matches("*.example.com", "api.example.com"));
+        assert!(host_matches("*.example.com", "a.b.example.com"));
+        assert!(!host_matches("*.example.com", "example.com"));
+        assert!(!host_matches("*.example.com", "badexample.com"));
+        assert!(host_matches("Example.com", "example.com"));
+    }
+
+    #[test]
+    fn connection_named_headers_are_stripped() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("close, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("x-secret").is_none() && h.get(header::CONNECTION).is_none());
+        assert!(h.get("x-kept").is_some());
+    }
+}

@@ -1,0 +1,336 @@
+//! `drover-proxy`: the front door, an HTTP and TCP load balancer that sends traffic only
+//! to healthy backends (standalone mode: one TOML file, reloaded on SIGHUP by the binary).
+//!
+//! | module | what lives there |
+//! |---|---|
+//! | [`config`] | the TOML file, validated once at load with `file:line:col: field` errors |
+//! | [`backend`] | backend state: active checks (`rise`/`fall`), passive ejection, balancing, retry budget |
+//! | `http` | the HTTP reverse proxy (HTTP/1.1 and h2c downstream, pooled HTTP/1.1 upstream) and its retry rule |
+//! | `tls` | TLS termination for https listeners: rustls (ring), SNI certificate choice, ALPN h2/http1.1 |
+//! | `tcp` | the L4 listener: one backend per connection, bytes copied both ways |
+//! | `admin` | the loopback endpoint: `GET /backends` and `GET /health` (JSON), `GET /metrics` (Prometheus text) |
+//! | [`error`] | errors classified by side (client, backend, config) and retryability |
+//!
+//! Config generations: the live routes and services are one immutable [`Snapshot`]
+//! behind a lock, swapped whole on [`RunningProxy::reload`]. A request takes the
+//! snapshot once, so it never sees half of a reload. Backends are shared between
+//! generations by address, which is how their health survives a reload.
+
+#![forbid(unsafe_code)]
+
+mod admin;
+pub mod backend;
+pub mod config;
+pub mod error;
+mod http;
+mod tcp;
+mod tls;
+
+use crate::backend::{Backend, Service};
+use crate::config::{Protocol, ProxyConfig};
+pub use crate::error::{ForwardError, ProxyError, Side};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub(crate) type Body = http_body_util::combinators::BoxBody<bytes::Bytes, hyper::Error>;
+pub(crate) type HttpClient = Client<HttpConnector, Body>;
+
+/// One config generation, immutable once built.
+pub struct Snapshot {
+    pub cfg: ProxyConfig,
+    pub services: BTreeMap<String, Arc<Service>>,
+    pub(crate) clients: BTreeMap<String, HttpClient>,
+}
+
+/// `None` while running; `Some(drain)` once shutdown has begun.
+pub(crate) type StopRx = watch::Receiver<Option<Duration>>;
+
+pub(crate) struct Shared {
+    snapshot: RwLock<Arc<Snapshot>>,
+    /// Removed backends still finishing requests, with their service's name.
+    draining: Mutex<Vec<(String, Arc<Backend>)>>,
+    /// Stops health-check tasks.
+    checks_stop: watch::Sender<bool>,
+    /// Responses by (service, status), and resends by service; kept across reloads.
+    responses: Mutex<BTreeMap<(String, u16), u64>>,
+    resends: Mutex<BTreeMap<String, u64>>,
+    /// Where health checks of backends added by a reload run, so `reload` may be
+    /// called from any thread.
+    runtime: tokio::runtime::Handle,
+}
+
+impl Shared {
+    pub(crate) fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.read().unwrap().clone()
+    }
+
+    /// Builds the next generation, reusing backends (and their health) by address and
+    /// starting checks for new ones.
+    fn build(&self, cfg: ProxyConfig, old: Option<&Snapshot>) -> Snapshot {
+        let mut services = BTreeMap::new();
+        let mut clients = BTreeMap::new();
+        for (name, scfg) in &cfg.services {
+            let old_svc = old.and_then(|o| o.services.get(name));
+            let backends = scfg
+                .backends
+                .iter()
+                .map(|bc| match old_svc.and_then(|s| s.backends.iter().find(|b| b.addr == bc.address)) {
+                    Some(b) => {
+                        b.set_member(bc.weight, bc.zone.clone());
+                        b.apply(scfg);
+                        b.clone()
+                    }
+                    None => {
+                        let b = Backend::new(bc.address, bc.weight, bc.zone.clone(), scfg);
+                        self.runtime.spawn(backend::run_checks(b.clone(), self.checks_stop.subscribe()));
+                        b
+                    }
+                })
+                .collect();
+            let client = match (old_svc, old.and_then(|o| o.clients.get(name))) {
+                // Keeping the client keeps its pooled connections across a reload.
+                (Some(s), Some(c)) if s.cfg.connect_timeout_ms == scfg.connect_timeout_ms => c.clone(),
+                _ => new_client(scfg.connect_timeout_ms),
+            };
+            clients.insert(name.clone(), client);
+            services
+                .insert(name.clone(), Arc::new(Service::new(name.clone(), scfg.clone(), backends, cfg.zone.clone())));
+        }
+        Snapshot { cfg, services, clients }
+    }
+
+    pub(crate) fn count_response(&self, service: &str, status: u16, tries: u32) {
+        *self.responses.lock().unwrap().entry((service.to_string(), status)).or_default() += 1;
+        if tries > 1 {
+            *self.resends.lock().unwrap().entry(service.to_string()).or_default() += u64::from(tries - 1);
+        }
+    }
+
+    /// Prometheus text exposition for the admin endpoint's `/metrics`.
+    pub(crate) fn metrics_text(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let doc = self.backends_json();
+        let backends: Vec<(String, &serde_json::Value)> = doc["services"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .flat_map(|(svc, list)| list.as_array().into_iter().flatten().map(move |b| (svc.clone(), b)))
+            .collect();
+        let families: [(&str, &str, &str); 3] = [
+            ("drover_proxy_backend_up", "gauge", "1 when the backend is in rotation"),
+            ("drover_proxy_backend_in_flight", "gauge", "requests and connections in flight"),
+            ("drover_proxy_backend_requests_total", "counter", "requests and connections served"),
+        ];
+        for (name, kind, help) in families {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (svc, b) in &backends {
+                let v = match name {
+                    "drover_proxy_backend_up" => u64::from(b["state"] == "healthy"),
+                    "drover_proxy_backend_in_flight" => b["in_flight"].as_u64().unwrap_or(0),
+                    _ => b["requests"].as_u64().unwrap_or(0),
+                };
+                let addr = b["address"].as_str().unwrap_or("");
+                let state = b["state"].as_str().unwrap_or("");
+                let _ = writeln!(out, "{name}{{service=\"{svc}\",backend=\"{addr}\",state=\"{state}\"}} {v}");
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP drover_proxy_responses_total HTTP responses sent, by status\n# TYPE drover_proxy_responses_total counter"
+        );
+        for ((svc, code), n) in self.responses.lock().unwrap().iter() {
+            let _ = writeln!(out, "drover_proxy_responses_total{{service=\"{svc}\",code=\"{code}\"}} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP drover_proxy_resends_total requests sent again to another backend\n# TYPE drover_proxy_resends_total counter"
+        );
+        for (svc, n) in self.resends.lock().unwrap().iter() {
+            let _ = writeln!(out, "drover_proxy_resends_total{{service=\"{svc}\"}} {n}");
+        }
+        out
+    }
+
+    /// Admin view: every service's members, plus removed ones still draining.
+    pub(crate) fn backends_json(&self) -> serde_json::Value {
+        let snap = self.snapshot();
+        let mut draining = self.draining.lock().unwrap();
+        draining.retain(|(_, b)| b.in_flight() > 0);
+        let mut out = serde_json::Map::new();
+        for (name, svc) in &snap.services {
+            let mut list: Vec<_> = svc.backends.iter().map(|b| b.status()).collect();
+            list.extend(draining.iter().filter(|(s, _)| s == name).map(|(_, b)| b.status()));
+            out.insert(name.clone(), serde_json::json!(list));
+        }
+        for (name, b) in draining.iter().filter(|(s, _)| !snap.services.contains_key(s)) {
+            let entry = out.entry(name.clone()).or_insert_with(|| serde_json::json!([]));
+            if let Some(a) = entry.as_array_mut() {
+                a.push(serde_json::json!(b.status()));
+            }
+        }
+        serde_json::json!({ "services": out })
+    }
+}
+
+fn new_client(connect_timeout_ms: u64) -> HttpClient {
+    let mut conn = HttpConnector::new();
+    conn.set_connect_timeout(Some(Duration::from_millis(connect_timeout_ms)));
+    conn.set_nodelay(true);
+    Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(64)
+        .build(conn)
+}
+
+/// Entry point.
+pub struct Proxy;
+
+impl Proxy {
+    /// Binds every listener (and the admin endpoint) and starts serving.
+    pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
+        let (checks_stop, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            snapshot: RwLock::new(Arc::new(Snapshot {
+                cfg: cfg.clone(),
+                services: BTreeMap::new(),
+                clients: BTreeMap::new(),
+            })),
+            draining: Mutex::new(Vec::new()),
+            responses: Mutex::new(BTreeMap::new()),
+            resends: Mutex::new(BTreeMap::new()),
+            checks_stop,
+            runtime: tokio::runtime::Handle::current(),
+        });
+        let snap = shared.build(cfg.clone(), None);
+        *shared.snapshot.write().unwrap() = Arc::new(snap);
+        let (stop_tx, stop_rx) = watch::channel(None);
+        let mut addrs = BTreeMap::new();
+        let mut tasks = Vec::new();
+        let mut bound = Vec::new();
+        for l in &cfg.listeners {
+            let listener = tokio::net::TcpListener::bind(l.bind).await.map_err(|source| ProxyError::Bind {
+                name: l.name.clone(),
+                addr: l.bind,
+                source,
+            })?;
+            addrs.insert(l.name.clone(), listener.local_addr().unwrap_or(l.bind));
+            let acceptor = match l.protocol {
+                Protocol::Https => {
+                    Some(tls::acceptor(&l.tls).map_err(|message| ProxyError::Tls { name: l.name.clone(), message })?)
+                }
+                _ => None,
+            };
+            bound.push((l.clone(), listener, acceptor));
+        }
+        let admin = match cfg.admin_listen {
+            Some(a) => Some(tokio::net::TcpListener::bind(a).await.map_err(|source| ProxyError::Bind {
+                name: "admin".into(),
+                addr: a,
+                source,
+            })?),
+            None => None,
+        };
+        let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+        for (l, listener, acceptor) in bound {
+            let name: Arc<str> = Arc::from(l.name.as_str());
+            tracing::info!(listener = %l.name, addr = %addrs[&l.name], protocol = ?l.protocol, "listening");
+            tasks.push(match l.protocol {
+                Protocol::Http => tokio::spawn(http::serve(listener, name, shared.clone(), stop_rx.clone(), None)),
+                Protocol::Https => tokio::spawn(http::serve(listener, name, shared.clone(), stop_rx.clone(), acceptor)),
+                Protocol::Tcp => tokio::spawn(tcp::serve(listener, name, shared.clone(), stop_rx.clone())),
+            });
+        }
+        if let Some(l) = admin {
+            tasks.push(tokio::spawn(admin::serve(l, shared.clone(), stop_rx.clone())));
+        }
+        Ok(RunningProxy { shared, addrs, admin_addr, tasks, stop: stop_tx })
+    }
+}
+
+/// A started proxy. Dropping it without [`RunningProxy::shutdown`] leaves the tasks
+/// running until the runtime ends.
+pub struct RunningProxy {
+    shared: Arc<Shared>,
+    addrs: BTreeMap<String, SocketAddr>,
+    admin_addr: Option<SocketAddr>,
+    tasks: Vec<JoinHandle<()>>,
+    stop: watch::Sender<Option<Duration>>,
+}
+
+impl RunningProxy {
+    /// Bound address of each listener, by name (useful with port 0).
+    pub fn local_addrs(&self) -> &BTreeMap<String, SocketAddr> {
+        &self.addrs
+    }
+
+    pub fn local_addr(&self, listener: &str) -> Option<SocketAddr> {
+        self.addrs.get(listener).copied()
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// The admin endpoint's `/backends` document.
+    pub fn backends(&self) -> serde_json::Value {
+        self.shared.backends_json()
+    }
+
+    /// The config in force.
+    pub fn config(&self) -> ProxyConfig {
+        self.shared.snapshot().cfg.clone()
+    }
+
+    /// Applies new routes, services and backends without dropping a connection.
+    /// Backends kept (same service, same address) keep their health; new ones start
+    /// out of rotation when the service has active checks; removed ones get no new
+    /// requests and finish the ones they have. Listeners and `admin_listen` are bound
+    /// once: changing them is refused (restart to apply).
+    pub fn reload(&self, cfg: ProxyConfig) -> Result<(), ProxyError> {
+        let old = self.shared.snapshot();
+        let key = |c: &ProxyConfig| {
+            c.listeners.iter().map(|l| (l.name.clone(), l.bind, l.protocol, l.tls.clone())).collect::<Vec<_>>()
+        };
+        if key(&old.cfg) != key(&cfg) {
+            return Err(ProxyError::Reload(
+                "listeners (or their certificates) changed; restart the proxy to apply that".into(),
+            ));
+        }
+        if old.cfg.admin_listen != cfg.admin_listen {
+            return Err(ProxyError::Reload("admin_listen changed; restart the proxy to apply that".into()));
+        }
+        let next = self.shared.build(cfg, Some(&old));
+        let mut draining = self.shared.draining.lock().unwrap();
+        for (name, svc) in &old.services {
+            for b in &svc.backends {
+                let kept = next.services.get(name).is_some_and(|s| s.backends.iter().any(|n| Arc::ptr_eq(n, b)));
+                if !kept {
+                    b.remove();
+                    tracing::info!(service = %name, backend = %b.addr, in_flight = b.in_flight(), "removed; draining");
+                    draining.push((name.clone(), b.clone()));
+                }
+            }
+        }
+        drop(draining);
+        *self.shared.snapshot.write().unwrap() = Arc::new(next);
+        tracing::info!("config reloaded");
+        Ok(())
+    }
+
+    /// Stops accepting, lets in-flight requests and connections finish for up to
+    /// `drain`, then returns (whatever is still running is cut).
+    pub async fn shutdown(self, drain: Duration) {
+        let _ = self.stop.send(Some(drain));
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        let _ = self.shared.checks_stop.send(true);
+    }
+}

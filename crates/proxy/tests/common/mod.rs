@@ -1,0 +1,231 @@
+//! Real HTTP and TCP backends on 127.0.0.1:0 inside the test process, and a pooled
+//! client to drive the proxy. A backend can be killed abruptly: its acceptor and every
+//! connection task are aborted, so sockets close with no goodbye, like `kill -9`.
+#![allow(dead_code)]
+
+use bytes::Bytes;
+use drover_proxy::config::ProxyConfig;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tokio::task::{JoinHandle, JoinSet};
+
+#[derive(Default)]
+pub struct Counters {
+    /// Requests other than health checks.
+    pub hits: AtomicUsize,
+    pub posts: AtomicUsize,
+    pub health_checks: AtomicUsize,
+    /// Health checks answered 200 before the first real request arrived.
+    pub ok_checks_before_first_hit: AtomicUsize,
+    ok_checks: AtomicUsize,
+    /// When false, `/healthz` answers 503.
+    pub healthy: AtomicBool,
+    /// Close the connection (no response) after reading the request.
+    pub reset_posts: AtomicBool,
+    pub reset_all: AtomicBool,
+    /// Requests being handled now, and the most at once.
+    pub active: AtomicUsize,
+    pub max_active: AtomicUsize,
+}
+
+struct Active<'a>(&'a Counters);
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+pub struct TestBackend {
+    pub addr: SocketAddr,
+    pub name: String,
+    pub c: Arc<Counters>,
+    task: JoinHandle<()>,
+}
+
+impl TestBackend {
+    pub async fn start(name: &str) -> TestBackend {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let c = Arc::new(Counters { healthy: AtomicBool::new(true), ..Counters::default() });
+        let (c2, name2) = (c.clone(), name.to_string());
+        let task = tokio::spawn(async move {
+            // Owned here so aborting this task drops (aborts) every connection too.
+            let mut conns = JoinSet::new();
+            loop {
+                tokio::select! {
+                    Ok((s, _)) = listener.accept() => {
+                        let (c, name) = (c2.clone(), name2.clone());
+                        let svc = hyper::service::service_fn(move |req| serve(c.clone(), name.clone(), req));
+                        conns.spawn(async move {
+                            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), svc).with_upgrades().await;
+                        });
+                    }
+                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                }
+            }
+        });
+        TestBackend { addr, name: name.to_string(), c, task }
+    }
+
+    pub fn kill(&self) {
+        self.task.abort();
+    }
+
+    pub fn hits(&self) -> usize {
+        self.c.hits.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for TestBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve(
+    c: Arc<Counters>,
+    name: String,
+    mut req: hyper::Request<Incoming>,
+) -> Result<hyper::Response<Full<Bytes>>, std::io::Error> {
+    if req.headers().get("upgrade").is_some_and(|v| v == "echo") {
+        c.hits.fetch_add(1, Ordering::SeqCst);
+        let on = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(up) = on.await {
+                let (mut r, mut w) = tokio::io::split(TokioIo::new(up));
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            }
+        });
+        let mut r = hyper::Response::new(Full::new(Bytes::new()));
+        *r.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+        r.headers_mut().insert("connection", http::HeaderValue::from_static("upgrade"));
+        r.headers_mut().insert("upgrade", http::HeaderValue::from_static("echo"));
+        return Ok(r);
+    }
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    if path == "/healthz" {
+        c.health_checks.fetch_add(1, Ordering::SeqCst);
+        let ok = c.healthy.load(Ordering::SeqCst);
+        if ok {
+            c.ok_checks.fetch_add(1, Ordering::SeqCst);
+        }
+        let mut r = hyper::Response::new(Full::new(Bytes::from_static(b"ok")));
+        if !ok {
+            *r.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+        }
+        return Ok(r);
+    }
+    let now = c.active.fetch_add(1, Ordering::SeqCst) + 1;
+    c.max_active.fetch_max(now, Ordering::SeqCst);
+    let _active = Active(&c);
+    if c.hits.fetch_add(1, Ordering::SeqCst) == 0 {
+        c.ok_checks_before_first_hit.store(c.ok_checks.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+    let method = req.method().clone();
+    let headers = req.headers().clone();
+    let _body = req.into_body().collect().await.map_err(std::io::Error::other)?;
+    if method == hyper::Method::POST {
+        c.posts.fetch_add(1, Ordering::SeqCst);
+        if c.reset_posts.load(Ordering::SeqCst) {
+            // A service error makes hyper drop the connection without a response.
+            return Err(std::io::Error::other("reset"));
+        }
+    }
+    if c.reset_all.load(Ordering::SeqCst) {
+        return Err(std::io::Error::other("reset"));
+    }
+    if let Some(ms) = query.strip_prefix("sleep_ms=").and_then(|v| v.parse().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let echo = |h: &str| headers.get(h).and_then(|v| v.to_str().ok()).unwrap_or("-").to_string();
+    let body = format!(
+        "{name} {path} xff={} proto={} xhost={} fwd={} id={}",
+        echo("x-forwarded-for"),
+        echo("x-forwarded-proto"),
+        echo("x-forwarded-host"),
+        echo("forwarded"),
+        echo("x-request-id")
+    );
+    Ok(hyper::Response::new(Full::new(Bytes::from(body))))
+}
+
+/// A TCP echo server.
+pub async fn echo_server() -> (SocketAddr, JoinHandle<()>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let t = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    (addr, t)
+}
+
+/// An address nothing listens on.
+pub fn dead_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+pub type TestClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn client() -> TestClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub body: String,
+    pub headers: http::HeaderMap,
+}
+
+pub async fn send(c: &TestClient, method: &str, url: &str, host: Option<&str>, body: &str) -> Result<Reply, String> {
+    let mut b = hyper::Request::builder().method(method).uri(url);
+    if let Some(h) = host {
+        b = b.header("host", h);
+    }
+    let req = b.body(Full::new(Bytes::from(body.to_string()))).unwrap();
+    let resp = c.request(req).await.map_err(|e| format!("{e:?}"))?;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok(Reply { status, body: String::from_utf8_lossy(&body).into_owned(), headers })
+}
+
+pub async fn get(c: &TestClient, url: &str) -> Result<Reply, String> {
+    send(c, "GET", url, None, "").await
+}
+
+pub fn parse(text: &str) -> ProxyConfig {
+    ProxyConfig::parse(Path::new("test.toml"), text).unwrap_or_else(|e| panic!("{e}\n{text}"))
+}
+
+/// Polls `f` every 20 ms until it returns true, or panics with `what`.
+pub async fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The admin state of `addr` in `service`, from `RunningProxy::backends`.
+pub fn state_of(p: &drover_proxy::RunningProxy, service: &str, addr: SocketAddr) -> Option<serde_json::Value> {
+    p.backends()["services"][service].as_array()?.iter().find(|b| b["address"] == addr.to_string()).cloned()
+}
+
+pub fn backends_toml(addrs: &[SocketAddr]) -> String {
+    let items: Vec<String> = addrs.iter().map(|a| format!("{{ address = \"{a}\" }}")).collect();
+    format!("[{}]", items.join(", "))
+}

@@ -1,0 +1,136 @@
+//! https listeners: SNI picks the certificate, ALPN h2 works, backends see `proto=https`.
+
+mod common;
+
+use common::*;
+use drover_proxy::Proxy;
+use drover_proxy::config::ProxyConfig;
+use http_body_util::{BodyExt, Full};
+use rustls::DigitallySignedStruct;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Accepts any certificate (the test checks *which* one came) but still checks the
+/// handshake signatures.
+#[derive(Debug)]
+struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Connects with SNI `name`; returns the leaf certificate presented, the ALPN protocol
+/// and the body of `GET /tls` sent over the connection.
+async fn fetch(addr: std::net::SocketAddr, name: &str) -> (Vec<u8>, Option<Vec<u8>>, String) {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from(name.to_string()).unwrap(), tcp)
+        .await
+        .unwrap();
+    let (_, conn) = tls.get_ref();
+    let leaf = conn.peer_certificates().unwrap()[0].to_vec();
+    let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
+    let (mut send, driver) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(driver);
+    let req = hyper::Request::get(format!("https://{name}/tls")).body(Full::new(bytes::Bytes::new())).unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (leaf, alpn, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_listener_picks_the_certificate_by_sni_and_speaks_h2() {
+    let b = TestBackend::start("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = rcgen::generate_simple_self_signed(vec!["a.test".to_string()]).unwrap();
+    let w = rcgen::generate_simple_self_signed(vec!["*.b.test".to_string()]).unwrap();
+    for (n, c) in [("a", &a), ("w", &w)] {
+        std::fs::write(dir.path().join(format!("{n}.pem")), c.cert.pem()).unwrap();
+        std::fs::write(dir.path().join(format!("{n}.key")), c.signing_key.serialize_pem()).unwrap();
+    }
+    let text = format!(
+        r#"
+[[listeners]]
+name = "web"
+bind = "127.0.0.1:0"
+protocol = "https"
+tls = [
+  {{ cert = "a.pem", key = "a.key", server_names = ["a.test"] }},
+  {{ cert = "w.pem", key = "w.key", server_names = ["*.b.test"] }},
+]
+[[routes]]
+listener = "web"
+service = "app"
+[services.app]
+backends = [{{ address = "{}" }}]
+"#,
+        b.addr
+    );
+    let cfg = ProxyConfig::parse(&dir.path().join("proxy.toml"), &text).unwrap();
+    let p = Proxy::start(cfg).await.unwrap();
+    let addr = p.local_addr("web").unwrap();
+
+    let (leaf, alpn, body) = fetch(addr, "x.b.test").await;
+    assert_eq!(leaf, w.cert.der().to_vec(), "wildcard certificate for x.b.test");
+    assert_eq!(alpn.as_deref(), Some(&b"h2"[..]));
+    assert!(body.starts_with("app /tls ") && body.contains("proto=https"), "{body}");
+    assert!(body.contains("fwd=for=127.0.0.1;proto=https;host=\"x.b.test\""), "{body}");
+    let (leaf, _, _) = fetch(addr, "a.test").await;
+    assert_eq!(leaf, a.cert.der().to_vec());
+    let (leaf, _, _) = fetch(addr, "unknown.test").await;
+    assert_eq!(leaf, a.cert.der().to_vec(), "the first certificate is the default");
+    p.shutdown(Duration::from_secs(1)).await;
+}
+
+#[test]
+fn bad_certificate_files_are_config_errors_at_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = rcgen::generate_simple_self_signed(vec!["a.test".to_string()]).unwrap();
+    std::fs::write(dir.path().join("a.pem"), a.cert.pem()).unwrap();
+    let text = "[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nprotocol = \"https\"\n\n[[listeners.tls]]\ncert = \"a.pem\"\nkey = \"missing.key\"\n";
+    let e = ProxyConfig::parse(&dir.path().join("p.toml"), text).unwrap_err().to_string();
+    assert!(e.contains("p.toml:8:1: listeners.0.tls.0.key: ") && e.contains("missing.key"), "{e}");
+    let e = ProxyConfig::parse(&dir.path().join("p.toml"), &text.replace("https", "http")).unwrap_err().to_string();
+    assert!(e.contains("p.toml:6:13: listeners.0.tls: only https listeners take certificates"), "{e}");
+}
