@@ -207,30 +207,51 @@ async fn pipeline_stats(AxState(api): AxState<Api>) -> ApiResult<Json<drover_pip
     Ok(Json(pipeline(&api)?.stats()))
 }
 
+type Upgrade = Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>;
+
+/// Checks the token (agent or admin) before the upgrade itself, so a wrong token is a
+/// 401 whatever else is wrong with the request, then sizes the socket's buffers —
+/// tungstenite's default 128 KiB read and write buffers cost over a gigabyte at 10,000
+/// agents, and frames here are small (a larger one simply grows the buffer) — and
+/// hands the socket to `serve`.
+fn authorized_upgrade<F, Fut>(
+    api: &Api,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    ws: Upgrade,
+    who: &str,
+    serve: F,
+) -> Response
+where
+    F: FnOnce(axum::extract::ws::WebSocket) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    if bearer(headers).and_then(|t| api.tokens.role(t)).is_none() {
+        api.state.metrics.auth_failures.inc();
+        tracing::warn!(%peer, "{who} with a missing or wrong token; refused");
+        return ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong token").into_response();
+    }
+    match ws {
+        Ok(ws) => ws
+            .max_message_size(sessions::MAX_FRAME_BYTES)
+            .max_frame_size(sessions::MAX_FRAME_BYTES)
+            .read_buffer_size(4 * 1024)
+            .write_buffer_size(0)
+            .on_upgrade(serve),
+        Err(rejection) => rejection.into_response(),
+    }
+}
+
 async fn agent_ws(
     AxState(api): AxState<Api>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+    ws: Upgrade,
 ) -> Response {
-    if bearer(&headers).and_then(|t| api.tokens.role(t)).is_none() {
-        api.state.metrics.auth_failures.inc();
-        tracing::warn!(%peer, "agent connection with a missing or wrong token; refused");
-        return ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong agent token").into_response();
-    }
-    // Authenticate before judging the upgrade, so a wrong token is a 401 either way.
-    let ws = match ws {
-        Ok(ws) => ws,
-        Err(rejection) => return rejection.into_response(),
-    };
     let (state, sessions) = (api.state.clone(), api.sessions.clone());
-    // tungstenite's default 128 KiB read and write buffers cost over a gigabyte at
-    // 10,000 agents; agent frames are small, and a larger one simply grows the buffer.
-    ws.max_message_size(sessions::MAX_FRAME_BYTES)
-        .max_frame_size(sessions::MAX_FRAME_BYTES)
-        .read_buffer_size(4 * 1024)
-        .write_buffer_size(0)
-        .on_upgrade(move |socket| sessions::serve(socket, state, sessions, peer.to_string()))
+    authorized_upgrade(&api, peer, &headers, ws, "agent connection", move |socket| {
+        sessions::serve(socket, state, sessions, peer.to_string())
+    })
 }
 
 /// Data planes (proxies, name servers) use the agent token or the admin token.
@@ -238,19 +259,12 @@ async fn watch_ws(
     AxState(api): AxState<Api>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+    ws: Upgrade,
 ) -> Response {
-    if bearer(&headers).and_then(|t| api.tokens.role(t)).is_none() {
-        api.state.metrics.auth_failures.inc();
-        tracing::warn!(%peer, "watch with a missing or wrong token; refused");
-        return ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong token").into_response();
-    }
-    let ws = match ws {
-        Ok(ws) => ws,
-        Err(rejection) => return rejection.into_response(),
-    };
     let state = api.state.clone();
-    ws.on_upgrade(move |socket| crate::watch::serve(socket, state, peer.to_string()))
+    authorized_upgrade(&api, peer, &headers, ws, "watch", move |socket| {
+        crate::watch::serve(socket, state, peer.to_string())
+    })
 }
 
 // ---- entities -----------------------------------------------------------------
