@@ -9,7 +9,6 @@
 use crate::state::{KEEPALIVE, State};
 use drover_core::Status;
 use drover_core::event::CheckResult;
-use drover_core::resource::EntityClass;
 use drover_core::time::{now_ms, now_secs};
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,27 +30,17 @@ pub async fn run(state: Arc<State>) {
 pub fn keepalives(state: &State) {
     let now = now_ms();
     let mut due = Vec::new();
-    for e in state.entities() {
-        if e.class != EntityClass::Agent {
-            continue;
-        }
-        let warn = e.keepalive_warning_secs.unwrap_or(state.settings.keepalive_warning_secs);
-        let crit = e.keepalive_critical_secs.unwrap_or(state.settings.keepalive_critical_secs);
-        let interval_ms = e.keepalive_interval_secs.unwrap_or(20) as i64 * 1000;
-        let age_ms = now - e.last_seen_ms.max(state.started_ms);
-        let status = if age_ms >= crit as i64 * 1000 {
-            Status::Critical
-        } else if age_ms >= warn as i64 * 1000 {
-            Status::Warning
+    for a in state.overdue_agents(now) {
+        let (status, threshold) = if a.age_ms >= a.critical_secs as i64 * 1000 {
+            (Status::Critical, a.critical_secs)
         } else {
-            continue;
+            (Status::Warning, a.warning_secs)
         };
-        let current = state.event(&e.name, KEEPALIVE);
-        let repeat = current.as_ref().is_none_or(|ev| ev.status != status || now - ev.received_ms >= interval_ms);
+        let current = state.event(&a.name, KEEPALIVE);
+        let repeat = current.as_ref().is_none_or(|ev| ev.status != status || now - ev.received_ms >= a.interval_ms);
         if repeat {
-            let threshold = if status == Status::Critical { crit } else { warn };
-            let output = format!("No keepalive sent from {} for {} seconds (>= {threshold})", e.name, age_ms / 1000);
-            due.push(CheckResult::made_by_drover(&e.name, KEEPALIVE, status, output, now));
+            let output = format!("No keepalive sent from {} for {} seconds (>= {threshold})", a.name, a.age_ms / 1000);
+            due.push(CheckResult::made_by_drover(&a.name, KEEPALIVE, status, output, now));
         }
     }
     for r in due {

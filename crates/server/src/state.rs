@@ -46,6 +46,15 @@ pub struct State {
     watch_tx: tokio::sync::broadcast::Sender<WatchMessage>,
 }
 
+/// An agent past its keepalive warning threshold (see [`State::overdue_agents`]).
+pub struct OverdueAgent {
+    pub name: String,
+    pub age_ms: i64,
+    pub warning_secs: u64,
+    pub critical_secs: u64,
+    pub interval_ms: i64,
+}
+
 /// Frames a slow watcher may fall behind by before it is sent a fresh snapshot.
 const WATCH_BACKLOG: usize = 8192;
 
@@ -242,6 +251,27 @@ impl State {
         let output = format!("Keepalive last sent from {name} at {}", now / 1000);
         let result = CheckResult::made_by_drover(name, KEEPALIVE, Status::Ok, output, now);
         self.ingest(None, result).ok()
+    }
+
+    /// Agents whose last keepalive is older than their warning threshold, measured from
+    /// no earlier than the server's start. Computed under the read lock so the monitor's
+    /// tick copies out only the late ones, not every entity with its metrics.
+    pub fn overdue_agents(&self, now_ms: i64) -> Vec<OverdueAgent> {
+        let ents = self.entities.read().expect("entities lock");
+        ents.values()
+            .filter(|e| e.class == EntityClass::Agent)
+            .filter_map(|e| {
+                let warning_secs = e.keepalive_warning_secs.unwrap_or(self.settings.keepalive_warning_secs);
+                let age_ms = now_ms - e.last_seen_ms.max(self.started_ms);
+                (age_ms >= warning_secs as i64 * 1000).then(|| OverdueAgent {
+                    name: e.name.clone(),
+                    age_ms,
+                    warning_secs,
+                    critical_secs: e.keepalive_critical_secs.unwrap_or(self.settings.keepalive_critical_secs),
+                    interval_ms: e.keepalive_interval_secs.unwrap_or(20) as i64 * 1000,
+                })
+            })
+            .collect()
     }
 
     /// Creates or replaces an entity from the API or config (proxy entities).
