@@ -125,17 +125,7 @@ mod tests {
     use drover_core::status::Status;
 
     fn result(check: &str) -> CheckResult {
-        CheckResult {
-            check: check.into(),
-            entity: String::new(),
-            status: Status::Ok,
-            output: String::new(),
-            issued_ms: 0,
-            executed_ms: 0,
-            duration_ms: 0,
-            metrics: vec![],
-            check_config: None,
-        }
+        CheckResult::made_by_drover("", check, Status::Ok, String::new(), 0)
     }
 
     #[test]

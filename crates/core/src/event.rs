@@ -271,17 +271,7 @@ mod tests {
     use super::*;
 
     fn result(status: Status) -> CheckResult {
-        CheckResult {
-            check: "c".into(),
-            entity: String::new(),
-            status,
-            output: status.as_str().into(),
-            issued_ms: 0,
-            executed_ms: 0,
-            duration_ms: 0,
-            metrics: vec![],
-            check_config: None,
-        }
+        CheckResult::made_by_drover("", "c", status, status.as_str().into(), 0)
     }
 
     fn flappy_cfg() -> EventCheckConfig {

@@ -267,17 +267,7 @@ mod tests {
     use drover_core::event::{CheckResult, EventAction};
 
     fn result(status: Status) -> CheckResult {
-        CheckResult {
-            check: "c".into(),
-            entity: String::new(),
-            status,
-            output: String::new(),
-            issued_ms: 0,
-            executed_ms: 0,
-            duration_ms: 0,
-            metrics: vec![],
-            check_config: None,
-        }
+        CheckResult::made_by_drover("", "c", status, String::new(), 0)
     }
 
     fn run(statuses: &[Status]) -> Event {
