@@ -12,6 +12,17 @@ have() { command -v "$1" >/dev/null 2>&1; }
 [ -x /usr/lib/nagios/plugins/check_load ] || need_pkgs+=(monitoring-plugins-basic)
 have curl || need_pkgs+=(curl)
 have openssl || need_pkgs+=(openssl)
+# Proxy tests: real load (hey, wrk) and real TCP services behind the proxy.
+have hey || need_pkgs+=(hey)
+have wrk || need_pkgs+=(wrk)
+have redis-server || need_pkgs+=(redis-server)
+[ -x /usr/lib/postgresql/15/bin/postgres ] || need_pkgs+=(postgresql-15)
+# Name-server tests: real DNS clients and a real Knot secondary.
+have dig || need_pkgs+=(bind9-dnsutils)
+have kdig || need_pkgs+=(knot-dnsutils)
+have knotd || need_pkgs+=(knot)
+# Multi-host tests build network namespaces.
+have ip || need_pkgs+=(iproute2)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "installing: ${need_pkgs[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
