@@ -124,6 +124,25 @@ impl MemberHealth {
 
 const KEEPALIVE: &str = "keepalive";
 
+/// Every member by entity name, as a data plane holds it: swapped whole on each change,
+/// so readers take one consistent view without a lock.
+pub type Members = std::sync::Arc<BTreeMap<String, MemberHealth>>;
+
+impl MemberHealth {
+    /// Why the member is out for a consumer requiring `required` checks, or `None` when
+    /// it [`passes`](MemberHealth::passes).
+    pub fn failing_reason(&self, required: &[String]) -> Option<String> {
+        if !self.healthy {
+            return Some(self.reason.clone());
+        }
+        required.iter().find_map(|c| match self.checks.get(c) {
+            None => Some(format!("check {c} has no result yet")),
+            Some(s) if !s.is_ok() => Some(format!("check {c} {s}")),
+            Some(_) => None,
+        })
+    }
+}
+
 /// Frames of `GET /api/v1/watch`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]

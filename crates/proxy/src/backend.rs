@@ -45,11 +45,22 @@ pub struct Backend {
     check: Mutex<Option<HealthConfig>>,
     passive: Mutex<Passive>,
     removed: AtomicBool,
+    /// The control plane's verdict for a member from `members` (None for static
+    /// backends): in rotation only while true, whatever the active checks say.
+    control: Mutex<Option<ControlVerdict>>,
     in_flight: AtomicU64,
     served: AtomicU64,
     current_weight: AtomicI64,
     /// The current service generation's "a slot was freed" signal.
     released: Mutex<Arc<tokio::sync::Notify>>,
+}
+
+/// What the control plane says about a member: healthy or not, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlVerdict {
+    pub entity: String,
+    pub healthy: bool,
+    pub reason: String,
 }
 
 /// Counts a request or connection as in flight until dropped.
@@ -76,6 +87,9 @@ pub enum Unavailable {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BackendStatus {
     pub address: SocketAddr,
+    /// The control-plane entity behind a `members` backend.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entity: Option<String>,
     pub weight: u32,
     pub zone: Option<String>,
     pub state: &'static str,
@@ -94,6 +108,7 @@ impl Backend {
             check: Mutex::new(None),
             passive: Mutex::new(passive_of(svc)),
             removed: AtomicBool::new(false),
+            control: Mutex::new(None),
             in_flight: AtomicU64::new(0),
             served: AtomicU64::new(0),
             current_weight: AtomicI64::new(0),
@@ -140,6 +155,20 @@ impl Backend {
         *check = svc.health.clone();
     }
 
+    /// Sets the control plane's verdict on a member (kept across config generations).
+    pub fn set_control(&self, verdict: ControlVerdict) {
+        let mut c = self.control.lock().unwrap();
+        if c.as_ref().is_none_or(|old| old.healthy != verdict.healthy) {
+            if verdict.healthy {
+                // Slow start counts from re-entry, as after an active check's rise.
+                self.health.lock().unwrap().healthy_since = Some(Instant::now());
+            }
+            tracing::info!(backend = %self.addr, entity = %verdict.entity, healthy = verdict.healthy,
+                reason = %verdict.reason, "control plane verdict");
+        }
+        *c = Some(verdict);
+    }
+
     pub fn is_removed(&self) -> bool {
         self.removed.load(Ordering::SeqCst)
     }
@@ -153,7 +182,7 @@ impl Backend {
     }
 
     pub fn available(&self, now: Instant) -> bool {
-        if self.is_removed() {
+        if self.is_removed() || self.control.lock().unwrap().as_ref().is_some_and(|c| !c.healthy) {
             return false;
         }
         let h = self.health.lock().unwrap();
@@ -194,8 +223,11 @@ impl Backend {
         let h = self.health.lock().unwrap();
         let check = self.check.lock().unwrap().clone();
         let in_flight = self.in_flight();
+        let control = self.control.lock().unwrap().clone();
         let (state, reason) = if self.is_removed() {
             ("draining", format!("removed, draining {in_flight} in flight"))
+        } else if let Some(c) = control.as_ref().filter(|c| !c.healthy) {
+            ("unhealthy", format!("control plane: {} {}", c.entity, c.reason))
         } else if let Some(t) = h.ejected_until.filter(|t| now < *t) {
             ("ejected", format!("{}; back in {} ms", h.last_passive_error, (t - now).as_millis()))
         } else if !h.active_ok {
@@ -212,6 +244,7 @@ impl Backend {
         };
         BackendStatus {
             address: self.addr,
+            entity: control.map(|c| c.entity),
             weight: self.weight(),
             zone: self.zone.lock().unwrap().clone(),
             state,
@@ -457,6 +490,7 @@ mod tests {
     fn svc(weights: &[u32]) -> Service {
         let cfg = ServiceConfig {
             backends: vec![],
+            members: None,
             balance: Balance::RoundRobin,
             health: None,
             passive_failures: 5,

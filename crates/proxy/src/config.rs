@@ -62,6 +62,9 @@
 //! rise = 2
 //! fall = 3
 //!
+//! [services.web]                        # members from the control plane (`drover proxy --server`)
+//! members = { subscription = "web", port = 8080, checks = ["http"] }   # + zone_label/weight_label
+//!
 //! [services.db]
 //! backends = [{ address = "10.0.0.5:5432" }]
 //! send_proxy_protocol = true             # tcp only: PROXY v1 line before the client's bytes
@@ -214,7 +217,15 @@ pub enum Balance {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
+    /// Static members. A service needs these, `members`, or both.
+    #[serde(default)]
     pub backends: Vec<BackendConfig>,
+    /// Members from the control plane (with `drover proxy --server`): the entities of a
+    /// subscription, at their registered address and this port. They are in rotation
+    /// only while the control plane says healthy (keepalive passing, plus `checks`),
+    /// and also pass the active checks when the service has them.
+    #[serde(default)]
+    pub members: Option<MembersConfig>,
     #[serde(default)]
     pub balance: Balance,
     /// Active checks; without them backends are in rotation from the start and only
@@ -253,6 +264,29 @@ pub struct ServiceConfig {
     /// the backend (PostgreSQL behind pgbouncer, HAProxy, nginx) sees the client address.
     #[serde(default)]
     pub send_proxy_protocol: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MembersConfig {
+    pub subscription: String,
+    pub port: u16,
+    /// Checks that must also be passing on the member (a missing result is not passing).
+    #[serde(default)]
+    pub checks: Vec<String>,
+    /// Entity label holding the member's zone (for the proxy's `zone` preference).
+    #[serde(default = "d_zone_label")]
+    pub zone_label: String,
+    /// Entity label holding the member's weight (1-1000; absent or invalid = 1).
+    #[serde(default = "d_weight_label")]
+    pub weight_label: String,
+}
+
+fn d_zone_label() -> String {
+    "zone".into()
+}
+fn d_weight_label() -> String {
+    "weight".into()
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -429,8 +463,17 @@ impl ProxyConfig {
         for (name, s) in &self.services {
             let at = |f: &str| vec!["services".to_string(), name.clone(), f.to_string()];
             let fail = |f: &str, m: String| Err(Invalid(at(f), m));
-            if s.backends.is_empty() {
-                return fail("backends", "at least one backend is needed".into());
+            if s.backends.is_empty() && s.members.is_none() {
+                return fail("backends", "at least one backend (or a `members` source) is needed".into());
+            }
+            if let Some(m) = &s.members {
+                let at = |f: &str| vec!["services".to_string(), name.clone(), "members".into(), f.to_string()];
+                if m.subscription.is_empty() {
+                    return Err(Invalid(at("subscription"), "must not be empty".into()));
+                }
+                if m.port == 0 {
+                    return Err(Invalid(at("port"), "must be 1-65535".into()));
+                }
             }
             let mut seen = BTreeSet::new();
             for (bi, b) in s.backends.iter().enumerate() {

@@ -26,9 +26,10 @@ mod http;
 mod tcp;
 mod tls;
 
-use crate::backend::{Backend, Service};
-use crate::config::{Protocol, ProxyConfig};
+use crate::backend::{Backend, ControlVerdict, Service};
+use crate::config::{MembersConfig, Protocol, ProxyConfig};
 pub use crate::error::{ForwardError, ProxyError, Side};
+pub use drover_core::health::Members;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use std::collections::BTreeMap;
@@ -53,6 +54,11 @@ pub(crate) type StopRx = watch::Receiver<Option<Duration>>;
 
 pub(crate) struct Shared {
     snapshot: RwLock<Arc<Snapshot>>,
+    /// Serializes generation changes (reloads and member updates), which read the
+    /// current snapshot and swap in the next.
+    generation: Mutex<()>,
+    /// The control plane's member view; `members` services draw their backends from it.
+    members: RwLock<Members>,
     /// Removed backends still finishing requests, with their service's name.
     draining: Mutex<Vec<(String, Arc<Backend>)>>,
     /// Stops health-check tasks.
@@ -75,22 +81,38 @@ impl Shared {
     fn build(&self, cfg: ProxyConfig, old: Option<&Snapshot>) -> Snapshot {
         let mut services = BTreeMap::new();
         let mut clients = BTreeMap::new();
+        let members = self.members.read().unwrap().clone();
         for (name, scfg) in &cfg.services {
             let old_svc = old.and_then(|o| o.services.get(name));
-            let backends = scfg
-                .backends
-                .iter()
-                .map(|bc| match old_svc.and_then(|s| s.backends.iter().find(|b| b.addr == bc.address)) {
-                    Some(b) => {
-                        b.set_member(bc.weight, bc.zone.clone());
-                        b.apply(scfg);
-                        b.clone()
+            let mut wanted: Vec<(SocketAddr, u32, Option<String>, Option<ControlVerdict>)> =
+                scfg.backends.iter().map(|bc| (bc.address, bc.weight, bc.zone.clone(), None)).collect();
+            if let Some(mc) = &scfg.members {
+                for m in member_backends(mc, &members) {
+                    // A static backend at the same address wins: the operator said so explicitly.
+                    if !wanted.iter().any(|w| w.0 == m.0) {
+                        wanted.push(m);
                     }
-                    None => {
-                        let b = Backend::new(bc.address, bc.weight, bc.zone.clone(), scfg);
-                        self.runtime.spawn(backend::run_checks(b.clone(), self.checks_stop.subscribe()));
-                        b
+                }
+            }
+            let backends = wanted
+                .into_iter()
+                .map(|(addr, weight, zone, verdict)| {
+                    let b = match old_svc.and_then(|s| s.backends.iter().find(|b| b.addr == addr)) {
+                        Some(b) => {
+                            b.set_member(weight, zone);
+                            b.apply(scfg);
+                            b.clone()
+                        }
+                        None => {
+                            let b = Backend::new(addr, weight, zone, scfg);
+                            self.runtime.spawn(backend::run_checks(b.clone(), self.checks_stop.subscribe()));
+                            b
+                        }
+                    };
+                    if let Some(v) = verdict {
+                        b.set_control(v);
                     }
+                    b
                 })
                 .collect();
             let client = match (old_svc, old.and_then(|o| o.clients.get(name))) {
@@ -103,6 +125,27 @@ impl Shared {
                 .insert(name.clone(), Arc::new(Service::new(name.clone(), scfg.clone(), backends, cfg.zone.clone())));
         }
         Snapshot { cfg, services, clients }
+    }
+
+    /// Builds the next generation from `cfg` and the current members and swaps it in;
+    /// backends no longer wanted get no new requests and drain what they have.
+    fn advance(&self, cfg: Option<ProxyConfig>) {
+        let _g = self.generation.lock().unwrap();
+        let old = self.snapshot();
+        let next = self.build(cfg.unwrap_or_else(|| old.cfg.clone()), Some(&old));
+        let mut draining = self.draining.lock().unwrap();
+        for (name, svc) in &old.services {
+            for b in &svc.backends {
+                let kept = next.services.get(name).is_some_and(|s| s.backends.iter().any(|n| Arc::ptr_eq(n, b)));
+                if !kept {
+                    b.remove();
+                    tracing::info!(service = %name, backend = %b.addr, in_flight = b.in_flight(), "removed; draining");
+                    draining.push((name.clone(), b.clone()));
+                }
+            }
+        }
+        drop(draining);
+        *self.snapshot.write().unwrap() = Arc::new(next);
     }
 
     pub(crate) fn count_response(&self, service: &str, status: u16, tries: u32) {
@@ -179,6 +222,35 @@ impl Shared {
     }
 }
 
+/// The backends a `members` source yields: subscribed entities with an IP address,
+/// each with the control plane's verdict.
+fn member_backends(
+    mc: &MembersConfig,
+    members: &Members,
+) -> Vec<(SocketAddr, u32, Option<String>, Option<ControlVerdict>)> {
+    let mut out = Vec::new();
+    for m in members.values().filter(|m| m.subscriptions.iter().any(|s| s == &mc.subscription)) {
+        let Some(ip) = m.address.as_deref().and_then(|a| a.parse::<std::net::IpAddr>().ok()) else {
+            tracing::warn!(entity = %m.entity, address = ?m.address, "member has no IP address; not a backend");
+            continue;
+        };
+        let weight = m.labels.get(&mc.weight_label).and_then(|w| w.parse().ok()).filter(|w| (1..=1000).contains(w));
+        let failing = m.failing_reason(&mc.checks);
+        let verdict = ControlVerdict {
+            entity: m.entity.clone(),
+            healthy: failing.is_none(),
+            reason: failing.unwrap_or_else(|| m.reason.clone()),
+        };
+        out.push((
+            SocketAddr::new(ip, mc.port),
+            weight.unwrap_or(1),
+            m.labels.get(&mc.zone_label).cloned(),
+            Some(verdict),
+        ));
+    }
+    out
+}
+
 fn new_client(connect_timeout_ms: u64) -> HttpClient {
     let mut conn = HttpConnector::new();
     conn.set_connect_timeout(Some(Duration::from_millis(connect_timeout_ms)));
@@ -203,6 +275,8 @@ impl Proxy {
                 clients: BTreeMap::new(),
             })),
             draining: Mutex::new(Vec::new()),
+            generation: Mutex::new(()),
+            members: RwLock::new(Members::default()),
             responses: Mutex::new(BTreeMap::new()),
             resends: Mutex::new(BTreeMap::new()),
             checks_stop,
@@ -306,22 +380,16 @@ impl RunningProxy {
         if old.cfg.admin_listen != cfg.admin_listen {
             return Err(ProxyError::Reload("admin_listen changed; restart the proxy to apply that".into()));
         }
-        let next = self.shared.build(cfg, Some(&old));
-        let mut draining = self.shared.draining.lock().unwrap();
-        for (name, svc) in &old.services {
-            for b in &svc.backends {
-                let kept = next.services.get(name).is_some_and(|s| s.backends.iter().any(|n| Arc::ptr_eq(n, b)));
-                if !kept {
-                    b.remove();
-                    tracing::info!(service = %name, backend = %b.addr, in_flight = b.in_flight(), "removed; draining");
-                    draining.push((name.clone(), b.clone()));
-                }
-            }
-        }
-        drop(draining);
-        *self.shared.snapshot.write().unwrap() = Arc::new(next);
+        self.shared.advance(Some(cfg));
         tracing::info!("config reloaded");
         Ok(())
+    }
+
+    /// Takes the control plane's member view: `members` services gain, lose and gate
+    /// backends accordingly (a member that left drains like a removed backend).
+    pub fn set_members(&self, members: Members) {
+        *self.shared.members.write().unwrap() = members;
+        self.shared.advance(None);
     }
 
     /// Stops accepting, lets in-flight requests and connections finish for up to
