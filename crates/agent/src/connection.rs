@@ -58,29 +58,8 @@ pub(crate) struct Target {
     tls: Option<Arc<rustls::ClientConfig>>,
 }
 
-/// The trust roots for a wss:// server: the public web PKI, plus the PEM certificates in
-/// `ca_file` (how a self-signed or private-CA control plane is trusted).
 pub(crate) fn client_tls(ca_file: Option<&std::path::Path>) -> Result<Arc<rustls::ClientConfig>, AgentError> {
-    use rustls_pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-    if let Some(path) = ca_file {
-        let bad = |e: String| AgentError::Config(format!("`ca_file` {}: {e}", path.display()));
-        let mut n = 0;
-        for cert in rustls_pki_types::CertificateDer::pem_file_iter(path).map_err(|e| bad(e.to_string()))? {
-            roots.add(cert.map_err(|e| bad(e.to_string()))?).map_err(|e| bad(e.to_string()))?;
-            n += 1;
-        }
-        if n == 0 {
-            return Err(bad("no PEM certificate found".into()));
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| AgentError::Config(format!("TLS: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(cfg))
+    drover_core::client::tls_config(ca_file).map_err(AgentError::Config)
 }
 
 impl Target {
@@ -121,32 +100,9 @@ impl Target {
     }
 }
 
-/// `ws(s)://host:port[/path]`; http(s) become ws(s), a bare `host:port` becomes ws, and
-/// a URL without a path gets the agent endpoint's path.
+/// The agent endpoint's URL for `server` (see [`drover_core::client::ws_url`]).
 pub(crate) fn normalize_url(server: &str) -> Result<String, AgentError> {
-    let s = server.trim();
-    let (scheme, rest) = match s.split_once("://") {
-        None => ("ws", s),
-        Some((scheme, rest)) => match scheme.to_ascii_lowercase().as_str() {
-            "ws" | "http" => ("ws", rest),
-            "wss" | "https" => ("wss", rest),
-            other => {
-                return Err(AgentError::Config(format!(
-                    "server URL `{s}`: scheme `{other}` is not one of ws, wss, http, https"
-                )));
-            }
-        },
-    };
-    let (authority, path) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
-    if authority.is_empty() {
-        return Err(AgentError::Config(format!("server URL `{s}` has no host")));
-    }
-    let path = match path {
-        "" | "/" => AGENT_WS_PATH.to_string(),
-        p if p.starts_with('?') => format!("{AGENT_WS_PATH}{p}"),
-        p => p.to_string(),
-    };
-    Ok(format!("{scheme}://{authority}{path}"))
+    drover_core::client::ws_url(server, AGENT_WS_PATH).map_err(AgentError::Config)
 }
 
 pub(crate) struct Settings {
@@ -565,19 +521,9 @@ mod tests {
 
     #[test]
     fn urls_are_normalised_to_the_agent_endpoint() {
-        for (given, want) in [
-            ("ws://srv:8080", "ws://srv:8080/api/v1/agent/ws"),
-            ("ws://srv:8080/", "ws://srv:8080/api/v1/agent/ws"),
-            ("http://srv:8080", "ws://srv:8080/api/v1/agent/ws"),
-            ("https://srv", "wss://srv/api/v1/agent/ws"),
-            ("wss://srv/custom/ws", "wss://srv/custom/ws"),
-            ("srv:8080", "ws://srv:8080/api/v1/agent/ws"),
-            (" HTTP://srv:1 ", "ws://srv:1/api/v1/agent/ws"),
-        ] {
-            assert_eq!(normalize_url(given).unwrap(), want, "{given}");
-        }
+        assert_eq!(normalize_url("http://srv:8080").unwrap(), "ws://srv:8080/api/v1/agent/ws");
+        assert_eq!(normalize_url("wss://srv/custom/ws").unwrap(), "wss://srv/custom/ws");
         assert!(matches!(normalize_url("ftp://srv"), Err(AgentError::Config(_))));
-        assert!(matches!(normalize_url("ws:///path"), Err(AgentError::Config(_))));
     }
 
     #[test]

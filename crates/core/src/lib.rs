@@ -17,10 +17,12 @@
 //!   check dependencies (run by the `drover-pipeline` crate).
 //! - [`tokens`]: entity attribute substitution into check commands.
 //! - [`protocol`]: the JSON messages agents and servers exchange over the WebSocket.
+//! - [`client`]: a `--server` URL and the TLS roots a client of the server trusts.
 //! - [`config`]: TOML config files, loaded with errors that name file, line and field.
 //! - [`time`]: wall-clock helpers (milliseconds since the Unix epoch).
 #![forbid(unsafe_code)]
 
+pub mod client;
 pub mod config;
 pub mod event;
 pub mod health;
