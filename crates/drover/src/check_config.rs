@@ -51,6 +51,17 @@ pub fn run(args: &CheckConfigArgs) -> Result<String, String> {
             backends
         ));
     }
+    if let Some(file) = &args.dns_config {
+        let cfg = drover_dns::DnsConfig::load(file).map_err(|e| e.to_string())?;
+        let records: usize = cfg.zones.iter().map(|z| z.records.len()).sum();
+        lines.push(format!(
+            "ok: {}: {} zones, {} config records, {} pools",
+            file.display(),
+            cfg.zones.len(),
+            records,
+            cfg.pools.len()
+        ));
+    }
     Ok(lines.join("\n"))
 }
 
@@ -60,7 +71,7 @@ mod tests {
     use std::path::PathBuf;
 
     fn args(dir: Option<PathBuf>, agent: Option<PathBuf>) -> CheckConfigArgs {
-        CheckConfigArgs { config_dir: dir, agent_config: agent, proxy_config: None }
+        CheckConfigArgs { config_dir: dir, agent_config: agent, proxy_config: None, dns_config: None }
     }
 
     #[test]
@@ -112,7 +123,8 @@ mod tests {
         let f = d.path().join("proxy.toml");
         let good = "[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\n\n[[routes]]\nlistener = \"web\"\nservice = \"app\"\n\n[services.app]\nbackends = [{ address = \"127.0.0.1:9001\" }]\n";
         std::fs::write(&f, good).unwrap();
-        let a = CheckConfigArgs { config_dir: None, agent_config: None, proxy_config: Some(f.clone()) };
+        let a =
+            CheckConfigArgs { config_dir: None, agent_config: None, proxy_config: Some(f.clone()), dns_config: None };
         let out = run(&a).unwrap();
         assert!(out.ends_with("1 listeners, 1 routes, 1 services, 1 backends"), "{out}");
         std::fs::write(&f, good.replace("service = \"app\"", "service = \"nope\"")).unwrap();

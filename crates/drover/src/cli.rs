@@ -45,13 +45,59 @@ pub enum Command {
     /// Run the load balancer: HTTP and TCP listeners in front of health-checked backends.
     /// SIGHUP reloads the config file; SIGTERM drains and exits.
     Proxy(ProxyArgs),
+    /// Run an authoritative name server whose pool answers follow member health.
+    Dns(DnsArgs),
 }
 
 #[derive(Debug, Clone, Args)]
+#[command(group(ArgGroup::new("source").required(true).multiple(true).args(["config", "server"])))]
+pub struct DnsArgs {
+    /// Name server config file (TOML): `[[zones]]`, `[[pools]]`, `[discovery]`.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address for UDP and TCP; overrides the file's `listen`.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Control-plane server whose member health pools follow (`GET /api/v1/watch`).
+    #[arg(long, value_name = "URL")]
+    pub server: Option<String>,
+    /// Token to present to the server (the agent token is enough).
+    #[arg(long, value_name = "TOKEN", env = "DROVER_AGENT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// PEM CA certificate(s) to trust for a wss:// server.
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Where the last known members are kept, so a restart without the server answers as before.
+    #[arg(long, value_name = "FILE")]
+    pub state_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+#[command(group(ArgGroup::new("what").required(true).args(["config", "listen"])))]
 pub struct ProxyArgs {
     /// Proxy config file (TOML): `[[listeners]]`, `[[routes]]`, `[services.NAME]`.
     #[arg(long, value_name = "FILE")]
-    pub config: PathBuf,
+    pub config: Option<PathBuf>,
+    /// Instead of a file: `[http://|tcp://]BIND=SUBSCRIPTION:PORT`, a listener in front of
+    /// the healthy members of a subscription (needs --server); repeatable.
+    #[arg(long, value_name = "SPEC", requires = "server")]
+    pub listen: Vec<drover_proxy::spec::ListenSpec>,
+    /// Control-plane server whose member health `members` services follow (`GET /api/v1/watch`).
+    #[arg(long, value_name = "URL")]
+    pub server: Option<String>,
+    /// Token to present to the server (the agent token is enough).
+    #[arg(long, value_name = "TOKEN", env = "DROVER_AGENT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// PEM CA certificate(s) to trust for a wss:// server.
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Where the last known members are kept, so a restart while the server is down
+    /// still serves them.
+    #[arg(long, value_name = "FILE", default_value = "drover-proxy.members.json")]
+    pub state_file: PathBuf,
+    /// Loopback address for the admin endpoint in --listen mode (`/backends`, `/metrics`).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub admin_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -239,6 +285,16 @@ pub struct UpArgs {
     /// A label KEY=VALUE for the local agent; repeatable.
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
+    /// Proxy listeners in front of the healthy members of a subscription:
+    /// `[http://|tcp://]BIND=SUBSCRIPTION:PORT` (a member's `port` label overrides PORT); repeatable.
+    #[arg(long = "proxy", value_name = "SPEC", default_value = "127.0.0.1:8480=web:8000")]
+    pub proxy: Vec<drover_proxy::spec::ListenSpec>,
+    /// The proxy's admin endpoint (`/backends` says why each member is in or out).
+    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:8481")]
+    pub proxy_admin: SocketAddr,
+    /// Run without the proxy.
+    #[arg(long, conflicts_with = "proxy")]
+    pub no_proxy: bool,
 }
 
 impl UpArgs {
@@ -259,7 +315,7 @@ pub fn hostname() -> String {
 }
 
 #[derive(Debug, Clone, Args)]
-#[command(group(ArgGroup::new("target").required(true).multiple(true).args(["config_dir", "agent_config", "proxy_config"])))]
+#[command(group(ArgGroup::new("target").required(true).multiple(true).args(["config_dir", "agent_config", "proxy_config", "dns_config"])))]
 pub struct CheckConfigArgs {
     /// A server config directory to validate.
     #[arg(long, value_name = "DIR")]
@@ -270,6 +326,9 @@ pub struct CheckConfigArgs {
     /// A proxy config file to validate.
     #[arg(long, value_name = "FILE")]
     pub proxy_config: Option<PathBuf>,
+    /// A name server (`drover dns`) config file to validate, zone files included.
+    #[arg(long, value_name = "FILE")]
+    pub dns_config: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]

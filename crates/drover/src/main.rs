@@ -30,6 +30,7 @@ fn main() -> ExitCode {
         },
         Command::Ctl(a) => drover::ctl::run(a),
         Command::Proxy(a) => block_on(true, drover::run::proxy(a)),
+        Command::Dns(a) => block_on(true, drover::run::dns(a)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

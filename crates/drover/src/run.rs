@@ -2,7 +2,7 @@
 //! Each runs until SIGINT or SIGTERM, then stops cleanly: the server flushes its
 //! state, the agent deregisters if configured to.
 
-use crate::cli::{AgentArgs, ProxyArgs, ServerArgs, UpArgs};
+use crate::cli::{AgentArgs, DnsArgs, ProxyArgs, ServerArgs, UpArgs};
 use anyhow::Context;
 use drover_core::config::AgentConfig;
 use drover_server::{Server, ServerOptions};
@@ -82,42 +82,154 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<()> {
         token_file.display(),
     );
     let mut agent = drover_agent::start(cfg).await.context("local agent failed to start")?;
-    tokio::select! {
-        r = agent.wait() => { r.context("local agent stopped")?; }
-        _ = stop_signal() => { let _ = agent.shutdown().await; }
+    let proxy = if args.no_proxy {
+        None
+    } else {
+        let pcfg = drover_proxy::spec::config_from_specs(&args.proxy, Some(args.proxy_admin))
+            .map_err(|e| anyhow::anyhow!("--proxy: {e}"))?;
+        // The proxy follows the server like a separate `drover proxy` would, over the
+        // watch stream, so `up` exercises the same path as a real deployment.
+        let feed = start_feed(
+            &format!("http://{addr}"),
+            Some(server.agent_token().to_string()),
+            None,
+            args.data_dir.join("proxy.members.json"),
+        )?;
+        let proxy = drover_proxy::Proxy::start(pcfg).await.context("the proxy failed to start")?;
+        for (i, spec) in args.proxy.iter().enumerate() {
+            let bound = proxy.local_addr(&spec.listener_name(i)).unwrap_or(spec.bind);
+            eprintln!("  proxy: {bound} -> healthy members of `{}` (port {})", spec.subscription, spec.port);
+        }
+        eprintln!("  proxy admin: http://{}/backends", args.proxy_admin);
+        Some((proxy, feed))
+    };
+    let mut members = proxy.as_ref().map(|(_, f)| f.members());
+    let stop = stop_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            r = agent.wait() => { r.context("local agent stopped")?; break; }
+            Some(()) = next_members(&mut members) => {
+                if let (Some((p, _)), Some(m)) = (&proxy, &mut members) {
+                    p.set_members(m.borrow_and_update().clone());
+                }
+            }
+            _ = &mut stop => { let _ = agent.shutdown().await; break; }
+        }
+    }
+    if let Some((p, _feed)) = proxy {
+        p.shutdown(std::time::Duration::from_secs(5)).await;
     }
     server.shutdown().await;
     Ok(())
 }
 
-/// `drover proxy`: standalone load balancer from one config file. SIGHUP re-reads the
+/// `drover proxy`: the load balancer, from a config file or `--listen` specs; with
+/// `--server`, `members` services follow the control plane's member health (and keep
+/// the last known members, on disk too, while it is unreachable). SIGHUP re-reads the
 /// file and applies it live (an invalid file is logged with its location and the old
 /// config stays); SIGTERM or SIGINT stop accepting, drain for `drain_timeout_secs`
 /// and exit 0.
 pub async fn proxy(args: &ProxyArgs) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let cfg = drover_proxy::config::ProxyConfig::load(&args.config)?;
+    let load = || -> anyhow::Result<drover_proxy::config::ProxyConfig> {
+        match &args.config {
+            Some(file) => Ok(drover_proxy::config::ProxyConfig::load(file)?),
+            None => drover_proxy::spec::config_from_specs(&args.listen, args.admin_listen).map_err(anyhow::Error::msg),
+        }
+    };
+    let cfg = load()?;
+    let feed = match &args.server {
+        Some(server) => Some(start_feed(server, args.token.clone(), args.ca_file.clone(), args.state_file.clone())?),
+        None => {
+            if cfg.services.values().any(|s| s.members.is_some()) {
+                tracing::warn!("services with `members` get none without --server; only static backends serve");
+            }
+            None
+        }
+    };
     let proxy = drover_proxy::Proxy::start(cfg).await.context("drover proxy failed to start")?;
     for (name, addr) in proxy.local_addrs() {
         tracing::info!(listener = %name, %addr, "proxy listener ready");
+    }
+    let mut members = feed.as_ref().map(|f| f.members());
+    if let Some(m) = &mut members {
+        proxy.set_members(m.borrow_and_update().clone());
     }
     let mut hup = signal(SignalKind::hangup()).context("installing a SIGHUP handler")?;
     let stop = stop_signal();
     tokio::pin!(stop);
     loop {
         tokio::select! {
-            _ = hup.recv() => match drover_proxy::config::ProxyConfig::load(&args.config) {
-                Ok(cfg) => match proxy.reload(cfg) {
-                    Ok(()) => tracing::info!(file = %args.config.display(), "SIGHUP: config reloaded"),
+            _ = hup.recv() => match (&args.config, load()) {
+                (None, _) => tracing::info!("SIGHUP: no config file to re-read"),
+                (Some(file), Ok(cfg)) => match proxy.reload(cfg) {
+                    Ok(()) => tracing::info!(file = %file.display(), "SIGHUP: config reloaded"),
                     Err(e) => tracing::error!("SIGHUP: {e}; keeping the running config"),
                 },
-                Err(e) => tracing::error!("SIGHUP: invalid config, keeping the running one: {e}"),
+                (Some(_), Err(e)) => tracing::error!("SIGHUP: invalid config, keeping the running one: {e}"),
             },
+            Some(()) = next_members(&mut members) => {
+                if let Some(m) = &mut members {
+                    proxy.set_members(m.borrow_and_update().clone());
+                }
+            }
             _ = &mut stop => break,
         }
     }
     let drain = std::time::Duration::from_secs(proxy.config().drain_timeout_secs);
     proxy.shutdown(drain).await;
     tracing::info!("proxy stopped");
+    Ok(())
+}
+
+/// Follows the server's member health for a data plane (proxy or name server).
+fn start_feed(
+    server: &str,
+    token: Option<String>,
+    ca_file: Option<std::path::PathBuf>,
+    state_file: std::path::PathBuf,
+) -> anyhow::Result<drover_feed::Feed> {
+    let feed = drover_feed::start(drover_feed::FeedOptions {
+        server: server.to_string(),
+        token,
+        ca_file,
+        state_file: Some(state_file),
+    })?;
+    Ok(feed)
+}
+
+/// Resolves when the feed publishes a new version; never, without a feed (or once it
+/// has stopped).
+async fn next_members(rx: &mut Option<tokio::sync::watch::Receiver<drover_feed::Members>>) -> Option<()> {
+    match rx {
+        Some(rx) => rx.changed().await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
+/// `drover dns`: an authoritative name server. With `--config` alone it serves the file's
+/// zones and static pool members; with `--server` its pools follow the control plane's
+/// member health. Runs until SIGINT or SIGTERM.
+pub async fn dns(args: &DnsArgs) -> anyhow::Result<()> {
+    let cfg = match &args.config {
+        Some(f) => drover_dns::DnsConfig::load(f)?,
+        None => drover_dns::DnsConfig::empty(),
+    };
+    let listen = args.listen.unwrap_or(cfg.listen);
+    let members = match &args.server {
+        None => {
+            // Standalone: the view never changes; the sender lives as long as the server.
+            let (tx, rx) = tokio::sync::watch::channel(drover_dns::Members::default());
+            std::mem::forget(tx);
+            rx
+        }
+        Some(_) => anyhow::bail!("drover dns --server needs the drover-feed crate, which has not landed yet"),
+    };
+    let ns = drover_dns::NameServer::start(cfg, listen, members).await.context("drover dns failed to start")?;
+    println!("drover dns listening on {}", ns.local_addr);
+    stop_signal().await;
+    drop(ns);
+    tracing::info!("name server stopped");
     Ok(())
 }

@@ -266,3 +266,194 @@ fn kill_9_of_a_backend_under_load_fails_no_get() {
     let dead = v["services"]["root"].as_array().unwrap().iter().find(|b| b["address"] == addrs[1].to_string()).unwrap();
     assert_ne!(dead["state"], "healthy", "{dead}");
 }
+
+/// `drover proxy --server … --listen …` as an operator runs it.
+fn fed_proxy(srv: &common::Server, dir: &Path, port: u16, admin: u16, log: &str) -> Proc {
+    let url = srv.url();
+    let listen = format!("127.0.0.1:{port}=web:1");
+    let admin = format!("127.0.0.1:{admin}");
+    let state = dir.join("members.json");
+    let args = [
+        "proxy",
+        "--server",
+        &url,
+        "--token",
+        common::AGENT,
+        "--listen",
+        &listen,
+        "--admin-listen",
+        &admin,
+        "--state-file",
+        state.to_str().unwrap(),
+    ];
+    Proc::spawn(&args, dir.join(log))
+}
+
+fn backends_doc(admin: SocketAddr) -> Option<serde_json::Value> {
+    let (_, body) = get(admin, "/backends").ok()?;
+    serde_json::from_str(&body).ok()
+}
+
+/// Names of the backends that answer `n` GETs in a row (any failure is returned as an error).
+fn answering(addr: SocketAddr, n: usize) -> Result<std::collections::BTreeSet<String>, String> {
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..n {
+        match get(addr, "/x")? {
+            (200, body) => seen.insert(body.split(' ').next().unwrap_or("").to_string()),
+            other => return Err(format!("{other:?}")),
+        };
+    }
+    Ok(seen)
+}
+
+#[test]
+fn fed_proxy_follows_member_health_and_keeps_serving_through_server_and_own_restarts() {
+    let mut srv = common::Server::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let (one, two) = (backend("one"), backend("two"));
+    let ka = ["--keepalive-interval-secs", "1", "--keepalive-warning-secs", "2", "--keepalive-critical-secs", "3"];
+    let member = |name: &str, port: u16| {
+        let label = format!("port={port}");
+        let mut extra = vec!["--address", "127.0.0.1", "--label", &label];
+        extra.extend(ka);
+        srv.agent(name, "web", &extra)
+    };
+    let _web1 = member("web1", one.addr.port());
+    let mut web2 = member("web2", two.addr.port());
+    let (port, admin_port) = (free_port(), free_port());
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    let mut proxy = fed_proxy(&srv, dir.path(), port, admin_port, "proxy-1.log");
+
+    let t = Duration::from_secs(20);
+    wait_for(t, "both members serving through the proxy", || {
+        answering(addr, 6).ok().filter(|s| s.len() == 2).map(|_| ())
+    });
+
+    // A member whose agent is up but whose port is closed never gets a request.
+    let closed = free_port();
+    let _web3 = member("web3", closed);
+    srv.wait_connected("web3");
+    wait_for(t, "web3 listed as a backend", || {
+        let doc = backends_doc(admin)?;
+        let list = doc["services"]["web-1"].as_array()?.clone();
+        list.iter().find(|b| b["entity"] == "web3").cloned()
+    });
+    let seen =
+        answering(addr, 30).unwrap_or_else(|e| panic!("a GET failed while web3 was out: {e}\n{}", proxy.log_text()));
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    let doc = backends_doc(admin).unwrap();
+    let web3 = doc["services"]["web-1"].as_array().unwrap().iter().find(|b| b["entity"] == "web3").unwrap().clone();
+    assert_eq!(web3["state"], "unhealthy", "{web3}");
+
+    // web2's node dies: its keepalive lapses and the control plane takes it out.
+    let killed = Instant::now();
+    web2.kill9();
+    wait_for(t, "web2 out of rotation", || {
+        let doc = backends_doc(admin)?;
+        let b = doc["services"]["web-1"].as_array()?.iter().find(|b| b["entity"] == "web2")?.clone();
+        (b["state"] == "unhealthy" && b["reason"].as_str()?.contains("control plane")).then_some(())
+    });
+    eprintln!("web2 out of rotation {} ms after its agent died", killed.elapsed().as_millis());
+    assert_eq!(answering(addr, 20).unwrap(), ["one".to_string()].into());
+
+    // The control plane dies: the proxy keeps the last known members.
+    srv.stop(true);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(answering(addr, 20).unwrap(), ["one".to_string()].into(), "{}", proxy.log_text());
+
+    // And the proxy restarts while the control plane is still down: it serves from disk.
+    proxy.kill9();
+    let proxy2 = fed_proxy(&srv, dir.path(), port, admin_port, "proxy-2.log");
+    wait_for(t, "the restarted proxy serving from its state file", || {
+        answering(addr, 10).ok().filter(|s| s == &["one".to_string()].into()).map(|_| ())
+    });
+    assert!(proxy2.log_text().contains("from disk"), "{}", proxy2.log_text());
+    drop(proxy2);
+    drop(proxy);
+}
+
+#[test]
+fn tcp_listener_fronts_a_real_redis() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis_port = free_port();
+    let _redis = Child(
+        std::process::Command::new("redis-server")
+            .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (scripts/test.sh installs it)"),
+    );
+    let port = free_port();
+    let text = format!(
+        "[[listeners]]\nname = \"redis\"\nbind = \"127.0.0.1:{port}\"\nprotocol = \"tcp\"\nservice = \"redis\"\n\n\
+         [services.redis]\nbackends = [{{ address = \"127.0.0.1:{redis_port}\" }}]\n\
+         [services.redis.health]\nkind = \"tcp\"\ninterval_ms = 100\ntimeout_ms = 100\nrise = 1\n"
+    );
+    let (p, _) = start(dir.path(), &text);
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    wait_for(Duration::from_secs(15), "redis PONG through the proxy", || (cli(&["PING"]) == "PONG").then_some(()));
+    assert_eq!(cli(&["SET", "drover", "front door"]), "OK");
+    assert_eq!(cli(&["GET", "drover"]), "front door", "{}", p.log_text());
+    // Many round trips on one connection: the byte stream is relayed as is.
+    let out = std::process::Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-r", "200", "INCR", "n"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(cli(&["GET", "n"]), "200");
+}
+
+#[test]
+fn hey_load_with_a_backend_killed_sees_no_failed_get() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut kids = Vec::new();
+    let mut addrs = Vec::new();
+    for name in ["a", "b", "c"] {
+        let port = free_port();
+        let child = std::process::Command::new("python3")
+            .args(["-c", PY_BACKEND, &port.to_string(), name])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("python3");
+        kids.push(Child(child));
+        addrs.push(format!("127.0.0.1:{port}").parse::<SocketAddr>().unwrap());
+    }
+    let (port, admin) = (free_port(), free_port());
+    let text = format!("admin_listen = \"127.0.0.1:{admin}\"\n{}", config(port, &[("/", &addrs)]));
+    let (p, _) = start(dir.path(), &text);
+    let admin: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    wait_for(Duration::from_secs(15), "all three backends healthy", || {
+        let (_, body) = get(admin, "/backends").ok()?;
+        (body.matches("\"state\":\"healthy\"").count() == 3).then_some(())
+    });
+    let hey = std::process::Command::new("hey")
+        .args(["-z", "4s", "-c", "16", &format!("http://127.0.0.1:{port}/x")])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("hey (scripts/test.sh installs it)");
+    std::thread::sleep(Duration::from_millis(1500));
+    kids[0].0.kill().unwrap(); // SIGKILL, mid-load
+    let out = hey.wait_with_output().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout).to_string();
+    let ok: u64 = report
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("[200]")?.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no 200s in hey's report:\n{report}"));
+    assert!(ok > 100, "hey got only {ok} responses:\n{report}");
+    let other_status = report.lines().filter(|l| l.trim().starts_with('[') && !l.trim().starts_with("[200]")).count();
+    assert!(
+        other_status == 0 && !report.contains("Error distribution"),
+        "failed requests under load:\n{report}\n{}",
+        p.log_text()
+    );
+}

@@ -63,7 +63,7 @@
 //! fall = 3
 //!
 //! [services.web]                        # members from the control plane (`drover proxy --server`)
-//! members = { subscription = "web", port = 8080, checks = ["http"] }   # + zone_label/weight_label
+//! members = { subscription = "web", port = 8080, checks = ["http"] }   # + zone_label/weight_label/port_label
 //!
 //! [services.db]
 //! backends = [{ address = "10.0.0.5:5432" }]
@@ -280,6 +280,13 @@ pub struct MembersConfig {
     /// Entity label holding the member's weight (1-1000; absent or invalid = 1).
     #[serde(default = "d_weight_label")]
     pub weight_label: String,
+    /// Entity label that overrides `port` for one member (several members on one host).
+    #[serde(default = "d_port_label")]
+    pub port_label: String,
+}
+
+fn d_port_label() -> String {
+    "port".into()
 }
 
 fn d_zone_label() -> String {

@@ -10,6 +10,12 @@
 //! | `tcp` | the L4 listener: one backend per connection, bytes copied both ways |
 //! | `admin` | the loopback endpoint: `GET /backends` and `GET /health` (JSON), `GET /metrics` (Prometheus text) |
 //! | [`error`] | errors classified by side (client, backend, config) and retryability |
+//! | [`spec`] | the `--listen BIND=SUBSCRIPTION:PORT` shorthand for control-plane-fed proxies |
+//!
+//! Control-plane members: a service with `members` takes its backends from the member
+//! view passed to [`RunningProxy::set_members`] (by the binary, from `drover-feed`);
+//! each update is a new generation like a reload, and the control plane's verdict
+//! gates each member (see [`backend::ControlVerdict`]).
 //!
 //! Config generations: the live routes and services are one immutable [`Snapshot`]
 //! behind a lock, swapped whole on [`RunningProxy::reload`]. A request takes the
@@ -25,6 +31,7 @@ pub mod error;
 mod http;
 mod tcp;
 mod tls;
+pub mod spec;
 
 use crate::backend::{Backend, ControlVerdict, Service};
 use crate::config::{MembersConfig, Protocol, ProxyConfig};
@@ -241,8 +248,9 @@ fn member_backends(
             healthy: failing.is_none(),
             reason: failing.unwrap_or_else(|| m.reason.clone()),
         };
+        let port = m.labels.get(&mc.port_label).and_then(|p| p.parse().ok()).filter(|p| *p != 0).unwrap_or(mc.port);
         out.push((
-            SocketAddr::new(ip, mc.port),
+            SocketAddr::new(ip, port),
             weight.unwrap_or(1),
             m.labels.get(&mc.zone_label).cloned(),
             Some(verdict),
