@@ -101,7 +101,7 @@ fn prometheus_metrics_describe_drover_itself() {
 }
 
 #[test]
-fn drover_up_runs_a_server_with_its_own_agent() {
+fn drover_up_runs_a_server_its_agent_and_a_proxy_in_front_of_members() {
     let dir = tempfile::tempdir().unwrap();
     let conf = dir.path().join("drover.d");
     std::fs::create_dir_all(&conf).unwrap();
@@ -110,7 +110,7 @@ fn drover_up_runs_a_server_with_its_own_agent() {
         "[checks.hello]\ncommand = \"echo hello from up\"\nsubscriptions = [\"default\"]\ninterval_secs = 1\n",
     )
     .unwrap();
-    let port = free_port();
+    let (port, proxy_port, proxy_admin) = (free_port(), free_port(), free_port());
     let mut up = Proc::spawn(
         &[
             "up",
@@ -122,6 +122,10 @@ fn drover_up_runs_a_server_with_its_own_agent() {
             &format!("127.0.0.1:{port}"),
             "--name",
             "solo",
+            "--proxy",
+            &format!("127.0.0.1:{proxy_port}=web:8000"),
+            "--proxy-admin",
+            &format!("127.0.0.1:{proxy_admin}"),
         ],
         dir.path().join("up.log"),
     );
@@ -136,6 +140,55 @@ fn drover_up_runs_a_server_with_its_own_agent() {
             .and_then(|mut r| r.body_mut().read_json::<Value>().ok())
     });
     assert_eq!(ev["output"].as_str().unwrap().trim(), "hello from up");
+
+    // up's proxy sends traffic to a `web` member as soon as its agent says it is there.
+    let site = dir.path().join("site");
+    std::fs::create_dir_all(&site).unwrap();
+    std::fs::write(site.join("index.html"), "served by web1\n").unwrap();
+    let web_port = free_port();
+    let mut backend = std::process::Command::new("python3")
+        .args(["-m", "http.server", &web_port.to_string(), "--bind", "127.0.0.1", "--directory"])
+        .arg(&site)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let agent_token = std::fs::read_to_string(dir.path().join("data/agent.token")).unwrap();
+    let label = format!("port={web_port}");
+    let server = format!("ws://127.0.0.1:{port}");
+    let _web1 = Proc::spawn(
+        &[
+            "agent",
+            "--server",
+            &server,
+            "--token",
+            agent_token.trim(),
+            "--name",
+            "web1",
+            "--subscriptions",
+            "web",
+            "--address",
+            "127.0.0.1",
+            "--label",
+            &label,
+            "--api-listen",
+            "",
+        ],
+        dir.path().join("web1.log"),
+    );
+    let body = wait_for(T, "a GET through up's proxy reaching web1", || {
+        ureq::get(&format!("http://127.0.0.1:{proxy_port}/")).call().ok()?.body_mut().read_to_string().ok()
+    });
+    assert_eq!(body, "served by web1\n");
+    let backends = ureq::get(&format!("http://127.0.0.1:{proxy_admin}/backends"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(backends.contains("\"entity\":\"web1\""), "{backends}");
+    let _ = backend.kill();
+    let _ = backend.wait();
     assert!(up.term().success(), "up stops cleanly:\n{}", up.log_text());
 }
 
