@@ -11,10 +11,9 @@ use hickory_proto::rr::rdata::{A, AAAA, SRV};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-use std::sync::Arc;
 
-/// The control plane's view, as the feed hands it over.
-pub type Members = Arc<BTreeMap<String, MemberHealth>>;
+/// The control plane's view, as `drover-feed` hands it over.
+pub use drover_core::health::Members;
 
 /// Most pre-encoded variants per (name, type); rotations beyond this repeat.
 const MAX_VARIANTS: usize = 64;

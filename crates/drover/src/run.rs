@@ -217,19 +217,26 @@ pub async fn dns(args: &DnsArgs) -> anyhow::Result<()> {
         None => drover_dns::DnsConfig::empty(),
     };
     let listen = args.listen.unwrap_or(cfg.listen);
-    let members = match &args.server {
-        None => {
-            // Standalone: the view never changes; the sender lives as long as the server.
-            let (tx, rx) = tokio::sync::watch::channel(drover_dns::Members::default());
-            std::mem::forget(tx);
-            rx
-        }
-        Some(_) => anyhow::bail!("drover dns --server needs the drover-feed crate, which has not landed yet"),
+    // Standalone, the view never changes: the sender is kept (unused) as long as the server runs.
+    let (_static_view, standalone) = tokio::sync::watch::channel(drover_dns::Members::default());
+    let feed = match &args.server {
+        None => None,
+        Some(server) => Some(
+            drover_feed::start(drover_feed::FeedOptions {
+                server: server.clone(),
+                token: args.token.clone(),
+                ca_file: args.ca_file.clone(),
+                state_file: args.state_file.clone(),
+            })
+            .context("drover dns --server")?,
+        ),
     };
+    let members = feed.as_ref().map(|f| f.members()).unwrap_or(standalone);
     let ns = drover_dns::NameServer::start(cfg, listen, members).await.context("drover dns failed to start")?;
     println!("drover dns listening on {}", ns.local_addr);
     stop_signal().await;
     drop(ns);
+    drop(feed);
     tracing::info!("name server stopped");
     Ok(())
 }

@@ -1,0 +1,180 @@
+//! `drover dns` as a real process: fed by a real server and agents over the watch stream,
+//! queried with `dig`; and two name servers in two network namespaces answering alike.
+
+mod common;
+
+use common::{Proc, Server, free_port, wait_for};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const DNS_CONFIG: &str = r#"
+[[zones]]
+origin = "example.test."
+soa = { mname = "ns1", rname = "hostmaster" }
+records = [{ name = "ns1", type = "A", data = "192.0.2.1" }]
+
+[[pools]]
+name = "web.example.test."
+subscription = "web"
+when_none_healthy = "none"
+"#;
+
+fn dig_short(addr: &str, port: u16, name: &str, rtype: &str) -> Vec<String> {
+    let out = Command::new("dig")
+        .args([&format!("@{addr}"), "-p", &port.to_string(), "+norec", "+time=1", "+tries=1", "+short", name, rtype])
+        .output()
+        .expect("dig is installed (scripts/test.sh)");
+    let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
+    v.sort();
+    v
+}
+
+fn dns_proc(dir: &std::path::Path, extra: &[&str]) -> (Proc, u16) {
+    let port = free_port();
+    let cfg = dir.join("dns.toml");
+    std::fs::write(&cfg, DNS_CONFIG).unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec!["dns", "--config", cfg.to_str().unwrap(), "--listen", &listen];
+    args.extend_from_slice(extra);
+    let p = Proc::spawn(&args, dir.join(format!("dns-{port}.log")));
+    wait_for(Duration::from_secs(10), "drover dns answering", || {
+        (!dig_short("127.0.0.1", port, "ns1.example.test", "A").is_empty()).then_some(())
+    });
+    (p, port)
+}
+
+#[test]
+fn dead_members_address_leaves_the_answer_and_the_last_view_survives_the_server() {
+    let mut server = Server::start(&[]);
+    let ka = ["--keepalive-interval-secs", "1", "--keepalive-warning-secs", "2", "--keepalive-critical-secs", "3"];
+    let mut a1 = server.agent("web1", "web", &[&ka[..], &["--address", "10.0.0.1"]].concat());
+    let _a2 = server.agent("web2", "web", &[&ka[..], &["--address", "10.0.0.2"]].concat());
+    server.wait_connected("web1");
+    server.wait_connected("web2");
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("members.json");
+    let ws = server.ws_url();
+    let feed = ["--server", &ws, "--token", common::AGENT, "--state-file", state.to_str().unwrap()];
+    let (mut dns, port) = dns_proc(dir.path(), &feed);
+    let answer = || dig_short("127.0.0.1", port, "web.example.test", "A");
+    wait_for(Duration::from_secs(10), "both members in the answer", || {
+        (answer() == ["10.0.0.1", "10.0.0.2"]).then_some(())
+    });
+
+    // The agent dies: once its keepalive goes critical its address leaves the answer.
+    a1.kill9();
+    let killed = Instant::now();
+    wait_for(Duration::from_secs(15), "web1 to leave the answer", || (answer() == ["10.0.0.2"]).then_some(()));
+    eprintln!("agent killed -> answer changed in {:?} (keepalive critical after 3 s)", killed.elapsed());
+
+    // Static stability: the control plane goes away; the last known view keeps answering,
+    // and a restarted name server answers the same from its state file.
+    server.stop(true);
+    assert_eq!(answer(), ["10.0.0.2"]);
+    dns.term();
+    let (_dns, port2) = dns_proc(dir.path(), &feed);
+    wait_for(Duration::from_secs(5), "answer from disk", || {
+        (dig_short("127.0.0.1", port2, "web.example.test", "A") == ["10.0.0.2"]).then_some(())
+    });
+}
+
+/// Two network namespaces, each joined to this one by a veth pair; removed on drop, even
+/// when the test fails.
+struct Netns {
+    names: Vec<String>,
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("ip (iproute2) is installed");
+    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn two_name_servers_in_two_network_namespaces_answer_alike() {
+    let id = std::process::id() % 200 + 20;
+    let mut ns = Netns { names: vec![] };
+    let mut addrs = vec![];
+    for (i, side) in ["a", "b"].iter().enumerate() {
+        let name = format!("drover-dns-{}-{side}", std::process::id());
+        ip(&["netns", "add", &name]);
+        ns.names.push(name.clone());
+        let host_if = format!("dd{id}{side}h");
+        let ns_if = format!("dd{id}{side}n");
+        ip(&["link", "add", &host_if, "type", "veth", "peer", "name", &ns_if]);
+        ip(&["link", "set", &ns_if, "netns", &name]);
+        let net = format!("10.{}.{}", 150 + i, id);
+        ip(&["addr", "add", &format!("{net}.1/30"), "dev", &host_if]);
+        ip(&["link", "set", &host_if, "up"]);
+        ip(&["-n", &name, "addr", "add", &format!("{net}.2/30"), "dev", &ns_if]);
+        ip(&["-n", &name, "link", "set", &ns_if, "up"]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        addrs.push((name, format!("{net}.2")));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("dns.toml");
+    std::fs::write(
+        &cfg,
+        DNS_CONFIG.replace(
+            "subscription = \"web\"",
+            "members = [{ name = \"w1\", address = \"10.0.0.1\" }, { name = \"w2\", address = \"10.0.0.2\" }]",
+        ),
+    )
+    .unwrap();
+    let mut procs = vec![];
+    for (name, addr) in &addrs {
+        let listen = format!("{addr}:53");
+        let args = [
+            "netns",
+            "exec",
+            name,
+            common::drover_bin(),
+            "dns",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--listen",
+            &listen,
+        ];
+        let log = std::fs::File::create(dir.path().join(format!("{name}.log"))).unwrap();
+        procs.push(KillOnDrop(
+            Command::new("ip").args(args).stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap(),
+        ));
+    }
+    for (_, addr) in &addrs {
+        wait_for(Duration::from_secs(10), "name server in its namespace", || {
+            (!dig_short(addr, 53, "ns1.example.test", "A").is_empty()).then_some(())
+        });
+    }
+    let queries =
+        [("ns1.example.test", "A"), ("web.example.test", "A"), ("example.test", "NS"), ("nope.example.test", "A")];
+    for (q, t) in queries {
+        let a = dig_short(&addrs[0].1, 53, q, t);
+        let b = dig_short(&addrs[1].1, 53, q, t);
+        assert_eq!(a, b, "{q} {t}");
+    }
+    assert_eq!(dig_short(&addrs[0].1, 53, "web.example.test", "A"), ["10.0.0.1", "10.0.0.2"]);
+    // The SOA agrees too, but for its serial: each instance stamps its own clock when it has no serial file.
+    let soa = |a: &str| {
+        dig_short(a, 53, "example.test", "SOA")
+            .iter()
+            .map(|l| l.split(' ').enumerate().filter(|(i, _)| *i != 2).map(|(_, f)| f).collect::<Vec<_>>().join(" "))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(soa(&addrs[0].1), soa(&addrs[1].1));
+    drop(procs);
+}
+
+struct KillOnDrop(std::process::Child);
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
