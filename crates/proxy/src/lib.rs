@@ -29,12 +29,12 @@ pub mod backend;
 pub mod config;
 pub mod error;
 mod http;
+pub mod spec;
 mod tcp;
 mod tls;
-pub mod spec;
 
 use crate::backend::{Backend, ControlVerdict, Service};
-use crate::config::{MembersConfig, Protocol, ProxyConfig};
+use crate::config::{ListenerConfig, MembersConfig, Protocol, ProxyConfig};
 pub use crate::error::{ForwardError, ProxyError, Side};
 pub use drover_core::health::Members;
 use hyper_util::client::legacy::Client;
@@ -292,25 +292,13 @@ impl Proxy {
         });
         let snap = shared.build(cfg.clone(), None);
         *shared.snapshot.write().unwrap() = Arc::new(snap);
-        let (stop_tx, stop_rx) = watch::channel(None);
-        let mut addrs = BTreeMap::new();
-        let mut tasks = Vec::new();
-        let mut bound = Vec::new();
+        let mut listeners = BTreeMap::new();
         for l in &cfg.listeners {
-            let listener = tokio::net::TcpListener::bind(l.bind).await.map_err(|source| ProxyError::Bind {
-                name: l.name.clone(),
-                addr: l.bind,
-                source,
-            })?;
-            addrs.insert(l.name.clone(), listener.local_addr().unwrap_or(l.bind));
-            let acceptor = match l.protocol {
-                Protocol::Https => {
-                    Some(tls::acceptor(&l.tls).map_err(|message| ProxyError::Tls { name: l.name.clone(), message })?)
-                }
-                _ => None,
-            };
-            bound.push((l.clone(), listener, acceptor));
+            let socket = bind(l)?;
+            let acceptor = acceptor_for(l)?;
+            listeners.insert(l.name.clone(), Live::spawn(&shared, l.clone(), socket, acceptor)?);
         }
+        let (stop_tx, stop_rx) = watch::channel(None);
         let admin = match cfg.admin_listen {
             Some(a) => Some(tokio::net::TcpListener::bind(a).await.map_err(|source| ProxyError::Bind {
                 name: "admin".into(),
@@ -320,19 +308,83 @@ impl Proxy {
             None => None,
         };
         let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
-        for (l, listener, acceptor) in bound {
-            let name: Arc<str> = Arc::from(l.name.as_str());
-            tracing::info!(listener = %l.name, addr = %addrs[&l.name], protocol = ?l.protocol, "listening");
-            tasks.push(match l.protocol {
-                Protocol::Http => tokio::spawn(http::serve(listener, name, shared.clone(), stop_rx.clone(), None)),
-                Protocol::Https => tokio::spawn(http::serve(listener, name, shared.clone(), stop_rx.clone(), acceptor)),
-                Protocol::Tcp => tokio::spawn(tcp::serve(listener, name, shared.clone(), stop_rx.clone())),
-            });
-        }
+        let mut tasks = Vec::new();
         if let Some(l) = admin {
-            tasks.push(tokio::spawn(admin::serve(l, shared.clone(), stop_rx.clone())));
+            tasks.push(tokio::spawn(admin::serve(l, shared.clone(), stop_rx)));
         }
-        Ok(RunningProxy { shared, addrs, admin_addr, tasks, stop: stop_tx })
+        Ok(RunningProxy {
+            shared,
+            listeners: Mutex::new(listeners),
+            retired: Mutex::new(Vec::new()),
+            admin_addr,
+            tasks,
+            stop: stop_tx,
+        })
+    }
+}
+
+/// Binds a listener's socket (backlog 1024, like nginx on Linux) without serving it yet.
+fn bind(l: &ListenerConfig) -> Result<std::net::TcpListener, ProxyError> {
+    let err = |source| ProxyError::Bind { name: l.name.clone(), addr: l.bind, source };
+    let socket = if l.bind.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() };
+    let socket = socket.map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.bind(l.bind).map_err(err)?;
+    let listener = socket.listen(1024).map_err(err)?;
+    listener.into_std().map_err(err)
+}
+
+fn acceptor_for(l: &ListenerConfig) -> Result<Option<tokio_rustls::TlsAcceptor>, ProxyError> {
+    match l.protocol {
+        Protocol::Https => {
+            Ok(Some(tls::acceptor(&l.tls).map_err(|message| ProxyError::Tls { name: l.name.clone(), message })?))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// One bound listener and the task serving it.
+struct Live {
+    cfg: ListenerConfig,
+    addr: SocketAddr,
+    /// A duplicate of the listening socket: a reload that keeps the address hands the
+    /// same socket to the next serving task, so no connection is refused in between
+    /// and none waiting in the accept queue is lost.
+    socket: std::net::TcpListener,
+    stop: watch::Sender<Option<Duration>>,
+    task: JoinHandle<()>,
+}
+
+impl Live {
+    /// Starts serving `socket` (within the proxy's runtime, so callable from any thread).
+    fn spawn(
+        shared: &Arc<Shared>,
+        cfg: ListenerConfig,
+        socket: std::net::TcpListener,
+        acceptor: Option<tokio_rustls::TlsAcceptor>,
+    ) -> Result<Live, ProxyError> {
+        let err = |source| ProxyError::Bind { name: cfg.name.clone(), addr: cfg.bind, source };
+        let addr = socket.local_addr().map_err(err)?;
+        let serving = socket.try_clone().map_err(err)?;
+        serving.set_nonblocking(true).map_err(err)?;
+        let _rt = shared.runtime.enter();
+        let listener = tokio::net::TcpListener::from_std(serving).map_err(err)?;
+        let (stop, stop_rx) = watch::channel(None);
+        let name: Arc<str> = Arc::from(cfg.name.as_str());
+        tracing::info!(listener = %cfg.name, %addr, protocol = ?cfg.protocol, "listening");
+        let task = match cfg.protocol {
+            Protocol::Http | Protocol::Https => {
+                shared.runtime.spawn(http::serve(listener, name, shared.clone(), stop_rx, acceptor))
+            }
+            Protocol::Tcp => shared.runtime.spawn(tcp::serve(listener, name, shared.clone(), stop_rx)),
+        };
+        Ok(Live { cfg, addr, socket, stop, task })
+    }
+
+    /// Stops accepting; connections in flight get `drain` to finish.
+    fn retire(self, drain: Duration) -> JoinHandle<()> {
+        let _ = self.stop.send(Some(drain));
+        self.task
     }
 }
 
@@ -340,7 +392,9 @@ impl Proxy {
 /// running until the runtime ends.
 pub struct RunningProxy {
     shared: Arc<Shared>,
-    addrs: BTreeMap<String, SocketAddr>,
+    listeners: Mutex<BTreeMap<String, Live>>,
+    /// Serving tasks of listeners removed or replaced by a reload, still draining.
+    retired: Mutex<Vec<JoinHandle<()>>>,
     admin_addr: Option<SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
     stop: watch::Sender<Option<Duration>>,
@@ -348,12 +402,12 @@ pub struct RunningProxy {
 
 impl RunningProxy {
     /// Bound address of each listener, by name (useful with port 0).
-    pub fn local_addrs(&self) -> &BTreeMap<String, SocketAddr> {
-        &self.addrs
+    pub fn local_addrs(&self) -> BTreeMap<String, SocketAddr> {
+        self.listeners.lock().unwrap().iter().map(|(n, l)| (n.clone(), l.addr)).collect()
     }
 
     pub fn local_addr(&self, listener: &str) -> Option<SocketAddr> {
-        self.addrs.get(listener).copied()
+        self.listeners.lock().unwrap().get(listener).map(|l| l.addr)
     }
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
@@ -370,25 +424,66 @@ impl RunningProxy {
         self.shared.snapshot().cfg.clone()
     }
 
-    /// Applies new routes, services and backends without dropping a connection.
-    /// Backends kept (same service, same address) keep their health; new ones start
-    /// out of rotation when the service has active checks; removed ones get no new
-    /// requests and finish the ones they have. Listeners and `admin_listen` are bound
-    /// once: changing them is refused (restart to apply).
+    /// Applies new listeners, routes, services and backends without dropping a
+    /// connection. Backends kept (same service, same address) keep their health; new
+    /// ones start out of rotation when the service has active checks; removed ones get
+    /// no new requests and finish the ones they have. New listeners are bound before
+    /// anything changes (a bind failure applies nothing); a listener whose address is
+    /// kept keeps its socket even when its protocol or certificates change; a removed
+    /// one stops accepting and drains for `drain_timeout_secs`. `admin_listen` is bound
+    /// once: changing it is refused.
     pub fn reload(&self, cfg: ProxyConfig) -> Result<(), ProxyError> {
         let old = self.shared.snapshot();
-        let key = |c: &ProxyConfig| {
-            c.listeners.iter().map(|l| (l.name.clone(), l.bind, l.protocol, l.tls.clone())).collect::<Vec<_>>()
-        };
-        if key(&old.cfg) != key(&cfg) {
-            return Err(ProxyError::Reload(
-                "listeners (or their certificates) changed; restart the proxy to apply that".into(),
-            ));
-        }
         if old.cfg.admin_listen != cfg.admin_listen {
             return Err(ProxyError::Reload("admin_listen changed; restart the proxy to apply that".into()));
         }
-        self.shared.advance(Some(cfg));
+        let mut live = self.listeners.lock().unwrap();
+        // Everything that can fail happens before anything changes.
+        let mut next: Vec<(ListenerConfig, std::net::TcpListener, Option<tokio_rustls::TlsAcceptor>)> = Vec::new();
+        for l in &cfg.listeners {
+            if live.get(&l.name).is_some_and(|cur| cur.cfg == *l) {
+                continue;
+            }
+            let same_socket = live.values().find(|cur| cur.cfg.bind == l.bind || cur.addr == l.bind);
+            let socket = match same_socket {
+                Some(cur) => cur.socket.try_clone().map_err(|source| ProxyError::Bind {
+                    name: l.name.clone(),
+                    addr: l.bind,
+                    source,
+                })?,
+                None => bind(l)?,
+            };
+            next.push((l.clone(), socket, acceptor_for(l)?));
+        }
+        self.shared.advance(Some(cfg.clone()));
+        let drain = Duration::from_secs(cfg.drain_timeout_secs);
+        let mut retired = self.retired.lock().unwrap();
+        retired.retain(|t| !t.is_finished());
+        for (l, socket, acceptor) in next {
+            let name = l.name.clone();
+            // Serve the new one first, then stop the one it replaces (by name, or the
+            // one that had its address under another name).
+            let started = Live::spawn(&self.shared, l, socket, acceptor)?;
+            let replaced: Vec<String> = live
+                .iter()
+                .filter(|(n, cur)| **n == name || cur.addr == started.addr || cur.cfg.bind == started.cfg.bind)
+                .map(|(n, _)| n.clone())
+                .collect();
+            for n in replaced {
+                if let Some(old) = live.remove(&n) {
+                    tracing::info!(listener = %n, addr = %old.addr, "listener replaced by a reload; draining");
+                    retired.push(old.retire(drain));
+                }
+            }
+            live.insert(name, started);
+        }
+        let gone: Vec<String> = live.keys().filter(|n| !cfg.listeners.iter().any(|l| &l.name == *n)).cloned().collect();
+        for n in gone {
+            if let Some(old) = live.remove(&n) {
+                tracing::info!(listener = %n, addr = %old.addr, "listener removed by a reload; draining");
+                retired.push(old.retire(drain));
+            }
+        }
         tracing::info!("config reloaded");
         Ok(())
     }
@@ -404,7 +499,10 @@ impl RunningProxy {
     /// `drain`, then returns (whatever is still running is cut).
     pub async fn shutdown(self, drain: Duration) {
         let _ = self.stop.send(Some(drain));
-        for t in self.tasks {
+        let mut tasks = self.tasks;
+        tasks.extend(std::mem::take(&mut *self.listeners.lock().unwrap()).into_values().map(|l| l.retire(drain)));
+        tasks.append(&mut self.retired.lock().unwrap());
+        for t in tasks {
             let _ = t.await;
         }
         let _ = self.shared.checks_stop.send(true);
