@@ -4,6 +4,9 @@
 //! has one) says healthy, and it is not ejected. With an active check a backend starts
 //! **out** of rotation and enters only after `rise` consecutive passes, so a member that
 //! is added while still booting never sees a request.
+//!
+//! Choosing among the backends in rotation (see the config reference for the rules):
+//! a sticky pin first, then the zone preference, then the service's `balance`.
 
 use crate::config::{Balance, HealthConfig, HealthKind, ServiceConfig};
 use std::collections::HashSet;
@@ -53,6 +56,48 @@ pub struct Backend {
     current_weight: AtomicI64,
     /// The current service generation's "a slot was freed" signal.
     released: Mutex<Arc<tokio::sync::Notify>>,
+    /// Stable hash of the address: the sticky cookie's value and the rendezvous identity.
+    token: u64,
+    /// Response latency for `p2c_ewma` (only touched by services that balance so).
+    ewma: Mutex<Ewma>,
+}
+
+/// How fast old latency samples fade (linkerd's and Finagle's default).
+const EWMA_DECAY: Duration = Duration::from_secs(10);
+/// What a failed attempt counts as, so a backend that fails fast does not look fast.
+pub const EWMA_FAILURE_PENALTY: Duration = Duration::from_secs(1);
+
+/// Peak EWMA of response latency, in nanoseconds. Between samples the estimate fades
+/// toward zero (read without being written), so a backend that was slow once and then
+/// got no traffic is eventually tried again.
+#[derive(Debug, Default, Clone, Copy)]
+struct Ewma {
+    ns: f64,
+    /// When the last sample came; None until the first.
+    at: Option<Instant>,
+}
+
+impl Ewma {
+    fn decay(now: Instant, since: Instant) -> f64 {
+        (-now.saturating_duration_since(since).as_secs_f64() / EWMA_DECAY.as_secs_f64()).exp()
+    }
+
+    fn value(&self, now: Instant) -> Option<f64> {
+        self.at.map(|at| self.ns * Self::decay(now, at))
+    }
+
+    fn observe(&mut self, sample: Duration, now: Instant) {
+        let rtt = sample.as_nanos() as f64;
+        self.ns = match self.at {
+            None => rtt,
+            Some(at) => {
+                let w = Self::decay(now, at);
+                // Peak sensitivity: a slower sample than the current estimate is taken at once.
+                if rtt > self.ns * w { rtt } else { self.ns * w + rtt * (1.0 - w) }
+            }
+        };
+        self.at = Some(now);
+    }
 }
 
 /// What the control plane says about a member: healthy or not, and why.
@@ -113,6 +158,8 @@ impl Backend {
             served: AtomicU64::new(0),
             current_weight: AtomicI64::new(0),
             released: Mutex::new(Arc::new(tokio::sync::Notify::new())),
+            token: crate::affinity::backend_token(addr),
+            ewma: Mutex::new(Ewma::default()),
         });
         b.apply(svc);
         b
@@ -120,6 +167,20 @@ impl Backend {
 
     pub fn weight(&self) -> u32 {
         self.weight.load(Ordering::Relaxed)
+    }
+
+    /// The opaque token a sticky cookie carries for this backend.
+    pub fn token(&self) -> u64 {
+        self.token
+    }
+
+    /// Records how long a response head took (or [`EWMA_FAILURE_PENALTY`] for a failure).
+    pub fn observe_latency(&self, took: Duration) {
+        self.ewma.lock().unwrap().observe(took, Instant::now());
+    }
+
+    fn latency_ns(&self, now: Instant) -> Option<f64> {
+        self.ewma.lock().unwrap().value(now)
     }
 
     /// Weight ×100 (so a ramp has room below weight 1), reduced during slow start.
@@ -353,7 +414,8 @@ pub struct Service {
     pub backends: Vec<Arc<Backend>>,
     /// The proxy's own zone, preferred when set.
     zone: Option<String>,
-    rr: Mutex<()>,
+    /// Serializes choices; holds the random state of `p2c_ewma`.
+    rr: Mutex<u64>,
     budget: Mutex<f64>,
     released: Arc<tokio::sync::Notify>,
 }
@@ -369,20 +431,30 @@ impl Service {
         for b in &backends {
             *b.released.lock().unwrap() = released.clone();
         }
-        Service { name, cfg, backends, zone, rr: Mutex::new(()), budget: Mutex::new(MIN_RETRY_TOKENS), released }
+        // Seeded per service and process so that proxies do not draw in lockstep.
+        let seed = crate::affinity::stable_hash(name.as_bytes())
+            ^ u64::from(std::process::id())
+            ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64;
+        let rr = Mutex::new(seed | 1);
+        Service { name, cfg, backends, zone, rr, budget: Mutex::new(MIN_RETRY_TOKENS), released }
     }
 
     /// Picks an available backend not in `tried` (without counting a request on it).
     pub fn pick(&self, tried: &HashSet<SocketAddr>) -> Option<Arc<Backend>> {
-        let _g = self.rr.lock().unwrap();
-        self.choose(tried).ok()
+        self.pick_for(tried, Affinity::default())
+    }
+
+    /// [`Service::pick`] for a request with a hash key or sticky pin.
+    pub fn pick_for(&self, tried: &HashSet<SocketAddr>, aff: Affinity) -> Option<Arc<Backend>> {
+        let mut rng = self.rr.lock().unwrap();
+        self.choose(tried, aff, &mut rng).ok()
     }
 
     /// Picks a backend and counts the request on it in one step, so concurrent
     /// requests cannot overshoot `max_in_flight_per_backend`.
-    pub fn acquire(&self, tried: &HashSet<SocketAddr>) -> Result<(Arc<Backend>, InFlight), Unavailable> {
-        let _g = self.rr.lock().unwrap();
-        let b = self.choose(tried)?;
+    pub fn acquire(&self, tried: &HashSet<SocketAddr>, aff: Affinity) -> Result<(Arc<Backend>, InFlight), Unavailable> {
+        let mut rng = self.rr.lock().unwrap();
+        let b = self.choose(tried, aff, &mut rng)?;
         let guard = b.start_request();
         Ok((b, guard))
     }
@@ -393,10 +465,11 @@ impl Service {
         &self,
         tried: &HashSet<SocketAddr>,
         deadline: tokio::time::Instant,
+        aff: Affinity,
     ) -> Result<(Arc<Backend>, InFlight), Unavailable> {
         loop {
             let notified = self.released.notified();
-            match self.acquire(tried) {
+            match self.acquire(tried, aff) {
                 Err(Unavailable::Saturated) if tokio::time::Instant::now() < deadline => {
                     // The short cap bounds the cost of a wake-up lost to a reload swapping
                     // the notifier; normally a freed slot wakes us at once.
@@ -408,8 +481,8 @@ impl Service {
         }
     }
 
-    /// The choice itself; the caller holds `rr`.
-    fn choose(&self, tried: &HashSet<SocketAddr>) -> Result<Arc<Backend>, Unavailable> {
+    /// The choice itself; the caller holds `rr` and passes its random state.
+    fn choose(&self, tried: &HashSet<SocketAddr>, aff: Affinity, rng: &mut u64) -> Result<Arc<Backend>, Unavailable> {
         let now = Instant::now();
         let mut eligible: Vec<&Arc<Backend>> =
             self.backends.iter().filter(|b| !tried.contains(&b.addr) && b.available(now)).collect();
@@ -423,6 +496,11 @@ impl Service {
                 return Err(Unavailable::Saturated);
             }
         }
+        if let Some(pin) = aff.pin
+            && let Some(b) = eligible.iter().find(|b| b.token == pin)
+        {
+            return Ok((*b).clone());
+        }
         if let Some(zone) = &self.zone {
             let local: Vec<&Arc<Backend>> =
                 eligible.iter().copied().filter(|b| b.zone.lock().unwrap().as_ref() == Some(zone)).collect();
@@ -433,6 +511,11 @@ impl Service {
         let slow = Duration::from_millis(self.cfg.slow_start_ms);
         let candidates: Vec<&Arc<Backend>> = match self.cfg.balance {
             Balance::RoundRobin => eligible,
+            Balance::P2cEwma => return p2c(&eligible, now, slow, rng).cloned().ok_or(Unavailable::NoneHealthy),
+            Balance::Hash => match aff.key {
+                Some(key) => return rendezvous(&eligible, key, now, slow).cloned().ok_or(Unavailable::NoneHealthy),
+                None => eligible,
+            },
             Balance::LeastOutstanding => {
                 // Compare in_flight/weight without division: a/wa < b/wb  <=>  a*wb < b*wa.
                 let w = |b: &Backend| b.effective_weight(now, slow);
@@ -464,6 +547,68 @@ impl Service {
     }
 }
 
+/// What ties a request to a backend, computed by the caller only for services that
+/// hash or stick (the default is "nothing").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Affinity {
+    /// The hashed `hash_on` key of a `balance = "hash"` service.
+    pub key: Option<u64>,
+    /// The backend token from a sticky cookie.
+    pub pin: Option<u64>,
+}
+
+/// xorshift64*: enough randomness to draw two backends, with no allocation or syscall.
+fn next_random(state: &mut u64) -> u64 {
+    let mut x = *state;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *state = x;
+    x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+}
+
+/// Power of two choices: two distinct random backends, the one with the lower
+/// `latency × (in_flight + 1) / weight` wins. A backend with no latency sample yet is
+/// given the mean of those that have one, so it is neither avoided nor flooded.
+fn p2c<'a>(peers: &[&'a Arc<Backend>], now: Instant, slow: Duration, rng: &mut u64) -> Option<&'a Arc<Backend>> {
+    let n = peers.len();
+    if n < 2 {
+        return peers.first().copied();
+    }
+    let i = (next_random(rng) % n as u64) as usize;
+    let mut j = (next_random(rng) % (n as u64 - 1)) as usize;
+    if j >= i {
+        j += 1;
+    }
+    let (a, b) = (peers[i], peers[j]);
+    let (la, lb) = (a.latency_ns(now), b.latency_ns(now));
+    let prior = || {
+        let (sum, n) = peers.iter().filter_map(|p| p.latency_ns(now)).fold((0.0, 0u32), |(s, n), l| (s + l, n + 1));
+        if n == 0 { 1.0 } else { sum / f64::from(n) }
+    };
+    let (la, lb) = match (la, lb) {
+        (Some(x), Some(y)) => (x, y),
+        (x, y) => {
+            let p = prior();
+            (x.unwrap_or(p), y.unwrap_or(p))
+        }
+    };
+    let cost = |b: &Backend, l: f64| l * (b.in_flight() + 1) as f64 / b.effective_weight(now, slow) as f64;
+    Some(if cost(b, lb) < cost(a, la) { b } else { a })
+}
+
+/// Weighted rendezvous hashing: each backend scores `weight / -ln(u)` with `u` uniform
+/// in (0, 1) from hash(key, backend); the highest wins. Removing a backend moves only
+/// the keys it won; raising a weight only pulls keys toward that backend.
+fn rendezvous<'a>(peers: &[&'a Arc<Backend>], key: u64, now: Instant, slow: Duration) -> Option<&'a Arc<Backend>> {
+    let score = |b: &Backend| {
+        let h = crate::affinity::mix(key, b.token);
+        let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        b.effective_weight(now, slow) as f64 / -u.ln()
+    };
+    peers.iter().copied().map(|b| (score(b), b)).max_by(|x, y| x.0.total_cmp(&y.0)).map(|(_, b)| b)
+}
+
 /// nginx's smooth weighted round robin: each pick adds every weight to its current
 /// value, takes the largest and subtracts the total from it, which spreads a heavy
 /// member's turns evenly instead of in bursts.
@@ -492,6 +637,9 @@ mod tests {
             backends: vec![],
             members: None,
             balance: Balance::RoundRobin,
+            hash_on: None,
+            sticky_cookie: None,
+            cache: None,
             health: None,
             passive_failures: 5,
             eject_base_ms: 10,
@@ -561,6 +709,134 @@ mod tests {
         assert_eq!(s.pick(&HashSet::new()).unwrap().addr.port(), 1001);
         let tried: HashSet<_> = [s.backends[1].addr].into();
         assert_eq!(s.pick(&tried).unwrap().addr.port(), 1002);
+    }
+
+    fn port_of(b: &Backend) -> usize {
+        usize::from(b.addr.port() - 1000)
+    }
+
+    fn keyed(key: u64) -> Affinity {
+        Affinity { key: Some(key), pin: None }
+    }
+
+    #[test]
+    fn hashing_keeps_keys_in_place_and_moves_only_a_leaving_backends_share() {
+        let mut s = svc(&[1, 1, 1, 1, 1]);
+        s.cfg.balance = Balance::Hash;
+        let none = HashSet::new();
+        let keys: Vec<u64> = (0..10_000u32).map(|k| crate::affinity::stable_hash(&k.to_be_bytes())).collect();
+        let before: Vec<usize> = keys.iter().map(|k| port_of(&s.pick_for(&none, keyed(*k)).unwrap())).collect();
+        let again: Vec<usize> = keys.iter().map(|k| port_of(&s.pick_for(&none, keyed(*k)).unwrap())).collect();
+        assert_eq!(before, again, "the same key goes to the same backend");
+        let mut share = [0usize; 5];
+        for b in &before {
+            share[*b] += 1;
+        }
+        assert!(share.iter().all(|n| (1700..=2300).contains(n)), "equal weights share evenly: {share:?}");
+
+        s.backends[2].remove();
+        let after: Vec<usize> = keys.iter().map(|k| port_of(&s.pick_for(&none, keyed(*k)).unwrap())).collect();
+        let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
+        assert_eq!(moved, share[2], "only the keys of the backend that left moved");
+        assert!(after.iter().all(|b| *b != 2));
+        // The moved keys spread over the remaining backends rather than piling onto one.
+        let mut landed = [0usize; 5];
+        for (b, a) in before.iter().zip(&after).filter(|(b, _)| **b == 2) {
+            landed[*a] += 1;
+            assert_ne!(b, a);
+        }
+        assert!(landed.iter().enumerate().all(|(i, n)| i == 2 || *n > share[2] / 8), "{landed:?}");
+    }
+
+    #[test]
+    fn hashing_follows_weights_and_falls_back_to_round_robin_without_a_key() {
+        let mut s = svc(&[3, 1]);
+        s.cfg.balance = Balance::Hash;
+        let none = HashSet::new();
+        let mut share = [0usize; 2];
+        for k in 0..8_000u32 {
+            share[port_of(&s.pick_for(&none, keyed(crate::affinity::stable_hash(&k.to_be_bytes()))).unwrap())] += 1;
+        }
+        assert!((5700..=6300).contains(&share[0]), "weight 3 of 4 gets ~3/4 of the keys: {share:?}");
+        let picks: Vec<usize> = (0..4).map(|_| port_of(&s.pick(&none).unwrap())).collect();
+        assert_eq!(picks, vec![0, 0, 1, 0], "no key: smooth weighted round robin");
+        let tried: HashSet<_> = [s.backends[0].addr].into();
+        for k in 0..100u64 {
+            assert_eq!(port_of(&s.pick_for(&tried, keyed(k)).unwrap()), 1, "a retry goes to the next-best backend");
+        }
+    }
+
+    #[test]
+    fn p2c_ewma_sends_most_requests_to_the_fast_backend() {
+        let mut s = svc(&[1, 1, 1]);
+        s.cfg.balance = Balance::P2cEwma;
+        *s.rr.lock().unwrap() = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..5 {
+            s.backends[0].observe_latency(Duration::from_millis(50));
+            s.backends[1].observe_latency(Duration::from_millis(5));
+            s.backends[2].observe_latency(Duration::from_millis(50));
+        }
+        let none = HashSet::new();
+        let mut counts = [0usize; 3];
+        for _ in 0..3000 {
+            counts[port_of(&s.pick(&none).unwrap())] += 1;
+        }
+        // The fast one wins every pair it is drawn into: 2 of the 3 possible pairs.
+        assert!((1900..=2100).contains(&counts[1]), "{counts:?}");
+        // With enough of its requests in flight, the fast one costs more than a slow idle one.
+        let _busy: Vec<_> = (0..20).map(|_| s.backends[1].start_request()).collect();
+        let mut counts = [0usize; 3];
+        for _ in 0..3000 {
+            counts[port_of(&s.pick(&none).unwrap())] += 1;
+        }
+        assert_eq!(counts[1], 0, "{counts:?}");
+    }
+
+    #[test]
+    fn p2c_ewma_gives_a_new_backend_the_mean_latency_not_zero() {
+        let mut s = svc(&[1, 1]);
+        s.cfg.balance = Balance::P2cEwma;
+        s.backends[0].observe_latency(Duration::from_millis(10));
+        let none = HashSet::new();
+        // The newcomer counts as the mean latency (here backend 0's), so in-flight requests decide.
+        let _a = s.backends[0].start_request();
+        assert_eq!(port_of(&s.pick(&none).unwrap()), 1);
+        let _b = [s.backends[1].start_request(), s.backends[1].start_request()];
+        assert_eq!(port_of(&s.pick(&none).unwrap()), 0, "the newcomer is not flooded");
+    }
+
+    #[test]
+    fn ewma_takes_peaks_at_once_and_fades_between_samples() {
+        let t0 = Instant::now();
+        let mut e = Ewma::default();
+        assert_eq!(e.value(t0), None);
+        e.observe(Duration::from_millis(10), t0);
+        e.observe(Duration::from_millis(100), t0 + Duration::from_millis(1));
+        let v = e.value(t0 + Duration::from_millis(1)).unwrap();
+        assert!((v - 100e6).abs() < 1.0, "a slower sample replaces the estimate: {v}");
+        e.observe(Duration::from_millis(10), t0 + Duration::from_secs(10));
+        let v = e.value(t0 + Duration::from_secs(10)).unwrap();
+        let w = (-9.999f64 / 10.0).exp();
+        let expect = 100e6 * w + 10e6 * (1.0 - w);
+        assert!((v - expect).abs() < 1e3, "one decay period later a faster sample weighs 1-1/e: {v} vs {expect}");
+        let later = e.value(t0 + Duration::from_secs(40)).unwrap();
+        assert!(later < v / 10.0, "with no samples the estimate fades: {later}");
+    }
+
+    #[test]
+    fn a_sticky_pin_wins_while_its_backend_is_available() {
+        let mut s = svc(&[1, 1, 1]);
+        s.cfg.balance = Balance::LeastOutstanding;
+        let pin = Affinity { key: None, pin: Some(s.backends[2].token()) };
+        let none = HashSet::new();
+        let _busy = [s.backends[2].start_request(), s.backends[2].start_request()];
+        for _ in 0..5 {
+            assert_eq!(port_of(&s.pick_for(&none, pin).unwrap()), 2, "pinned, even when busier");
+        }
+        s.backends[2].health.lock().unwrap().active_ok = false;
+        assert_ne!(port_of(&s.pick_for(&none, pin).unwrap()), 2, "out of rotation: balanced as usual");
+        let unknown = Affinity { key: None, pin: Some(12345) };
+        assert_ne!(port_of(&s.pick_for(&none, unknown).unwrap()), 2);
     }
 
     #[test]

@@ -17,6 +17,18 @@
 //! name = "web"
 //! bind = "0.0.0.0:8080"
 //! protocol = "http"                      # HTTP/1.1 and h2c
+//! accept_proxy_protocol = false          # any protocol: each connection must start with a PROXY
+//!                                        # v1 line or v2 header (read within 3 s, at most 107 /
+//!                                        # 16+2048 bytes, else that connection is closed); its client
+//!                                        # address is used for X-Forwarded-For, `Forwarded`,
+//!                                        # hash_on = "client_ip", the access log and PROXY v1 out
+//!
+//! [[listeners]]
+//! name = "web-redirect"
+//! bind = "0.0.0.0:8081"
+//! protocol = "http"
+//! redirect_https = true                  # http only: every request gets 308 to https://host/path?query
+//!                                        # (no port: the default 443); no routes needed
 //!
 //! [[listeners]]
 //! name = "web-tls"
@@ -38,9 +50,10 @@
 //! path_prefix = "/api"                   # default "/"
 //! header = { name = "x-canary", value = "1" }   # optional
 //! service = "api"
+//! cache = { max_bytes = 67108864 }       # optional; overrides the service's `cache` (see below)
 //!
 //! [services.api]
-//! balance = "round_robin"                # smooth weighted; or "least_outstanding"
+//! balance = "round_robin"                # smooth weighted; "least_outstanding"; "p2c_ewma"; "hash"
 //! backends = [{ address = "10.0.0.1:8000", weight = 2, zone = "a" }, { address = "10.0.0.2:8000" }]
 //! passive_failures = 5                   # connect failures/resets/5xx in a row; 0 = off
 //! eject_base_ms = 10000                  # doubles per repeat ejection
@@ -52,6 +65,8 @@
 //! max_in_flight_per_backend = 100       # 0 = no limit; beyond it requests queue...
 //! queue_timeout_ms = 1000                # ...this long, then 503
 //! slow_start_ms = 30000                  # weight ramps 10% -> 100% after (re-)entering rotation
+//! sticky_cookie = { name = "drover_sticky", max_age_secs = 3600 }   # optional, any balance (below)
+//! cache = { max_bytes = 67108864, max_object_bytes = 1048576, default_ttl_secs = 0 }   # optional
 //!
 //! [services.api.health]                  # new backends wait for `rise` passes
 //! kind = "http"                          # or "tcp" (connect only)
@@ -68,7 +83,68 @@
 //! [services.db]
 //! backends = [{ address = "10.0.0.5:5432" }]
 //! send_proxy_protocol = true             # tcp only: PROXY v1 line before the client's bytes
+//! balance = "hash"
+//! hash_on = "client_ip"                  # tcp listeners can hash on the client address only
+//!
+//! [services.images]
+//! backends = [{ address = "10.0.0.7:80" }, { address = "10.0.0.8:80" }]
+//! balance = "hash"
+//! hash_on = { header = "x-user" }        # or { cookie = "session" }, or "client_ip"
 //! ```
+//!
+//! # Balancing
+//!
+//! - `round_robin`: nginx's smooth weighted round robin.
+//! - `least_outstanding`: fewest requests in flight per unit of weight; ties round robin.
+//! - `p2c_ewma`: power of two choices on latency (linkerd's and Finagle's peak EWMA):
+//!   each backend keeps an exponentially weighted moving average of the time to the
+//!   response head (decay 10 s; a slower sample replaces it at once, and it fades toward
+//!   zero while the backend gets no traffic, so a backend that was slow once is tried
+//!   again). A request draws two distinct backends at random and takes the lower
+//!   `ewma × (in_flight + 1) / weight`. A backend with no sample yet counts as the mean
+//!   of the others, so a new one is not flooded. Failures (connect, reset, timeout, 5xx)
+//!   count as a 1 s sample.
+//! - `hash`: consistent hashing on `hash_on`, by weighted rendezvous hashing (highest
+//!   random weight): every backend scores `weight / -ln(h(key, backend))` and the
+//!   highest in rotation wins. The same key stays on the same backend; when a backend
+//!   leaves, only its keys move (to their next-best), and when it returns they move
+//!   back. Chosen over a ring because it needs no virtual nodes and no rebuild on
+//!   membership changes; a request costs one hash per backend. The hash is stable
+//!   (FNV-1a, then a 64-bit mixer), so several proxies agree. A request without the
+//!   key (no such header or cookie) is balanced round robin. Slow start ramps the weight,
+//!   so keys move onto a returning backend gradually.
+//!
+//! Before any of these: the zone preference (`zone`), and `sticky_cookie`.
+//!
+//! # Sticky sessions
+//!
+//! With `sticky_cookie` (name defaults to `drover_sticky`; without `max_age_secs` it is
+//! a session cookie), a request whose cookie names a backend in rotation (and below its
+//! in-flight limit) goes there, even across zones. Otherwise the service balances as
+//! usual and the response gets `Set-Cookie: NAME=TOKEN; Path=/; HttpOnly; SameSite=Lax`
+//! (`; Secure` over https). TOKEN is 16 hex digits of a stable hash of the backend's
+//! address: opaque to the client, the same on every proxy, never the address itself.
+//!
+//! # Response cache
+//!
+//! `cache` on a route or a service (the route's wins) keeps responses in memory, at most
+//! `max_bytes` in all (least recently used go first) and `max_object_bytes` (default
+//! 1 MiB, or `max_bytes` if smaller) per response. The rules are those of a shared cache (RFC 9111):
+//!
+//! - Only GET responses are stored; GET and HEAD are answered from them.
+//! - Status 200, 203, 204, 300, 301, 308, 404, 405, 410, 414 or 501 only.
+//! - Freshness from `s-maxage`, else `max-age`, else `Expires` − `Date`, else
+//!   `default_ttl_secs` (0: nothing without explicit freshness is stored), minus `Age`.
+//! - Not stored: `Cache-Control: no-store`, `private` or `no-cache` (no revalidation is
+//!   done), `Vary: *`, a `Set-Cookie`, a request with `no-store`, and a request with
+//!   `Authorization` unless the response says `public`, `s-maxage` or `must-revalidate`.
+//! - Not answered from the cache: requests with `Authorization`, with
+//!   `Cache-Control: no-cache`/`max-age=0` or `Pragma: no-cache` (their response may
+//!   still be stored), and WebSocket upgrades.
+//! - `Vary`: a stored response answers only requests with the same values of the
+//!   headers it names.
+//! - A successful POST, PUT, DELETE or PATCH forgets what was stored for its URL.
+//! - Answers to GET and HEAD carry `x-cache: HIT` (with `Age`) or `x-cache: MISS`.
 
 use drover_core::config::{ConfigError, parse_toml};
 use serde::{Deserialize, Serialize};
@@ -181,6 +257,13 @@ pub struct ListenerConfig {
     /// https listeners only: certificates, chosen by SNI.
     #[serde(default)]
     pub tls: Vec<TlsCertConfig>,
+    /// Every connection starts with a PROXY protocol v1 or v2 header (from a load
+    /// balancer in front) whose client address replaces the socket's.
+    #[serde(default)]
+    pub accept_proxy_protocol: bool,
+    /// http listeners only: answer every request with 308 to the same URL over https.
+    #[serde(default)]
+    pub redirect_https: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -195,6 +278,9 @@ pub struct RouteConfig {
     #[serde(default)]
     pub header: Option<HeaderMatch>,
     pub service: String,
+    /// A response cache for this route only (instead of the service's).
+    #[serde(default)]
+    pub cache: Option<CacheConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -212,6 +298,60 @@ pub enum Balance {
     RoundRobin,
     /// Fewest in-flight requests per unit of weight; ties go round robin.
     LeastOutstanding,
+    /// Power of two choices on peak-EWMA latency × (in flight + 1) / weight.
+    P2cEwma,
+    /// Weighted rendezvous hashing on `hash_on`; round robin for requests without the key.
+    Hash,
+}
+
+/// What `balance = "hash"` hashes: `"client_ip"`, `{ header = "x-user" }` or
+/// `{ cookie = "session" }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HashOn {
+    ClientIp,
+    Header(String),
+    Cookie(String),
+}
+
+fn d_sticky_name() -> String {
+    "drover_sticky".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StickyCookieConfig {
+    #[serde(default = "d_sticky_name")]
+    pub name: String,
+    /// Absent: a session cookie.
+    #[serde(default)]
+    pub max_age_secs: Option<u64>,
+}
+
+fn d_cache_max_bytes() -> u64 {
+    64 << 20
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// All stored responses together (bodies, headers and keys).
+    #[serde(default = "d_cache_max_bytes")]
+    pub max_bytes: u64,
+    /// A larger response is passed through and not stored; default 1 MiB (or
+    /// `max_bytes` if smaller).
+    #[serde(default)]
+    pub max_object_bytes: Option<u64>,
+    /// Freshness for cacheable responses that state none; 0 stores only those that do.
+    #[serde(default)]
+    pub default_ttl_secs: u64,
+}
+
+impl CacheConfig {
+    /// The largest response stored.
+    pub fn object_limit(&self) -> u64 {
+        self.max_object_bytes.unwrap_or(1 << 20).min(self.max_bytes)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -228,6 +368,15 @@ pub struct ServiceConfig {
     pub members: Option<MembersConfig>,
     #[serde(default)]
     pub balance: Balance,
+    /// The key of `balance = "hash"` (required with it, refused without it).
+    #[serde(default)]
+    pub hash_on: Option<HashOn>,
+    /// Pin each client to a backend with a cookie (HTTP only; works with any `balance`).
+    #[serde(default)]
+    pub sticky_cookie: Option<StickyCookieConfig>,
+    /// Cache responses of this service (HTTP only).
+    #[serde(default)]
+    pub cache: Option<CacheConfig>,
     /// Active checks; without them backends are in rotation from the start and only
     /// passive ejection takes them out.
     #[serde(default)]
@@ -433,6 +582,29 @@ impl ProxyConfig {
                 }
                 _ => {}
             }
+            if l.redirect_https && l.protocol != Protocol::Http {
+                return Err(bad(&["listeners", &i, "redirect_https"], "only http listeners redirect to https"));
+            }
+            if l.protocol == Protocol::Tcp
+                && let Some(s) = l.service.as_ref().and_then(|s| self.services.get(s))
+            {
+                let name = l.service.as_deref().unwrap_or_default();
+                let http_only = if s.sticky_cookie.is_some() {
+                    Some("sticky_cookie")
+                } else if s.cache.is_some() {
+                    Some("cache")
+                } else if matches!(s.hash_on, Some(HashOn::Header(_) | HashOn::Cookie(_))) {
+                    Some("hash_on")
+                } else {
+                    None
+                };
+                if let Some(f) = http_only {
+                    return Err(bad(
+                        &["services", name, f],
+                        format!("service `{name}` serves tcp listener `{}`, which has no HTTP to do this with", l.name),
+                    ));
+                }
+            }
             for (ti, t) in l.tls.iter().enumerate() {
                 let ti = ti.to_string();
                 if let Err((field, msg)) = crate::tls::load_cert(t) {
@@ -466,6 +638,11 @@ impl ProxyConfig {
             {
                 return Err(bad(&["routes", &i, "header", "name"], format!("`{}` is not a header name", hm.name)));
             }
+            if let Some(c) = &r.cache
+                && let Err((f, m)) = check_cache(c)
+            {
+                return Err(bad(&["routes", &i, "cache", f], m));
+            }
         }
         for (name, s) in &self.services {
             let at = |f: &str| vec!["services".to_string(), name.clone(), f.to_string()];
@@ -491,6 +668,33 @@ impl ProxyConfig {
                 if !(1..=1000).contains(&b.weight) {
                     return Err(Invalid(at("weight"), "must be 1 to 1000".into()));
                 }
+            }
+            match (&s.balance, &s.hash_on) {
+                (Balance::Hash, None) => {
+                    return fail("balance", "balance = \"hash\" needs `hash_on`".into());
+                }
+                (Balance::Hash, Some(_)) | (_, None) => {}
+                (_, Some(_)) => return fail("hash_on", "only used with balance = \"hash\"".into()),
+            }
+            match &s.hash_on {
+                Some(HashOn::Header(h)) if http::HeaderName::from_bytes(h.as_bytes()).is_err() => {
+                    return fail("hash_on", format!("`{h}` is not a header name"));
+                }
+                Some(HashOn::Cookie(c)) if !is_cookie_name(c) => {
+                    return fail("hash_on", format!("`{c}` is not a cookie name"));
+                }
+                _ => {}
+            }
+            if let Some(sc) = &s.sticky_cookie
+                && !is_cookie_name(&sc.name)
+            {
+                let at = vec!["services".to_string(), name.clone(), "sticky_cookie".into(), "name".into()];
+                return Err(Invalid(at, format!("`{}` is not a cookie name", sc.name)));
+            }
+            if let Some(c) = &s.cache
+                && let Err((f, m)) = check_cache(c)
+            {
+                return Err(Invalid(vec!["services".into(), name.clone(), "cache".into(), f.into()], m));
             }
             if s.retry_budget_percent > 100 {
                 return fail("retry_budget_percent", "must be 0 to 100".into());
@@ -529,6 +733,21 @@ impl ProxyConfig {
         }
         Ok(())
     }
+}
+
+/// A cookie name is an RFC 6265 token: visible ASCII without separators.
+fn is_cookie_name(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b))
+}
+
+fn check_cache(c: &CacheConfig) -> Result<(), (&'static str, String)> {
+    if c.max_bytes == 0 {
+        return Err(("max_bytes", "must be at least 1".into()));
+    }
+    if c.max_object_bytes.is_some_and(|m| m == 0 || m > c.max_bytes) {
+        return Err(("max_object_bytes", "must be at least 1 and not above max_bytes".into()));
+    }
+    Ok(())
 }
 
 /// Like `drover_core::config::locate`, but a numeric path part steps into an array
@@ -639,6 +858,65 @@ backends = [{ address = "10.0.0.3:5432" }]
         assert_eq!(e, "p.toml:10:1: listeners.1.service: unknown service `nope`");
         let e = err(&BASE.replace("path_prefix = \"/api\"", "path_prefix = \"api\""));
         assert_eq!(e, "p.toml:15:1: routes.0.path_prefix: must start with `/`");
+    }
+
+    #[test]
+    fn balancing_stickiness_cache_and_listener_options_parse() {
+        let text = BASE
+            .replace(
+                "balance = \"least_outstanding\"",
+                "balance = \"hash\"\nhash_on = { cookie = \"session\" }\nsticky_cookie = {}\ncache = { max_bytes = 4096 }",
+            )
+            .replace("backends = [{ address = \"10.0.0.3:5432\" }]", "backends = [{ address = \"10.0.0.3:5432\" }]\nbalance = \"hash\"\nhash_on = \"client_ip\"")
+            .replace("protocol = \"tcp\"", "protocol = \"tcp\"\naccept_proxy_protocol = true")
+            .replace("protocol = \"http\"", "protocol = \"http\"\nredirect_https = true");
+        let c = ProxyConfig::parse(Path::new("p.toml"), &text).unwrap();
+        let app = &c.services["app"];
+        assert_eq!((app.balance, app.hash_on.clone()), (Balance::Hash, Some(HashOn::Cookie("session".into()))));
+        assert_eq!(app.sticky_cookie, Some(StickyCookieConfig { name: "drover_sticky".into(), max_age_secs: None }));
+        let cache = app.cache.clone().unwrap();
+        assert_eq!((cache.max_bytes, cache.object_limit(), cache.default_ttl_secs), (4096, 4096, 0));
+        assert_eq!(c.services["db"].hash_on, Some(HashOn::ClientIp));
+        assert!(c.listeners[1].accept_proxy_protocol && c.listeners[0].redirect_https);
+        let p2c = BASE.replace("least_outstanding", "p2c_ewma");
+        assert_eq!(ProxyConfig::parse(Path::new("p.toml"), &p2c).unwrap().services["app"].balance, Balance::P2cEwma);
+    }
+
+    #[test]
+    fn inconsistent_balancing_cache_and_listener_options_are_refused() {
+        let app = |extra: &str| BASE.replace("balance = \"least_outstanding\"", extra);
+        let db = |extra: &str| {
+            BASE.replace(
+                "backends = [{ address = \"10.0.0.3:5432\" }]",
+                &format!("backends = [{{ address = \"10.0.0.3:5432\" }}]\n{extra}"),
+            )
+        };
+        let cases = [
+            (app("balance = \"hash\""), "services.app.balance: balance = \"hash\" needs `hash_on`"),
+            (app("hash_on = \"client_ip\""), "services.app.hash_on: only used with balance = \"hash\""),
+            (
+                app("balance = \"hash\"\nhash_on = { header = \"x user\" }"),
+                "services.app.hash_on: `x user` is not a header name",
+            ),
+            (app("sticky_cookie = { name = \"a;b\" }"), "services.app.sticky_cookie.name: `a;b` is not a cookie name"),
+            (
+                app("cache = { max_bytes = 10, max_object_bytes = 11 }"),
+                "services.app.cache.max_object_bytes: must be at least 1 and not above max_bytes",
+            ),
+            (db("sticky_cookie = {}"), "services.db.sticky_cookie: service `db` serves tcp listener `pg`"),
+            (
+                db("balance = \"hash\"\nhash_on = { header = \"x-user\" }"),
+                "services.db.hash_on: service `db` serves tcp listener `pg`",
+            ),
+            (
+                BASE.replace("protocol = \"tcp\"", "protocol = \"tcp\"\nredirect_https = true"),
+                "listeners.1.redirect_https: only http listeners redirect to https",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = err(&text);
+            assert!(e.contains(want), "{e}\n  wanted: {want}");
+        }
     }
 
     #[test]

@@ -34,8 +34,24 @@
 //! answers 101 the two upgraded connections are joined and bytes copied both ways, and
 //! the backend counts the tunnel as in flight until it closes (so draining waits for it,
 //! up to the drain timeout).
+//!
+//! # Headers to the backend
+//!
+//! `X-Forwarded-For` (appended to), `X-Forwarded-Proto`, `X-Forwarded-Host`, RFC 7239
+//! `Forwarded` (appended to) and `x-request-id` (the client's, or a new one; also on the
+//! response). The client address in them is the one a PROXY header carried when the
+//! listener accepts the PROXY protocol.
+//!
+//! # Per-service extras, paid for only when configured
+//!
+//! The hash key (`balance = "hash"`), the sticky cookie (`sticky_cookie`: pinned
+//! backend in, `Set-Cookie` out when the pin was missing or moved), the response cache
+//! (looked up before a backend is chosen; a hit never reaches one) and latency samples
+//! (`p2c_ewma`: time to the response head, or a penalty for a failure).
 
-use crate::backend::{Backend, InFlight, Service, Unavailable};
+use crate::backend::{Affinity, Backend, EWMA_FAILURE_PENALTY, InFlight, Service, Unavailable};
+use crate::cache::{self, Cache, RequestRules, Scope};
+use crate::config::{Balance, StickyCookieConfig};
 use crate::error::ForwardError;
 use crate::{Body, Shared, StopRx};
 use bytes::Bytes;
@@ -51,7 +67,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -67,6 +83,16 @@ pub(crate) async fn serve(
 ) {
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
+    // Read once: a reload that changes this listener's settings starts a new task for it.
+    let flags = {
+        let snap = shared.snapshot();
+        let l = snap.cfg.listeners.iter().find(|l| *l.name == *name);
+        ConnFlags {
+            https: tls.is_some(),
+            redirect_https: l.is_some_and(|l| l.redirect_https),
+            accept_proxy_protocol: l.is_some_and(|l| l.accept_proxy_protocol),
+        }
+    };
     let drain = loop {
         tokio::select! {
             r = listener.accept() => {
@@ -81,11 +107,11 @@ pub(crate) async fn serve(
                 };
                 let _ = stream.set_nodelay(true);
                 let (shared, name) = (shared.clone(), name.clone());
-                let https = tls.is_some();
-                let svc =
-                    hyper::service::service_fn(move |req| handle(shared.clone(), name.clone(), peer, https, req));
-                let Some(acceptor) = tls.clone() else {
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
+                let service = move |client: SocketAddr| {
+                    hyper::service::service_fn(move |req| handle(shared.clone(), name.clone(), client, flags, req))
+                };
+                if tls.is_none() && !flags.accept_proxy_protocol {
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service(peer)).into_owned();
                     let fut = graceful.watch(conn);
                     tokio::spawn(async move {
                         if let Err(e) = fut.await {
@@ -93,16 +119,34 @@ pub(crate) async fn serve(
                         }
                     });
                     continue;
-                };
-                // The handshake runs in the connection's task so a slow client cannot stall accepts.
-                let (builder, watcher) = (builder.clone(), graceful.watcher());
+                }
+                // The PROXY header and the TLS handshake are read in the connection's task
+                // so a slow client cannot stall accepts.
+                let (builder, watcher, tls) = (builder.clone(), graceful.watcher(), tls.clone());
                 tokio::spawn(async move {
+                    let mut stream = stream;
+                    let mut client = peer;
+                    if flags.accept_proxy_protocol {
+                        let limit = crate::proxy_protocol::HEADER_TIMEOUT;
+                        match crate::proxy_protocol::read_header(&mut stream, limit).await {
+                            Ok(Some(c)) => client = c.src,
+                            Ok(None) => {}
+                            Err(e) => return tracing::debug!(%peer, "{e}; closing the connection"),
+                        }
+                    }
+                    let Some(acceptor) = tls else {
+                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service(client));
+                        if let Err(e) = watcher.watch(conn.into_owned()).await {
+                            tracing::debug!(%peer, "downstream connection: {e}");
+                        }
+                        return;
+                    };
                     let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => return tracing::debug!(%peer, "TLS handshake: {e}"),
                         Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
                     };
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service(client)).into_owned();
                     if let Err(e) = watcher.watch(conn).await {
                         tracing::debug!(%peer, "downstream connection: {e}");
                     }
@@ -122,6 +166,32 @@ fn text(status: StatusCode, msg: String) -> Response<Body> {
     *r.status_mut() = status;
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     r
+}
+
+/// What a connection's listener asks of each of its requests.
+#[derive(Debug, Clone, Copy)]
+struct ConnFlags {
+    https: bool,
+    redirect_https: bool,
+    accept_proxy_protocol: bool,
+}
+
+/// 308 to the same host (default port) and path over https.
+fn redirect_to_https(req: &Request<Incoming>) -> Response<Body> {
+    let host = request_host(req);
+    if host.is_empty() {
+        return text(StatusCode::BAD_REQUEST, "400 no Host to redirect to https".into());
+    }
+    let host = if host.contains(':') { format!("[{host}]") } else { host };
+    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let mut r = text(StatusCode::PERMANENT_REDIRECT, format!("308 https://{host}{pq}"));
+    match HeaderValue::from_str(&format!("https://{host}{pq}")) {
+        Ok(v) => {
+            r.headers_mut().insert(header::LOCATION, v);
+            r
+        }
+        Err(_) => text(StatusCode::BAD_REQUEST, "400 the host cannot be redirected".into()),
+    }
 }
 
 fn empty_body() -> Body {
@@ -196,11 +266,12 @@ enum ReqBody {
     Stream(Option<Incoming>),
 }
 
+/// `peer` is the client: the socket's peer, or the address its PROXY header carried.
 async fn handle(
     shared: Arc<Shared>,
     listener: Arc<str>,
     peer: SocketAddr,
-    https: bool,
+    flags: ConnFlags,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let id = req
@@ -213,14 +284,18 @@ async fn handle(
     let upgrade = wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
     let start = std::time::Instant::now();
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
-    let mut trace = Trace { https, ..Trace::default() };
+    let mut trace = Trace { https: flags.https, ..Trace::default() };
     let mut error = None;
-    let mut resp =
-        route_and_forward(&shared, &listener, peer, req, &id, upgrade, &mut trace).await.unwrap_or_else(|e| {
-            let r = text(e.status(), format!("{} {e}", e.status().as_u16()));
-            error = Some(format!("{:?}: {e}", e.side()));
-            r
-        });
+    let result = if flags.redirect_https {
+        Ok(redirect_to_https(&req))
+    } else {
+        route_and_forward(&shared, &listener, peer, req, &id, upgrade, &mut trace).await
+    };
+    let mut resp = result.unwrap_or_else(|e| {
+        let r = text(e.status(), format!("{} {e}", e.status().as_u16()));
+        error = Some(format!("{:?}: {e}", e.side()));
+        r
+    });
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-request-id", v);
     }
@@ -237,6 +312,7 @@ async fn handle(
         service = trace.service.as_deref().unwrap_or("-"),
         backend = %trace.backend.map(|b| b.to_string()).unwrap_or_else(|| "-".into()),
         tries = trace.tries,
+        cache = trace.cache.unwrap_or("-"),
         ms = start.elapsed().as_millis() as u64,
         error = error.as_deref().unwrap_or(""),
         "access"
@@ -252,6 +328,8 @@ struct Trace {
     service: Option<String>,
     backend: Option<SocketAddr>,
     tries: u32,
+    /// `HIT` or `MISS` when the route or service caches.
+    cache: Option<&'static str>,
 }
 
 async fn route_and_forward(
@@ -278,6 +356,41 @@ async fn route_and_forward(
     trace.service = Some(route.service.clone());
     let (Some(svc), Some(client)) = (snap.services.get(&route.service), snap.clients.get(&route.service)) else {
         return Err(ForwardError::NoHealthyBackend(route.service.clone()));
+    };
+
+    let cache_scope = match (&route.cache, &svc.cfg.cache) {
+        (Some(c), _) => Some((Scope::Route(cache::route_scope(route)), c)),
+        (None, Some(c)) => Some((Scope::Service(&svc.name), c)),
+        (None, None) => None,
+    };
+    let mut caching: Option<(Arc<Cache>, String, CacheStep)> = None;
+    if let Some((scope, cfg)) = cache_scope
+        && upgrade.is_none()
+    {
+        let c = shared.caches.get(&snap, scope, cfg);
+        let key = cache::key(&host, req.uri().path_and_query().map_or("/", |p| p.as_str()));
+        match cache::request_rules(req.method(), req.headers()) {
+            Some(rules) => {
+                if rules.lookup
+                    && let Some(hit) = c.lookup(&key, req.headers(), Instant::now())
+                {
+                    trace.cache = Some("HIT");
+                    return Ok(cache::hit_response(&hit, Instant::now(), req.method() == Method::HEAD));
+                }
+                trace.cache = Some("MISS");
+                caching = Some((c, key, CacheStep::Store(rules)));
+            }
+            None if !req.method().is_safe() => caching = Some((c, key, CacheStep::Invalidate)),
+            None => {}
+        }
+    }
+    let sticky = svc.cfg.sticky_cookie.as_ref();
+    let aff = Affinity {
+        key: match (svc.cfg.balance, &svc.cfg.hash_on) {
+            (Balance::Hash, Some(on)) => crate::affinity::hash_key(on, req.headers(), peer.ip()),
+            _ => None,
+        },
+        pin: sticky.and_then(|sc| crate::affinity::sticky_pin(sc, req.headers())),
     };
 
     let (parts, body) = req.into_parts();
@@ -346,7 +459,7 @@ async fn route_and_forward(
     let mut resends = 0;
     let mut last: Option<ForwardError> = None;
     loop {
-        let (b, guard) = match svc.acquire_queued(&tried, queue_deadline).await {
+        let (b, guard) = match svc.acquire_queued(&tried, queue_deadline, aff).await {
             Ok(x) => x,
             Err(Unavailable::Saturated) => return Err(ForwardError::Saturated(svc.name.clone())),
             Err(Unavailable::NoneHealthy) => {
@@ -370,7 +483,7 @@ async fn route_and_forward(
         *up.version_mut() = Version::HTTP_11;
         *up.headers_mut() = headers.clone();
         let err = match attempt(svc, client, &b, guard, up, &mut upgrade).await {
-            Ok(resp) => return Ok(resp),
+            Ok(resp) => return Ok(finish_response(resp, &b, caching.take(), &parts.headers, sticky, aff, trace.https)),
             Err(e) => e,
         };
         let replayable = matches!(&body, ReqBody::Replay(_));
@@ -388,6 +501,46 @@ async fn route_and_forward(
     }
 }
 
+/// What the cache does once a forwarded request has its response.
+enum CacheStep {
+    /// GET or HEAD: store the response if the rules allow (and say MISS).
+    Store(RequestRules),
+    /// An unsafe method: a successful answer makes the stored one stale (RFC 9111 4.4).
+    Invalidate,
+}
+
+/// Stores a cacheable response as it streams by, and (re-)sets a sticky cookie that
+/// was missing or named another backend.
+fn finish_response(
+    mut resp: Response<Body>,
+    b: &Backend,
+    caching: Option<(Arc<Cache>, String, CacheStep)>,
+    req_headers: &HeaderMap,
+    sticky: Option<&StickyCookieConfig>,
+    aff: Affinity,
+    https: bool,
+) -> Response<Body> {
+    match caching {
+        Some((c, key, CacheStep::Store(rules))) => {
+            let now = std::time::SystemTime::now();
+            if let Some(plan) = cache::storable(rules, resp.status(), resp.headers(), c.config(), now) {
+                resp = cache::store_on_completion(resp, c, key, plan, req_headers);
+            }
+            resp.headers_mut().insert(HeaderName::from_static("x-cache"), HeaderValue::from_static("MISS"));
+        }
+        Some((c, key, CacheStep::Invalidate)) if resp.status().is_success() || resp.status().is_redirection() => {
+            c.invalidate(&key);
+        }
+        _ => {}
+    }
+    if let Some(sc) = sticky
+        && aff.pin != Some(b.token())
+    {
+        resp.headers_mut().append(header::SET_COOKIE, crate::affinity::set_cookie(sc, b.token(), https));
+    }
+    resp
+}
+
 /// One try against one backend; the response body keeps the backend's in-flight
 /// count up until it has been sent on.
 async fn attempt(
@@ -399,7 +552,13 @@ async fn attempt(
     downstream: &mut Option<OnUpgrade>,
 ) -> Result<Response<Body>, ForwardError> {
     let ms = svc.cfg.request_timeout_ms;
-    match tokio::time::timeout(Duration::from_millis(ms), client.request(req)).await {
+    let started = Instant::now();
+    let result = tokio::time::timeout(Duration::from_millis(ms), client.request(req)).await;
+    if svc.cfg.balance == Balance::P2cEwma {
+        let ok = matches!(&result, Ok(Ok(r)) if !r.status().is_server_error());
+        b.observe_latency(if ok { started.elapsed() } else { started.elapsed().max(EWMA_FAILURE_PENALTY) });
+    }
+    match result {
         Ok(Ok(mut resp)) => {
             if resp.status() == StatusCode::SWITCHING_PROTOCOLS
                 && let Some(down) = downstream.take()

@@ -25,10 +25,13 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod affinity;
 pub mod backend;
+mod cache;
 pub mod config;
 pub mod error;
 mod http;
+mod proxy_protocol;
 pub mod spec;
 mod tcp;
 mod tls;
@@ -73,6 +76,8 @@ pub(crate) struct Shared {
     /// Responses by (service, status), and resends by service; kept across reloads.
     responses: Mutex<BTreeMap<(String, u16), u64>>,
     resends: Mutex<BTreeMap<String, u64>>,
+    /// Response caches by route or service, kept across generations.
+    pub(crate) caches: cache::Registry,
     /// Where health checks of backends added by a reload run, so `reload` may be
     /// called from any thread.
     runtime: tokio::runtime::Handle,
@@ -287,6 +292,7 @@ impl Proxy {
             members: RwLock::new(Members::default()),
             responses: Mutex::new(BTreeMap::new()),
             resends: Mutex::new(BTreeMap::new()),
+            caches: cache::Registry::default(),
             checks_stop,
             runtime: tokio::runtime::Handle::current(),
         });

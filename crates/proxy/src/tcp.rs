@@ -5,25 +5,28 @@
 //! flow, the proxy cannot know what the backend did with them.
 //!
 //! With `send_proxy_protocol` the backend connection starts with a PROXY protocol v1
-//! line carrying the client's address.
+//! line carrying the client's address; with `accept_proxy_protocol` on the listener
+//! that is the address the incoming PROXY header carried.
 
+use crate::backend::{Affinity, EWMA_FAILURE_PENALTY};
+use crate::config::{Balance, HashOn};
 use crate::{Shared, StopRx};
 use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
 /// `PROXY TCP4 client proxy cport pport`, or `PROXY UNKNOWN` when the families differ
 /// (the spec's answer for addresses it cannot express).
-fn proxy_v1_line(inbound: &TcpStream) -> String {
-    match (inbound.peer_addr(), inbound.local_addr()) {
-        (Ok(src), Ok(dst)) if src.is_ipv4() == dst.is_ipv4() => {
-            let fam = if src.is_ipv4() { "TCP4" } else { "TCP6" };
-            format!("PROXY {fam} {} {} {} {}\r\n", src.ip(), dst.ip(), src.port(), dst.port())
-        }
-        _ => "PROXY UNKNOWN\r\n".to_string(),
+fn proxy_v1_line(src: SocketAddr, dst: SocketAddr) -> String {
+    if src.is_ipv4() == dst.is_ipv4() {
+        let fam = if src.is_ipv4() { "TCP4" } else { "TCP6" };
+        format!("PROXY {fam} {} {} {} {}\r\n", src.ip(), dst.ip(), src.port(), dst.port())
+    } else {
+        "PROXY UNKNOWN\r\n".to_string()
     }
 }
 
@@ -55,27 +58,43 @@ pub(crate) async fn serve(listener: TcpListener, name: Arc<str>, shared: Arc<Sha
 async fn handle(shared: Arc<Shared>, listener: Arc<str>, mut inbound: TcpStream) {
     let _ = inbound.set_nodelay(true);
     let snap = shared.snapshot();
-    let Some(svc) = snap
-        .cfg
-        .listeners
-        .iter()
-        .find(|l| *l.name == *listener)
-        .and_then(|l| l.service.as_ref())
-        .and_then(|s| snap.services.get(s))
-    else {
-        return;
+    let Some(l) = snap.cfg.listeners.iter().find(|l| *l.name == *listener) else { return };
+    let Some(svc) = l.service.as_ref().and_then(|s| snap.services.get(s)) else { return };
+    let (Ok(peer), Ok(local)) = (inbound.peer_addr(), inbound.local_addr()) else { return };
+    let (src, dst) = if l.accept_proxy_protocol {
+        match crate::proxy_protocol::read_header(&mut inbound, crate::proxy_protocol::HEADER_TIMEOUT).await {
+            Ok(Some(c)) => (c.src, c.dst),
+            Ok(None) => (peer, local),
+            Err(e) => return tracing::debug!(listener = %listener, %peer, "{e}; closing the connection"),
+        }
+    } else {
+        (peer, local)
     };
+    let aff = match (svc.cfg.balance, &svc.cfg.hash_on) {
+        (Balance::Hash, Some(on @ HashOn::ClientIp)) => {
+            Affinity { key: crate::affinity::hash_key(on, &http::HeaderMap::new(), src.ip()), pin: None }
+        }
+        _ => Affinity::default(),
+    };
+    // For p2c_ewma a TCP backend's latency is its connect time.
+    let ewma = svc.cfg.balance == Balance::P2cEwma;
     let mut tried = HashSet::new();
     let queue_deadline = tokio::time::Instant::now() + Duration::from_millis(svc.cfg.queue_timeout_ms);
     for _ in 0..=svc.cfg.retries {
-        let Ok((b, _guard)) = svc.acquire_queued(&tried, queue_deadline).await else { break };
+        let Ok((b, _guard)) = svc.acquire_queued(&tried, queue_deadline, aff).await else { break };
         tried.insert(b.addr);
+        let started = Instant::now();
         let connect = TcpStream::connect(b.addr);
-        match tokio::time::timeout(Duration::from_millis(svc.cfg.connect_timeout_ms), connect).await {
+        let result = tokio::time::timeout(Duration::from_millis(svc.cfg.connect_timeout_ms), connect).await;
+        if ewma {
+            let ok = matches!(result, Ok(Ok(_)));
+            b.observe_latency(if ok { started.elapsed() } else { started.elapsed().max(EWMA_FAILURE_PENALTY) });
+        }
+        match result {
             Ok(Ok(mut out)) => {
                 let _ = out.set_nodelay(true);
                 if svc.cfg.send_proxy_protocol
-                    && let Err(e) = out.write_all(proxy_v1_line(&inbound).as_bytes()).await
+                    && let Err(e) = out.write_all(proxy_v1_line(src, dst).as_bytes()).await
                 {
                     b.record_failure(&format!("writing the PROXY line: {e}"));
                     continue;

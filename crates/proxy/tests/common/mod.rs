@@ -13,7 +13,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -34,6 +34,8 @@ pub struct Counters {
     /// Requests being handled now, and the most at once.
     pub active: AtomicUsize,
     pub max_active: AtomicUsize,
+    /// Added to every request other than health checks (a slow backend).
+    pub delay_ms: AtomicU64,
 }
 
 struct Active<'a>(&'a Counters);
@@ -143,8 +145,11 @@ async fn serve(
     if c.reset_all.load(Ordering::SeqCst) {
         return Err(std::io::Error::other("reset"));
     }
-    if let Some(ms) = query.strip_prefix("sleep_ms=").and_then(|v| v.parse().ok()) {
-        tokio::time::sleep(Duration::from_millis(ms)).await;
+    // Query parameters: `sleep_ms=N`, and `cc=VALUE` for the response's Cache-Control.
+    let param = |k: &str| query.split('&').find_map(|kv| kv.strip_prefix(k)?.strip_prefix('=').map(str::to_string));
+    let sleep = param("sleep_ms").and_then(|v| v.parse().ok()).unwrap_or(0) + c.delay_ms.load(Ordering::SeqCst);
+    if sleep > 0 {
+        tokio::time::sleep(Duration::from_millis(sleep)).await;
     }
     let echo = |h: &str| headers.get(h).and_then(|v| v.to_str().ok()).unwrap_or("-").to_string();
     let body = format!(
@@ -155,7 +160,11 @@ async fn serve(
         echo("forwarded"),
         echo("x-request-id")
     );
-    Ok(hyper::Response::new(Full::new(Bytes::from(body))))
+    let mut resp = hyper::Response::new(Full::new(Bytes::from(body)));
+    if let Some(cc) = param("cc").and_then(|v| http::HeaderValue::from_str(&v).ok()) {
+        resp.headers_mut().insert("cache-control", cc);
+    }
+    Ok(resp)
 }
 
 /// A TCP echo server.
@@ -205,6 +214,26 @@ pub async fn send(c: &TestClient, method: &str, url: &str, host: Option<&str>, b
 
 pub async fn get(c: &TestClient, url: &str) -> Result<Reply, String> {
     send(c, "GET", url, None, "").await
+}
+
+/// A request with extra headers.
+pub async fn send_with(c: &TestClient, method: &str, url: &str, headers: &[(&str, &str)]) -> Result<Reply, String> {
+    let mut b = hyper::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let resp = c.request(b.body(Full::new(Bytes::new())).unwrap()).await.map_err(|e| format!("{e:?}"))?;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok(Reply { status, body: String::from_utf8_lossy(&body).into_owned(), headers })
+}
+
+impl Reply {
+    /// The name of the test backend that answered (the first word of its body).
+    pub fn backend(&self) -> &str {
+        self.body.split(' ').next().unwrap_or_default()
+    }
 }
 
 pub fn parse(text: &str) -> ProxyConfig {

@@ -1,0 +1,102 @@
+//! The response cache between a real client and a real backend.
+
+mod common;
+
+use common::*;
+use drover_proxy::Proxy;
+use std::time::Duration;
+
+fn cached_service(backend: std::net::SocketAddr, route_extra: &str, service_extra: &str) -> String {
+    format!(
+        r#"
+[[listeners]]
+name = "web"
+bind = "127.0.0.1:0"
+protocol = "http"
+
+[[routes]]
+listener = "web"
+service = "app"
+{route_extra}
+
+[services.app]
+backends = [{{ address = "{backend}" }}]
+{service_extra}
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_serves_hits_without_the_backend_until_max_age_expires() {
+    let b = TestBackend::start("b").await;
+    let p = Proxy::start(parse(&cached_service(b.addr, "", "cache = { max_bytes = 1048576 }"))).await.unwrap();
+    let base = format!("http://{}", p.local_addr("web").unwrap());
+    let c = client();
+    let url = format!("{base}/page?cc=max-age=1");
+
+    let miss = get(&c, &url).await.unwrap();
+    assert_eq!((miss.status, &miss.headers["x-cache"]), (200, &"MISS".parse::<http::HeaderValue>().unwrap()));
+    assert_eq!(b.hits(), 1);
+    let hit = get(&c, &url).await.unwrap();
+    assert_eq!(hit.headers["x-cache"], "HIT");
+    assert_eq!(hit.body, miss.body, "the stored body");
+    assert_eq!(hit.headers["age"], "0");
+    assert_eq!(hit.headers["cache-control"], "max-age=1");
+    let head = send(&c, "HEAD", &url, None, "").await.unwrap();
+    assert_eq!((head.headers["x-cache"].to_str().unwrap(), head.body.as_str()), ("HIT", ""));
+    assert_eq!(b.hits(), 1, "hits never reached the backend");
+
+    // A different query string is a different URL.
+    let other = get(&c, &format!("{base}/page?cc=max-age=1&x=2")).await.unwrap();
+    assert_eq!(other.headers["x-cache"], "MISS");
+    assert_eq!(b.hits(), 2);
+
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let expired = get(&c, &url).await.unwrap();
+    assert_eq!(expired.headers["x-cache"], "MISS", "max-age=1 is over");
+    assert_eq!(b.hits(), 3);
+    assert_eq!(get(&c, &url).await.unwrap().headers["x-cache"], "HIT", "and stored again");
+    assert_eq!(b.hits(), 3);
+    p.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_respects_no_store_authorization_and_client_no_cache() {
+    let b = TestBackend::start("b").await;
+    // A route cache with a default lifetime: even responses without freshness are stored.
+    let p = Proxy::start(parse(&cached_service(b.addr, "cache = { default_ttl_secs = 60 }", ""))).await.unwrap();
+    let base = format!("http://{}", p.local_addr("web").unwrap());
+    let c = client();
+
+    for _ in 0..3 {
+        let r = get(&c, &format!("{base}/secret?cc=no-store")).await.unwrap();
+        assert_eq!(r.headers["x-cache"], "MISS");
+    }
+    assert_eq!(b.hits(), 3, "no-store is never stored");
+
+    let r = get(&c, &format!("{base}/private?cc=private")).await.unwrap();
+    assert_eq!(r.headers["x-cache"], "MISS");
+    get(&c, &format!("{base}/private?cc=private")).await.unwrap();
+    assert_eq!(b.hits(), 5, "private is never stored");
+
+    let me = [("authorization", "Bearer t")];
+    send_with(&c, "GET", &format!("{base}/mine"), &me).await.unwrap();
+    send_with(&c, "GET", &format!("{base}/mine"), &me).await.unwrap();
+    assert_eq!(get(&c, &format!("{base}/mine")).await.unwrap().headers["x-cache"], "MISS");
+    assert_eq!(b.hits(), 8, "a response to an authorized request is not stored without `public`");
+
+    get(&c, &format!("{base}/plain")).await.unwrap();
+    assert_eq!(get(&c, &format!("{base}/plain")).await.unwrap().headers["x-cache"], "HIT", "default_ttl_secs");
+    let fresh = send_with(&c, "GET", &format!("{base}/plain"), &[("cache-control", "no-cache")]).await.unwrap();
+    assert_eq!(fresh.headers["x-cache"], "MISS", "the client asked for a fresh answer");
+    assert_eq!(b.hits(), 10);
+
+    assert_eq!(get(&c, &format!("{base}/plain")).await.unwrap().headers["x-cache"], "HIT");
+    let post = send(&c, "POST", &format!("{base}/plain"), None, "x").await.unwrap();
+    assert!(post.headers.get("x-cache").is_none(), "POST is not answered from the cache");
+    assert_eq!(b.hits(), 11);
+    let after = get(&c, &format!("{base}/plain")).await.unwrap();
+    assert_eq!(after.headers["x-cache"], "MISS", "a successful POST makes the stored response stale");
+    assert_eq!(b.hits(), 12);
+    p.shutdown(Duration::from_secs(1)).await;
+}
