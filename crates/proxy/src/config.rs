@@ -17,11 +17,13 @@
 //! name = "web"
 //! bind = "0.0.0.0:8080"
 //! protocol = "http"                      # HTTP/1.1 and h2c
-//! accept_proxy_protocol = false          # any protocol: each connection must start with a PROXY
-//!                                        # v1 line or v2 header (read within 3 s, at most 107 /
-//!                                        # 16+2048 bytes, else that connection is closed); its client
-//!                                        # address is used for X-Forwarded-For, `Forwarded`,
-//!                                        # hash_on = "client_ip", the access log and PROXY v1 out
+//! accept_proxy_protocol = false          # any protocol (https: before TLS): each connection must
+//!                                        # start with a PROXY v1 line or v2 header (read within 3 s,
+//!                                        # at most 107 / 16+2048 bytes, else that connection is
+//!                                        # closed; v1 UNKNOWN and v2 LOCAL keep the socket's address);
+//!                                        # its client address is used for X-Forwarded-For,
+//!                                        # `Forwarded`, hash_on = "client_ip", the access log and
+//!                                        # the PROXY v1 line to backends
 //!
 //! [[listeners]]
 //! name = "web-redirect"
@@ -98,12 +100,12 @@
 //! - `least_outstanding`: fewest requests in flight per unit of weight; ties round robin.
 //! - `p2c_ewma`: power of two choices on latency (linkerd's and Finagle's peak EWMA):
 //!   each backend keeps an exponentially weighted moving average of the time to the
-//!   response head (decay 10 s; a slower sample replaces it at once, and it fades toward
-//!   zero while the backend gets no traffic, so a backend that was slow once is tried
-//!   again). A request draws two distinct backends at random and takes the lower
-//!   `ewma × (in_flight + 1) / weight`. A backend with no sample yet counts as the mean
-//!   of the others, so a new one is not flooded. Failures (connect, reset, timeout, 5xx)
-//!   count as a 1 s sample.
+//!   response head (for TCP, to connect), decaying over 10 s; a slower sample replaces
+//!   it at once, and it fades toward zero while the backend gets no traffic, so a
+//!   backend that was slow once is tried again. A request draws two distinct backends
+//!   at random and takes the lower `ewma × (in_flight + 1) / weight`. A backend with no
+//!   sample yet counts as the mean of the others, so a new one is not flooded. Failures
+//!   (connect, reset, timeout, 5xx) count as a 1 s sample.
 //! - `hash`: consistent hashing on `hash_on`, by weighted rendezvous hashing (highest
 //!   random weight): every backend scores `weight / -ln(h(key, backend))` and the
 //!   highest in rotation wins. The same key stays on the same backend; when a backend
@@ -114,7 +116,9 @@
 //!   key (no such header or cookie) is balanced round robin. Slow start ramps the weight,
 //!   so keys move onto a returning backend gradually.
 //!
-//! Before any of these: the zone preference (`zone`), and `sticky_cookie`.
+//! Before any of these: a valid `sticky_cookie` pin, then the zone preference (`zone`).
+//! Services of tcp listeners take neither `sticky_cookie`, `cache` nor a header or
+//! cookie `hash_on` (refused at load).
 //!
 //! # Sticky sessions
 //!
@@ -129,14 +133,16 @@
 //!
 //! `cache` on a route or a service (the route's wins) keeps responses in memory, at most
 //! `max_bytes` in all (least recently used go first) and `max_object_bytes` (default
-//! 1 MiB, or `max_bytes` if smaller) per response. The rules are those of a shared cache (RFC 9111):
+//! 1 MiB, or `max_bytes` if smaller) per response, keyed by host (without port) and path
+//! with query. A cache survives reloads and member changes; one whose settings change
+//! starts empty. The rules are those of a shared cache (RFC 9111):
 //!
 //! - Only GET responses are stored; GET and HEAD are answered from them.
 //! - Status 200, 203, 204, 300, 301, 308, 404, 405, 410, 414 or 501 only.
 //! - Freshness from `s-maxage`, else `max-age`, else `Expires` − `Date`, else
 //!   `default_ttl_secs` (0: nothing without explicit freshness is stored), minus `Age`.
-//! - Not stored: `Cache-Control: no-store`, `private` or `no-cache` (no revalidation is
-//!   done), `Vary: *`, a `Set-Cookie`, a request with `no-store`, and a request with
+//! - Not stored: `Cache-Control: no-store`, `private` or `no-cache` (no revalidation or
+//!   304 is done: a stale entry is simply fetched again), `Vary: *`, a `Set-Cookie`, a request with `no-store`, and a request with
 //!   `Authorization` unless the response says `public`, `s-maxage` or `must-revalidate`.
 //! - Not answered from the cache: requests with `Authorization`, with
 //!   `Cache-Control: no-cache`/`max-age=0` or `Pragma: no-cache` (their response may

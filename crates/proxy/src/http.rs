@@ -552,9 +552,9 @@ async fn attempt(
     downstream: &mut Option<OnUpgrade>,
 ) -> Result<Response<Body>, ForwardError> {
     let ms = svc.cfg.request_timeout_ms;
-    let started = Instant::now();
+    let started = (svc.cfg.balance == Balance::P2cEwma).then(Instant::now);
     let result = tokio::time::timeout(Duration::from_millis(ms), client.request(req)).await;
-    if svc.cfg.balance == Balance::P2cEwma {
+    if let Some(started) = started {
         let ok = matches!(&result, Ok(Ok(r)) if !r.status().is_server_error());
         b.observe_latency(if ok { started.elapsed() } else { started.elapsed().max(EWMA_FAILURE_PENALTY) });
     }
