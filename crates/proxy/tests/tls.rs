@@ -49,9 +49,9 @@ impl ServerCertVerifier for AnyCert {
     }
 }
 
-/// Connects with SNI `name`; returns the leaf certificate presented, the ALPN protocol
-/// and the body of `GET /tls` sent over the connection.
-async fn fetch(addr: std::net::SocketAddr, name: &str) -> (Vec<u8>, Option<Vec<u8>>, String) {
+/// Connects with SNI `name` (after sending `prefix` in the clear); returns the leaf
+/// certificate presented, the ALPN protocol and the body of `GET /tls` sent over the connection.
+async fn fetch_after(addr: std::net::SocketAddr, name: &str, prefix: &[u8]) -> (Vec<u8>, Option<Vec<u8>>, String) {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -60,7 +60,8 @@ async fn fetch(addr: std::net::SocketAddr, name: &str) -> (Vec<u8>, Option<Vec<u
         .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
         .with_no_client_auth();
     cfg.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, prefix).await.unwrap();
     let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
         .connect(ServerName::try_from(name.to_string()).unwrap(), tcp)
         .await
@@ -77,6 +78,18 @@ async fn fetch(addr: std::net::SocketAddr, name: &str) -> (Vec<u8>, Option<Vec<u
     let resp = send.send_request(req).await.unwrap();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     (leaf, alpn, String::from_utf8_lossy(&body).into_owned())
+}
+
+async fn fetch(addr: std::net::SocketAddr, name: &str) -> (Vec<u8>, Option<Vec<u8>>, String) {
+    fetch_after(addr, name, b"").await
+}
+
+/// Certificate and key for `name` in `dir` as `<file>.pem` and `<file>.key`.
+fn write_cert(dir: &std::path::Path, file: &str, name: &str) -> rcgen::CertifiedKey<rcgen::KeyPair> {
+    let c = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+    std::fs::write(dir.join(format!("{file}.pem")), c.cert.pem()).unwrap();
+    std::fs::write(dir.join(format!("{file}.key")), c.signing_key.serialize_pem()).unwrap();
+    c
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -120,6 +133,35 @@ backends = [{{ address = "{}" }}]
     assert_eq!(leaf, a.cert.der().to_vec());
     let (leaf, _, _) = fetch(addr, "unknown.test").await;
     assert_eq!(leaf, a.cert.der().to_vec(), "the first certificate is the default");
+    p.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_listener_reads_the_proxy_header_before_the_tls_handshake() {
+    let b = TestBackend::start("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    write_cert(dir.path(), "a", "a.test");
+    let text = format!(
+        r#"
+[[listeners]]
+name = "web"
+bind = "127.0.0.1:0"
+protocol = "https"
+accept_proxy_protocol = true
+tls = [{{ cert = "a.pem", key = "a.key", server_names = ["a.test"] }}]
+[[routes]]
+listener = "web"
+service = "app"
+[services.app]
+backends = [{{ address = "{}" }}]
+"#,
+        b.addr
+    );
+    let p = Proxy::start(ProxyConfig::parse(&dir.path().join("proxy.toml"), &text).unwrap()).await.unwrap();
+    let addr = p.local_addr("web").unwrap();
+    let (_, _, body) = fetch_after(addr, "a.test", b"PROXY TCP4 192.0.2.44 192.0.2.1 40000 443\r\n").await;
+    assert!(body.contains("xff=192.0.2.44 proto=https"), "{body}");
+    assert!(body.contains("fwd=for=192.0.2.44;proto=https"), "{body}");
     p.shutdown(Duration::from_secs(1)).await;
 }
 
