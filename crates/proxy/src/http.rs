@@ -299,7 +299,13 @@ async fn handle(
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-request-id", v);
     }
-    shared.count_response(trace.service.as_deref().unwrap_or("-"), resp.status().as_u16(), trace.tries);
+    shared.count_response(
+        &listener,
+        trace.service.as_deref().unwrap_or("-"),
+        resp.status().as_u16(),
+        trace.tries,
+        trace.cache,
+    );
     // One line per request; `--log-format json` makes it a JSON access log.
     tracing::info!(
         target: "drover_proxy::access",

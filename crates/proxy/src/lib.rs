@@ -52,6 +52,15 @@ use tokio::task::JoinHandle;
 pub(crate) type Body = http_body_util::combinators::BoxBody<bytes::Bytes, hyper::Error>;
 pub(crate) type HttpClient = Client<HttpConnector, Body>;
 
+/// HTTP counters for `/metrics`: responses by listener, service and status; resends
+/// and cache outcomes by service.
+#[derive(Default)]
+pub(crate) struct Counters {
+    responses: BTreeMap<String, BTreeMap<String, BTreeMap<u16, u64>>>,
+    resends: BTreeMap<String, u64>,
+    cache: BTreeMap<String, BTreeMap<&'static str, u64>>,
+}
+
 /// One config generation, immutable once built.
 pub struct Snapshot {
     pub cfg: ProxyConfig,
@@ -73,9 +82,8 @@ pub(crate) struct Shared {
     draining: Mutex<Vec<(String, Arc<Backend>)>>,
     /// Stops health-check tasks.
     checks_stop: watch::Sender<bool>,
-    /// Responses by (service, status), and resends by service; kept across reloads.
-    responses: Mutex<BTreeMap<(String, u16), u64>>,
-    resends: Mutex<BTreeMap<String, u64>>,
+    /// HTTP traffic counters, kept across reloads.
+    counters: Mutex<Counters>,
     /// Response caches by route or service, kept across generations.
     pub(crate) caches: cache::Registry,
     /// Where health checks of backends added by a reload run, so `reload` may be
@@ -160,10 +168,29 @@ impl Shared {
         *self.snapshot.write().unwrap() = Arc::new(next);
     }
 
-    pub(crate) fn count_response(&self, service: &str, status: u16, tries: u32) {
-        *self.responses.lock().unwrap().entry((service.to_string(), status)).or_default() += 1;
+    /// Counts one HTTP response; the maps are keyed by name so the common case (a
+    /// name seen before) allocates nothing.
+    pub(crate) fn count_response(
+        &self,
+        listener: &str,
+        service: &str,
+        status: u16,
+        tries: u32,
+        cache: Option<&'static str>,
+    ) {
+        fn slot<'a, V: Default>(m: &'a mut BTreeMap<String, V>, k: &str) -> &'a mut V {
+            if !m.contains_key(k) {
+                m.insert(k.to_string(), V::default());
+            }
+            m.get_mut(k).expect("just inserted")
+        }
+        let mut c = self.counters.lock().unwrap();
+        *slot(slot(&mut c.responses, listener), service).entry(status).or_default() += 1;
         if tries > 1 {
-            *self.resends.lock().unwrap().entry(service.to_string()).or_default() += u64::from(tries - 1);
+            *slot(&mut c.resends, service) += u64::from(tries - 1);
+        }
+        if let Some(outcome) = cache {
+            *slot(&mut c.cache, service).entry(outcome).or_default() += 1;
         }
     }
 
@@ -196,19 +223,38 @@ impl Shared {
                 let _ = writeln!(out, "{name}{{service=\"{svc}\",backend=\"{addr}\",state=\"{state}\"}} {v}");
             }
         }
+        let c = self.counters.lock().unwrap();
         let _ = writeln!(
             out,
-            "# HELP drover_proxy_responses_total HTTP responses sent, by status\n# TYPE drover_proxy_responses_total counter"
+            "# HELP drover_proxy_responses_total HTTP responses sent, by listener, service and status\n# TYPE drover_proxy_responses_total counter"
         );
-        for ((svc, code), n) in self.responses.lock().unwrap().iter() {
-            let _ = writeln!(out, "drover_proxy_responses_total{{service=\"{svc}\",code=\"{code}\"}} {n}");
+        for (listener, by_service) in &c.responses {
+            for (svc, by_code) in by_service {
+                for (code, n) in by_code {
+                    let _ = writeln!(
+                        out,
+                        "drover_proxy_responses_total{{listener=\"{listener}\",service=\"{svc}\",code=\"{code}\"}} {n}"
+                    );
+                }
+            }
         }
         let _ = writeln!(
             out,
             "# HELP drover_proxy_resends_total requests sent again to another backend\n# TYPE drover_proxy_resends_total counter"
         );
-        for (svc, n) in self.resends.lock().unwrap().iter() {
+        for (svc, n) in &c.resends {
             let _ = writeln!(out, "drover_proxy_resends_total{{service=\"{svc}\"}} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP drover_proxy_cache_lookups_total cacheable requests, by outcome\n# TYPE drover_proxy_cache_lookups_total counter"
+        );
+        for (svc, by_outcome) in &c.cache {
+            for (outcome, n) in by_outcome {
+                let outcome = outcome.to_ascii_lowercase();
+                let _ =
+                    writeln!(out, "drover_proxy_cache_lookups_total{{service=\"{svc}\",outcome=\"{outcome}\"}} {n}");
+            }
         }
         out
     }
@@ -290,8 +336,7 @@ impl Proxy {
             draining: Mutex::new(Vec::new()),
             generation: Mutex::new(()),
             members: RwLock::new(Members::default()),
-            responses: Mutex::new(BTreeMap::new()),
-            resends: Mutex::new(BTreeMap::new()),
+            counters: Mutex::new(Counters::default()),
             caches: cache::Registry::default(),
             checks_stop,
             runtime: tokio::runtime::Handle::current(),
@@ -423,6 +468,11 @@ impl RunningProxy {
     /// The admin endpoint's `/backends` document.
     pub fn backends(&self) -> serde_json::Value {
         self.shared.backends_json()
+    }
+
+    /// The admin endpoint's `/metrics` text.
+    pub fn metrics(&self) -> String {
+        self.shared.metrics_text()
     }
 
     /// The config in force.

@@ -57,6 +57,9 @@ async fn cache_serves_hits_without_the_backend_until_max_age_expires() {
     assert_eq!(b.hits(), 3);
     assert_eq!(get(&c, &url).await.unwrap().headers["x-cache"], "HIT", "and stored again");
     assert_eq!(b.hits(), 3);
+    let m = p.metrics();
+    assert!(m.contains("drover_proxy_cache_lookups_total{service=\"app\",outcome=\"hit\"} 3"), "{m}");
+    assert!(m.contains("drover_proxy_cache_lookups_total{service=\"app\",outcome=\"miss\"} 3"), "{m}");
     p.shutdown(Duration::from_secs(1)).await;
 }
 

@@ -325,8 +325,8 @@ retries = 0
         m.contains(&format!("drover_proxy_backend_up{{service=\"app\",backend=\"{dead}\",state=\"ejected\"}} 0")),
         "{m}"
     );
-    assert!(m.contains("drover_proxy_responses_total{service=\"app\",code=\"502\"} 2"), "{m}");
-    assert!(m.contains("drover_proxy_responses_total{service=\"app\",code=\"503\"} 1"), "{m}");
+    assert!(m.contains("drover_proxy_responses_total{listener=\"web\",service=\"app\",code=\"502\"} 2"), "{m}");
+    assert!(m.contains("drover_proxy_responses_total{listener=\"web\",service=\"app\",code=\"503\"} 1"), "{m}");
     p.shutdown(Duration::from_secs(1)).await;
 }
 
