@@ -56,6 +56,8 @@ pub struct Backend {
     current_weight: AtomicI64,
     /// The current service generation's "a slot was freed" signal.
     released: Mutex<Arc<tokio::sync::Notify>>,
+    /// Bumped each time the backend leaves rotation; `close_on_leave` connections end then.
+    left: tokio::sync::watch::Sender<u64>,
     /// Stable hash of the address: the sticky cookie's value and the rendezvous identity.
     token: u64,
     /// Response latency for `p2c_ewma` (only touched by services that balance so).
@@ -158,6 +160,7 @@ impl Backend {
             served: AtomicU64::new(0),
             current_weight: AtomicI64::new(0),
             released: Mutex::new(Arc::new(tokio::sync::Notify::new())),
+            left: tokio::sync::watch::Sender::new(0),
             token: crate::affinity::backend_token(addr),
             ewma: Mutex::new(Ewma::default()),
         });
@@ -223,6 +226,8 @@ impl Backend {
             if verdict.healthy {
                 // Slow start counts from re-entry, as after an active check's rise.
                 self.health.lock().unwrap().healthy_since = Some(Instant::now());
+            } else if c.is_some() {
+                self.mark_left();
             }
             tracing::info!(backend = %self.addr, entity = %verdict.entity, healthy = verdict.healthy,
                 reason = %verdict.reason, "control plane verdict");
@@ -236,6 +241,16 @@ impl Backend {
 
     pub fn remove(&self) {
         self.removed.store(true, Ordering::SeqCst);
+        self.mark_left();
+    }
+
+    /// Changes each time the backend leaves rotation.
+    pub fn left_rotation(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.left.subscribe()
+    }
+
+    fn mark_left(&self) {
+        self.left.send_modify(|n| *n += 1);
     }
 
     pub fn in_flight(&self) -> u64 {
@@ -274,6 +289,7 @@ impl Backend {
             let dur = p.base.saturating_mul(factor).min(p.max);
             h.ejections += 1;
             h.ejected_until = Some(now + dur);
+            self.mark_left();
             h.passive_streak = 0;
             tracing::warn!(backend = %self.addr, ?dur, reason, "ejected after consecutive failures");
         }
@@ -334,6 +350,7 @@ impl Backend {
                 h.last_check_error = e;
                 if h.active_ok && h.fail_streak >= cfg.fall {
                     h.active_ok = false;
+                    self.mark_left();
                     tracing::warn!(backend = %self.addr, error = %h.last_check_error, "unhealthy: {} checks failed", cfg.fall);
                 }
             }
@@ -652,6 +669,7 @@ mod tests {
             max_in_flight_per_backend: 0,
             queue_timeout_ms: 0,
             send_proxy_protocol: false,
+            close_on_leave: false,
         };
         let bs = weights
             .iter()

@@ -85,6 +85,7 @@
 //! [services.db]
 //! backends = [{ address = "10.0.0.5:5432" }]
 //! send_proxy_protocol = true             # tcp only: PROXY v1 line before the client's bytes
+//! close_on_leave = true                  # tcp only: a backend leaving rotation has its connections closed
 //! balance = "hash"
 //! hash_on = "client_ip"                  # tcp listeners can hash on the client address only
 //!
@@ -419,6 +420,12 @@ pub struct ServiceConfig {
     /// the backend (PostgreSQL behind pgbouncer, HAProxy, nginx) sees the client address.
     #[serde(default)]
     pub send_proxy_protocol: bool,
+    /// TCP listeners: when a backend leaves rotation (control-plane verdict, failed
+    /// active check, ejection, removal) its open connections are closed at once instead
+    /// of running on. For a database write endpoint: no client keeps writing to a
+    /// fenced primary.
+    #[serde(default)]
+    pub close_on_leave: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -100,8 +100,20 @@ async fn handle(shared: Arc<Shared>, listener: Arc<str>, mut inbound: TcpStream)
                     continue;
                 }
                 b.record_success();
-                if let Err(e) = tokio::io::copy_bidirectional(&mut inbound, &mut out).await {
-                    tracing::debug!(backend = %b.addr, "tcp copy ended: {e}");
+                let mut left = b.left_rotation();
+                let leaves = async {
+                    match svc.cfg.close_on_leave {
+                        true => left.changed().await.is_ok(),
+                        false => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    r = tokio::io::copy_bidirectional(&mut inbound, &mut out) => if let Err(e) = r {
+                        tracing::debug!(backend = %b.addr, "tcp copy ended: {e}");
+                    },
+                    true = leaves => {
+                        tracing::info!(backend = %b.addr, client = %src, "backend left rotation; closing its connection");
+                    }
                 }
                 return;
             }

@@ -75,3 +75,56 @@ send_proxy_protocol = true
     assert_eq!(back, format!("PROXY TCP4 127.0.0.1 127.0.0.1 {} {}\r\nhi", me.port(), front.port()));
     p.shutdown(Duration::from_secs(1)).await;
 }
+
+/// One `db` member at `echo`, healthy or not as the control plane says.
+fn member_view(echo: std::net::SocketAddr, healthy: bool) -> drover_proxy::Members {
+    use drover_core::{Entity, EntityClass, health::MemberHealth};
+    let mut e = Entity::new("pg1", EntityClass::Agent);
+    e.address = Some(echo.ip().to_string());
+    e.subscriptions = vec!["db".into()];
+    let mut m = MemberHealth::new(&e);
+    m.healthy = healthy;
+    m.reason = if healthy { "keepalive passing".into() } else { "fenced".into() };
+    std::sync::Arc::new([("pg1".to_string(), m)].into())
+}
+
+async fn echoes(conn: &mut tokio::net::TcpStream) -> bool {
+    if conn.write_all(b"ping").await.is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 4];
+    matches!(tokio::time::timeout(Duration::from_secs(2), conn.read_exact(&mut buf)).await, Ok(Ok(_)))
+        && &buf == b"ping"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_on_leave_cuts_the_open_connections_of_a_member_the_control_plane_takes_out() {
+    let (echo, _t) = echo_server().await;
+    let cfg = |close: bool| {
+        format!(
+            "[[listeners]]\nname = \"w\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\nservice = \"db\"\n\
+             [services.db]\nmembers = {{ subscription = \"db\", port = {} }}\nclose_on_leave = {close}\n",
+            echo.port()
+        )
+    };
+    for close in [true, false] {
+        let p = Proxy::start(parse(&cfg(close))).await.unwrap();
+        p.set_members(member_view(echo, true));
+        let mut conn = tokio::net::TcpStream::connect(p.local_addr("w").unwrap()).await.unwrap();
+        assert!(echoes(&mut conn).await, "a healthy member serves");
+        // The control plane fences the member (as failover does to an old primary).
+        p.set_members(member_view(echo, false));
+        let s = state_of(&p, "db", echo).unwrap();
+        assert_eq!(s["state"], "unhealthy", "{s}");
+        if close {
+            let mut buf = [0u8; 1];
+            let read = tokio::time::timeout(Duration::from_secs(2), conn.read(&mut buf)).await;
+            assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "the open connection was closed: {read:?}");
+        } else {
+            assert!(echoes(&mut conn).await, "without close_on_leave an open connection runs on");
+        }
+        let mut fresh = tokio::net::TcpStream::connect(p.local_addr("w").unwrap()).await.unwrap();
+        assert!(!echoes(&mut fresh).await, "a new connection never reaches the fenced member");
+        p.shutdown(Duration::from_millis(100)).await;
+    }
+}
