@@ -457,7 +457,7 @@ pub struct RejoinReport {
 }
 
 /// Turns this member (a fenced or returning old primary) into a replica of `source`:
-/// stop it, `pg_rewind` its data dir to `source` (a superuser connection to the new
+/// stop it, checkpoint `source`, `pg_rewind` its data dir to `source` (a superuser connection to the new
 /// primary), write `standby.signal` and `primary_conninfo` (streaming from `upstream`),
 /// start it. A failed rewind is [`OpErrorKind::RewindFailed`]: the member stays stopped,
 /// which is what keeps it fenced.
@@ -469,6 +469,14 @@ pub async fn rejoin_as_replica(
 ) -> Result<RejoinReport, OpError> {
     let op = Op::Rejoin;
     let stopped = stop(local, timeout).await.map_err(|e| OpError { op, ..e })?;
+    // pg_rewind reads the source's timeline from its control file, which a freshly
+    // promoted primary updates only at its next checkpoint; without one it sees "the
+    // same timeline" and skips a rewind that is needed.
+    within(op, "checkpoint on the source", timeout, async {
+        let client = connect(op, source, timeout).await?;
+        client.batch_execute("CHECKPOINT").await.map_err(sql_err(op, "checkpoint on the source"))
+    })
+    .await?;
     let args = vec![
         "--target-pgdata".into(),
         local.data_dir.clone().into_os_string(),
