@@ -95,8 +95,8 @@ zone:
     file: bench.test.zone
 EOF
     knotd -c "$dir/knot.conf" 2> "$dir/knot.log" &
-    PIDS+=($!)
-    echo $!
+    PID=$!
+    PIDS+=("$PID")
 }
 
 start_drover() {
@@ -110,8 +110,8 @@ origin = "bench.test."
 file = "bench.test.zone"
 EOF
     "$DROVER_BIN" dns --config "$dir/dns.toml" --listen "127.0.0.1:$BENCH_PORT" > "$dir/out.log" 2>&1 &
-    PIDS+=($!)
-    echo $!
+    PID=$!
+    PIDS+=("$PID")
 }
 
 wait_answering() {
@@ -137,14 +137,14 @@ perf() {
 
 printf '%-8s %-8s %12s %12s %10s\n' server workers "queries/s" "latency ms" lost
 for w in $BENCH_WORKERS; do
-    pid=$(start_knot "$w"); wait_answering
+    start_knot "$w"; wait_answering
     read -r kq kl kloss < <(perf "knot-$w")
-    kill "$pid"; wait "$pid" 2>/dev/null || true
+    kill "$PID"; wait "$PID" 2>/dev/null || true
     printf '%-8s %-8s %12s %12s %10s\n' knot "$w" "$kq" "$kl" "$kloss"
 
-    pid=$(start_drover "$w"); wait_answering
+    start_drover "$w"; wait_answering
     read -r dq dl dloss < <(perf "drover-$w")
-    kill "$pid"; wait "$pid" 2>/dev/null || true
+    kill "$PID"; wait "$PID" 2>/dev/null || true
     printf '%-8s %-8s %12s %12s %10s\n' drover "$w" "$dq" "$dl" "$dloss"
     awk -v d="$dq" -v k="$kq" -v w="$w" 'BEGIN { printf "ratio drover/knot with %s worker(s): %.2f\n", w, d / k }'
 done
