@@ -65,7 +65,10 @@ fn dead_members_address_leaves_the_answer_and_the_last_view_survives_the_server(
     a1.kill9();
     let killed = Instant::now();
     wait_for(Duration::from_secs(15), "web1 to leave the answer", || (answer() == ["10.0.0.2"]).then_some(()));
-    eprintln!("agent killed -> answer changed in {:?} (keepalive warning, which already fails health, after 2 s)", killed.elapsed());
+    eprintln!(
+        "agent killed -> answer changed in {:?} (keepalive warning, which already fails health, after 2 s)",
+        killed.elapsed()
+    );
 
     // Static stability: the control plane goes away; the last known view keeps answering,
     // and a restarted name server answers the same from its state file.
