@@ -295,6 +295,16 @@ pub struct UpArgs {
     /// Run without the proxy.
     #[arg(long, conflicts_with = "proxy")]
     pub no_proxy: bool,
+    /// The name server's address (UDP and TCP).
+    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:8453")]
+    pub dns: SocketAddr,
+    /// The zone the name server is authoritative for: `web.service.DOMAIN` answers the
+    /// healthy members of `web`, `web1.node.DOMAIN` the node `web1`.
+    #[arg(long, value_name = "DOMAIN", default_value = "drover.")]
+    pub dns_domain: String,
+    /// Run without the name server.
+    #[arg(long, conflicts_with = "dns")]
+    pub no_dns: bool,
 }
 
 impl UpArgs {

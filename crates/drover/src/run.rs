@@ -82,46 +82,82 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<()> {
         token_file.display(),
     );
     let mut agent = drover_agent::start(cfg).await.context("local agent failed to start")?;
+    // The proxy and the name server follow the server as separate `drover proxy` and
+    // `drover dns` processes would, over the watch stream, so `up` exercises the same
+    // path as a real deployment.
+    let feed = start_feed(
+        &format!("http://{addr}"),
+        Some(server.agent_token().to_string()),
+        None,
+        args.data_dir.join("members.json"),
+    )?;
     let proxy = if args.no_proxy {
         None
     } else {
         let pcfg = drover_proxy::spec::config_from_specs(&args.proxy, Some(args.proxy_admin))
             .map_err(|e| anyhow::anyhow!("--proxy: {e}"))?;
-        // The proxy follows the server like a separate `drover proxy` would, over the
-        // watch stream, so `up` exercises the same path as a real deployment.
-        let feed = start_feed(
-            &format!("http://{addr}"),
-            Some(server.agent_token().to_string()),
-            None,
-            args.data_dir.join("proxy.members.json"),
-        )?;
         let proxy = drover_proxy::Proxy::start(pcfg).await.context("the proxy failed to start")?;
         for (i, spec) in args.proxy.iter().enumerate() {
             let bound = proxy.local_addr(&spec.listener_name(i)).unwrap_or(spec.bind);
             eprintln!("  proxy: {bound} -> healthy members of `{}` (port {})", spec.subscription, spec.port);
         }
         eprintln!("  proxy admin: http://{}/backends", args.proxy_admin);
-        Some((proxy, feed))
+        Some(proxy)
     };
-    let mut members = proxy.as_ref().map(|(_, f)| f.members());
+    let _dns = if args.no_dns {
+        None
+    } else {
+        let cfg = up_dns_config(&args.dns_domain, args.dns.ip(), &args.data_dir)?;
+        let ns = drover_dns::NameServer::start(cfg, args.dns, feed.members())
+            .await
+            .context("the name server failed to start")?;
+        let d = args.dns_domain.trim_end_matches('.');
+        eprintln!(
+            "  dns: {} (udp+tcp) -> SUBSCRIPTION.service.{d}. and NODE.node.{d}. answer healthy members",
+            ns.local_addr
+        );
+        Some(ns)
+    };
+    let mut members = proxy.as_ref().map(|_| feed.members());
     let stop = stop_signal();
     tokio::pin!(stop);
     loop {
         tokio::select! {
             r = agent.wait() => { r.context("local agent stopped")?; break; }
             Some(()) = next_members(&mut members) => {
-                if let (Some((p, _)), Some(m)) = (&proxy, &mut members) {
+                if let (Some(p), Some(m)) = (&proxy, &mut members) {
                     p.set_members(m.borrow_and_update().clone());
                 }
             }
             _ = &mut stop => { let _ = agent.shutdown().await; break; }
         }
     }
-    if let Some((p, _feed)) = proxy {
+    if let Some(p) = proxy {
         p.shutdown(std::time::Duration::from_secs(5)).await;
     }
     server.shutdown().await;
     Ok(())
+}
+
+/// `up`'s name server: one zone, `domain`, whose discovery names follow the members.
+fn up_dns_config(
+    domain: &str,
+    ns_ip: std::net::IpAddr,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<drover_dns::DnsConfig> {
+    let origin = format!("{}.", domain.trim_end_matches('.'));
+    let ns_type = if ns_ip.is_ipv4() { "A" } else { "AAAA" };
+    let serials = data_dir.join("dns-serials.json");
+    let text = format!(
+        "serial_file = {serials:?}\n\
+         [[zones]]\norigin = \"{origin}\"\n\
+         soa = {{ mname = \"ns.{origin}\", rname = \"hostmaster.{origin}\" }}\n\
+         records = [{{ name = \"@\", type = \"NS\", data = \"ns\" }}, {{ name = \"ns\", type = \"{ns_type}\", data = \"{ns_ip}\" }}]\n\
+         [discovery]\ndomain = \"{origin}\"\n",
+        serials = serials.display().to_string(),
+    );
+    drover_dns::DnsConfig::parse(std::path::Path::new("--dns-domain"), &text)
+        .map_err(|e| anyhow::anyhow!("--dns-domain: {e}"))
 }
 
 /// `drover proxy`: the load balancer, from a config file or `--listen` specs; with

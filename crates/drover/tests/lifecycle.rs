@@ -101,7 +101,7 @@ fn prometheus_metrics_describe_drover_itself() {
 }
 
 #[test]
-fn drover_up_runs_a_server_its_agent_and_a_proxy_in_front_of_members() {
+fn drover_up_runs_a_server_its_agent_a_proxy_and_a_name_server_that_follow_members() {
     let dir = tempfile::tempdir().unwrap();
     let conf = dir.path().join("drover.d");
     std::fs::create_dir_all(&conf).unwrap();
@@ -110,7 +110,7 @@ fn drover_up_runs_a_server_its_agent_and_a_proxy_in_front_of_members() {
         "[checks.hello]\ncommand = \"echo hello from up\"\nsubscriptions = [\"default\"]\ninterval_secs = 1\n",
     )
     .unwrap();
-    let (port, proxy_port, proxy_admin) = (free_port(), free_port(), free_port());
+    let (port, proxy_port, proxy_admin, dns_port) = (free_port(), free_port(), free_port(), free_port());
     let mut up = Proc::spawn(
         &[
             "up",
@@ -126,6 +126,8 @@ fn drover_up_runs_a_server_its_agent_and_a_proxy_in_front_of_members() {
             &format!("127.0.0.1:{proxy_port}=web:8000"),
             "--proxy-admin",
             &format!("127.0.0.1:{proxy_admin}"),
+            "--dns",
+            &format!("127.0.0.1:{dns_port}"),
         ],
         dir.path().join("up.log"),
     );
@@ -187,6 +189,16 @@ fn drover_up_runs_a_server_its_agent_and_a_proxy_in_front_of_members() {
         .read_to_string()
         .unwrap();
     assert!(backends.contains("\"entity\":\"web1\""), "{backends}");
+    // And up's name server answers the subscription's and the node's discovery names.
+    let dig = |name: &str| {
+        let out = std::process::Command::new("dig")
+            .args(["@127.0.0.1", "-p", &dns_port.to_string(), "+short", "+time=2", "+tries=1", name, "A"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    wait_for(T, "web.service.drover. answering web1", || (dig("web.service.drover.") == "127.0.0.1").then_some(()));
+    assert_eq!(dig("web1.node.drover."), "127.0.0.1");
     let _ = backend.kill();
     let _ = backend.wait();
     assert!(up.term().success(), "up stops cleanly:\n{}", up.log_text());
