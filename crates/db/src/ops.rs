@@ -8,6 +8,7 @@
 //! | [`repoint`] | `ALTER SYSTEM SET primary_conninfo` + reload (PostgreSQL ≥ 13 applies it without restart) |
 //! | [`rejoin_as_replica`] | stop, `pg_rewind` from the new primary, `standby.signal` + `primary_conninfo`, start |
 //! | [`set_synchronous_standby_names`] | `ALTER SYSTEM` + reload |
+//! | [`wait_caught_up`] | polls until a replica has replayed the (read-only) primary's current LSN (switchover) |
 //! | [`start`], [`stop`] | `pg_ctl` |
 //! | [`Hooks`] | operator command lines instead of the above, for engines other than PostgreSQL |
 //!
@@ -84,6 +85,7 @@ pub enum Op {
     Repoint,
     Rejoin,
     SetSynchronousStandbyNames,
+    CatchUp,
     Start,
     Stop,
     Hook,
@@ -98,6 +100,7 @@ impl std::fmt::Display for Op {
             Op::Repoint => "repoint",
             Op::Rejoin => "rejoin as replica",
             Op::SetSynchronousStandbyNames => "set synchronous_standby_names",
+            Op::CatchUp => "wait for catch-up",
             Op::Start => "start",
             Op::Stop => "stop",
             Op::Hook => "hook",
@@ -442,6 +445,32 @@ pub async fn set_synchronous_standby_names(target: &PgTarget, value: &str, timeo
     within(op, "synchronous_standby_names", timeout, async {
         let client = connect(op, target, timeout).await?;
         alter_and_reload(&client, op, &[("synchronous_standby_names", Some(value))]).await
+    })
+    .await
+}
+
+/// Waits until `replica` has replayed everything `primary` has written, re-reading the
+/// primary's position each round (a read-only primary still writes a little WAL of its
+/// own, such as running-transactions records). Returns the LSN both reached.
+pub async fn wait_caught_up(primary: &PgTarget, replica: &PgTarget, timeout: Duration) -> Result<u64, OpError> {
+    let op = Op::CatchUp;
+    within(op, "replay position", timeout, async {
+        let p = connect(op, primary, timeout).await?;
+        let r = connect(op, replica, timeout).await?;
+        loop {
+            let row =
+                p.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.map_err(sql_err(op, "primary position"))?;
+            let target = crate::probe::parse_lsn(row.get(0)).unwrap_or(u64::MAX);
+            let row = r
+                .query_one("SELECT pg_last_wal_replay_lsn()::text", &[])
+                .await
+                .map_err(sql_err(op, "replica position"))?;
+            let replayed = row.get::<_, Option<&str>>(0).and_then(crate::probe::parse_lsn).unwrap_or(0);
+            if replayed >= target {
+                return Ok(target);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     })
     .await
 }
