@@ -31,6 +31,11 @@ pub struct MemberHealth {
     /// Latest status of every check on this member, keepalive included.
     #[serde(default)]
     pub checks: BTreeMap<String, Status>,
+    /// When the server last changed this view (ms since the epoch, server clock): one
+    /// clock for every data plane, so name servers fed the same view derive the same
+    /// SOA serial. Not part of the view's content (see [`MemberHealth::same_view`]).
+    #[serde(default)]
+    pub changed_ms: i64,
 }
 
 impl MemberHealth {
@@ -45,6 +50,7 @@ impl MemberHealth {
             healthy: false,
             reason: "no keepalive yet".to_string(),
             checks: BTreeMap::new(),
+            changed_ms: 0,
         };
         m.set_entity(entity);
         if m.class == EntityClass::Proxy {
@@ -114,6 +120,18 @@ impl MemberHealth {
                 self.reason = format!("check {name} {s}");
             }
         }
+    }
+
+    /// Equal apart from `changed_ms`.
+    pub fn same_view(&self, other: &MemberHealth) -> bool {
+        self.entity == other.entity
+            && self.class == other.class
+            && self.address == other.address
+            && self.subscriptions == other.subscriptions
+            && self.labels == other.labels
+            && self.healthy == other.healthy
+            && self.reason == other.reason
+            && self.checks == other.checks
     }
 
     /// Healthy, and every check named in `required` is passing (a missing one is not).

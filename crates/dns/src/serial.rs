@@ -1,8 +1,11 @@
 //! SOA serials that follow content and never go backwards, across restarts too.
 //!
 //! A zone's serial changes only when its content (every record but the SOA's serial)
-//! changes; then it becomes max(previous + 1, unix time, the zone file's serial). The
-//! last serial and a digest of the content are kept in a small JSON file when configured.
+//! changes; then it becomes max(previous + 1, clock, the zone file's serial). The clock
+//! is the control plane's: the newest `changed_ms` in the member view, in seconds, so
+//! name servers fed the same view agree on the serial (the local clock is used only
+//! when there is no view). The last serial and a digest of the content are kept in a
+//! small JSON file when configured.
 
 use hickory_proto::rr::Record;
 use serde::{Deserialize, Serialize};
@@ -48,10 +51,12 @@ impl Serials {
         Serials { path, zones }
     }
 
-    /// The serial for `zone` with content `digest`, and whether it changed.
-    pub fn serial(&mut self, zone: &str, digest: &str, floor: u32) -> (u32, bool) {
-        let now =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as u32).unwrap_or(0);
+    /// The serial for `zone` with content `digest`, and whether it changed; `clock_secs`
+    /// is the control plane's time of the content (`None`: this machine's clock).
+    pub fn serial(&mut self, zone: &str, digest: &str, floor: u32, clock_secs: Option<u32>) -> (u32, bool) {
+        let now = clock_secs.unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as u32).unwrap_or(0)
+        });
         let stored = self.zones.get(zone);
         if let Some(s) = stored
             && s.digest == digest
@@ -84,14 +89,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("serials.json");
         let mut s = Serials::open(Some(path.clone()));
-        let (a, changed) = s.serial("z.", "d1", 0);
+        let (a, changed) = s.serial("z.", "d1", 0, None);
         assert!(changed);
-        assert_eq!(s.serial("z.", "d1", 0), (a, false), "same content, same serial");
-        let (b, changed) = s.serial("z.", "d2", 0);
+        assert_eq!(s.serial("z.", "d1", 0, None), (a, false), "same content, same serial");
+        let (b, changed) = s.serial("z.", "d2", 0, None);
         assert!(changed && b > a, "{a} -> {b}");
         let mut again = Serials::open(Some(path));
-        assert_eq!(again.serial("z.", "d2", 0), (b, false), "restart keeps the serial");
-        let (c, _) = again.serial("z.", "d3", 0);
+        assert_eq!(again.serial("z.", "d2", 0, None), (b, false), "restart keeps the serial");
+        let (c, _) = again.serial("z.", "d3", 0, None);
         assert!(c > b);
     }
 }

@@ -88,9 +88,11 @@ fn compile(
         })
         .collect();
     let mut changed = Vec::new();
+    // The control plane's clock, so every name server fed this view stamps the same serial.
+    let clock = members.values().map(|m| m.changed_ms).max().filter(|ms| *ms > 0).map(|ms| (ms / 1000) as u32);
     let table = b.finish(zones, &mut |z: &ZoneData| {
         let d = serial::digest(&z.soa, &z.records);
-        let (s, moved) = serials.serial(&z.origin.to_ascii(), &d, soa_data(&z.soa).serial);
+        let (s, moved) = serials.serial(&z.origin.to_ascii(), &d, soa_data(&z.soa).serial, clock);
         if moved {
             changed.push(z.origin.to_ascii());
         }

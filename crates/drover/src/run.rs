@@ -108,6 +108,7 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<()> {
         None
     } else {
         let cfg = up_dns_config(&args.dns_domain, args.dns.ip(), &args.data_dir)?;
+        first_view(&feed).await;
         let ns = drover_dns::NameServer::start(cfg, args.dns, feed.members())
             .await
             .context("the name server failed to start")?;
@@ -137,6 +138,17 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<()> {
     }
     server.shutdown().await;
     Ok(())
+}
+
+/// Waits (briefly) for the feed's first view, from the server or the state file, so a
+/// name server's first SOA serials come from the control plane's clock like every later
+/// one (and agree with its peers'); without either, it starts on its own clock.
+async fn first_view(feed: &drover_feed::Feed) {
+    let mut status = feed.status_watch();
+    let known = status.wait_for(|s| s.source != drover_feed::Source::Empty);
+    if tokio::time::timeout(std::time::Duration::from_secs(3), known).await.is_err() {
+        tracing::warn!("no member view from the server or the state file yet; starting with none");
+    }
 }
 
 /// `up`'s name server: one zone, `domain`, whose discovery names follow the members.
@@ -267,6 +279,9 @@ pub async fn dns(args: &DnsArgs) -> anyhow::Result<()> {
             .context("drover dns --server")?,
         ),
     };
+    if let Some(f) = &feed {
+        first_view(f).await;
+    }
     let members = feed.as_ref().map(|f| f.members()).unwrap_or(standalone);
     let ns = drover_dns::NameServer::start(cfg, listen, members).await.context("drover dns failed to start")?;
     println!("drover dns listening on {}", ns.local_addr);

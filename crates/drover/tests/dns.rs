@@ -101,7 +101,7 @@ fn ip(args: &[&str]) {
 }
 
 #[test]
-fn two_name_servers_in_two_network_namespaces_answer_alike() {
+fn two_fed_name_servers_in_two_network_namespaces_answer_alike_serial_included() {
     let id = std::process::id() % 200 + 20;
     let mut ns = Netns { names: vec![] };
     let mut addrs = vec![];
@@ -121,19 +121,47 @@ fn two_name_servers_in_two_network_namespaces_answer_alike() {
         ip(&["-n", &name, "link", "set", "lo", "up"]);
         addrs.push((name, format!("{net}.2")));
     }
+    // The control plane listens on namespace a's host-side address; b reaches it
+    // through its own link to this host.
+    let server_ip = format!("10.150.{id}.1");
+    ip(&["-n", &addrs[1].0, "route", "add", &format!("10.150.{id}.0/30"), "via", &format!("10.151.{id}.1")]);
     let dir = tempfile::tempdir().unwrap();
+    let server_addr = format!("{server_ip}:{}", free_port());
+    let data = dir.path().join("data");
+    let conf = dir.path().join("conf.d");
+    std::fs::create_dir_all(&conf).unwrap();
+    let _server = Proc::spawn(
+        &[
+            "server",
+            "--config-dir",
+            conf.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen",
+            &server_addr,
+            "--admin-token",
+            common::ADMIN,
+            "--agent-token",
+            common::AGENT,
+        ],
+        dir.path().join("server.log"),
+    );
+    let ws = format!("ws://{server_addr}");
+    let ka = ["--keepalive-interval-secs", "1", "--keepalive-warning-secs", "2", "--keepalive-critical-secs", "3"];
+    let agent = |name: &str, address: &str| {
+        let mut args = vec!["agent", "--server", &ws, "--token", common::AGENT, "--name", name];
+        args.extend(["--subscriptions", "web", "--address", address, "--api-listen", ""]);
+        args.extend(ka);
+        Proc::spawn(&args, dir.path().join(format!("agent-{name}.log")))
+    };
+    let _w1 = agent("w1", "10.0.0.1");
+    let mut w2 = agent("w2", "10.0.0.2");
     let cfg = dir.path().join("dns.toml");
-    std::fs::write(
-        &cfg,
-        DNS_CONFIG.replace(
-            "subscription = \"web\"",
-            "members = [{ name = \"w1\", address = \"10.0.0.1\" }, { name = \"w2\", address = \"10.0.0.2\" }]",
-        ),
-    )
-    .unwrap();
+    std::fs::write(&cfg, DNS_CONFIG).unwrap();
     let mut procs = vec![];
     for (name, addr) in &addrs {
         let listen = format!("{addr}:53");
+        let state = dir.path().join(format!("{name}.members.json"));
         let args = [
             "netns",
             "exec",
@@ -144,33 +172,54 @@ fn two_name_servers_in_two_network_namespaces_answer_alike() {
             cfg.to_str().unwrap(),
             "--listen",
             &listen,
+            "--server",
+            &ws,
+            "--token",
+            common::AGENT,
+            "--state-file",
+            state.to_str().unwrap(),
         ];
         let log = std::fs::File::create(dir.path().join(format!("{name}.log"))).unwrap();
         procs.push(KillOnDrop(
             Command::new("ip").args(args).stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap(),
         ));
+        // Started seconds apart, so serials from their own clocks could not agree.
+        std::thread::sleep(Duration::from_millis(2100));
     }
+    let t = Duration::from_secs(20);
     for (_, addr) in &addrs {
-        wait_for(Duration::from_secs(10), "name server in its namespace", || {
-            (!dig_short(addr, 53, "ns1.example.test", "A").is_empty()).then_some(())
+        wait_for(t, "both members answered in each namespace", || {
+            (dig_short(addr, 53, "web.example.test", "A") == ["10.0.0.1", "10.0.0.2"]).then_some(())
         });
     }
-    let queries =
-        [("ns1.example.test", "A"), ("web.example.test", "A"), ("example.test", "NS"), ("nope.example.test", "A")];
+    let queries = [
+        ("ns1.example.test", "A"),
+        ("web.example.test", "A"),
+        ("example.test", "NS"),
+        ("nope.example.test", "A"),
+        // The serial too: both stamp it from the control plane's clock, not their own.
+        ("example.test", "SOA"),
+    ];
     for (q, t) in queries {
-        let a = dig_short(&addrs[0].1, 53, q, t);
-        let b = dig_short(&addrs[1].1, 53, q, t);
-        assert_eq!(a, b, "{q} {t}");
+        assert_eq!(dig_short(&addrs[0].1, 53, q, t), dig_short(&addrs[1].1, 53, q, t), "{q} {t}");
     }
-    assert_eq!(dig_short(&addrs[0].1, 53, "web.example.test", "A"), ["10.0.0.1", "10.0.0.2"]);
-    // The SOA agrees too, but for its serial: each instance stamps its own clock when it has no serial file.
-    let soa = |a: &str| {
-        dig_short(a, 53, "example.test", "SOA")
-            .iter()
-            .map(|l| l.split(' ').enumerate().filter(|(i, _)| *i != 2).map(|(_, f)| f).collect::<Vec<_>>().join(" "))
-            .collect::<Vec<_>>()
+    let serial = |a: &str| -> u32 {
+        let soa = dig_short(a, 53, "example.test", "SOA");
+        soa.first().and_then(|l| l.split(' ').nth(2)).and_then(|s| s.parse().ok()).expect("a SOA serial")
     };
-    assert_eq!(soa(&addrs[0].1), soa(&addrs[1].1));
+    let before = serial(&addrs[0].1);
+
+    // A member dies: both answers change, and both serials move to the same new value.
+    w2.kill9();
+    for (_, addr) in &addrs {
+        wait_for(t, "w2 gone from each answer", || {
+            (dig_short(addr, 53, "web.example.test", "A") == ["10.0.0.1"]).then_some(())
+        });
+    }
+    for (q, t) in queries {
+        assert_eq!(dig_short(&addrs[0].1, 53, q, t), dig_short(&addrs[1].1, 53, q, t), "after the change: {q} {t}");
+    }
+    assert!(serial(&addrs[0].1) > before, "the serial moved with the content");
     drop(procs);
 }
 

@@ -128,7 +128,9 @@ impl State {
                 .values()
                 .map(|e| {
                     let evs = by_entity.remove(e.name.as_str()).unwrap_or_default();
-                    (e.name.clone(), MemberHealth::derive(e, evs.into_iter()))
+                    let mut m = MemberHealth::derive(e, evs.into_iter());
+                    m.changed_ms = now_ms();
+                    (e.name.clone(), m)
                 })
                 .collect()
         };
@@ -182,10 +184,11 @@ impl State {
                 let m = o.into_mut();
                 let before = m.clone();
                 m.set_entity(e);
-                (*m != before, m)
+                (!m.same_view(&before), m)
             }
         };
         if changed {
+            m.changed_ms = now_ms();
             let _ = self.watch_tx.send(WatchMessage::Upsert { member: m.clone() });
         }
     }
@@ -195,7 +198,8 @@ impl State {
         let Some(m) = members.get_mut(name) else { return };
         let before = m.clone();
         f(m);
-        if *m != before {
+        if !m.same_view(&before) {
+            m.changed_ms = now_ms();
             let _ = self.watch_tx.send(WatchMessage::Upsert { member: m.clone() });
         }
     }

@@ -109,6 +109,7 @@ pub fn member(name: &str, addr: &str, subs: &[&str], zone: Option<&str>, healthy
         healthy,
         reason: String::new(),
         checks,
+        changed_ms: 0,
     }
 }
 
