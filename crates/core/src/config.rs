@@ -59,14 +59,43 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(file: &Path, text: &str) -> Re
 /// Locates `path` (table keys, then the field) in the TOML text; falls back to the
 /// nearest enclosing key that exists.
 pub fn locate(file: &Path, text: &str, path: &[&str], message: String) -> ConfigError {
+    let owned: Vec<String> = path.iter().map(|p| p.to_string()).collect();
+    locate_path(file, text, &owned, message)
+}
+
+/// [`locate`] for paths through arrays too: a numeric part steps into an array of
+/// tables (`[[listeners]]`) or an inline array (`backends = [...]`) when the node there
+/// is one, and is an ordinary key otherwise.
+pub fn locate_path(file: &Path, text: &str, path: &[String], message: String) -> ConfigError {
+    enum Node<'a> {
+        Item(&'a toml_edit::Item),
+        Table(&'a toml_edit::Table),
+        Value(&'a toml_edit::Value),
+    }
     let mut span = None;
     if let Ok(doc) = toml_edit::Document::parse(text) {
-        let mut item: &toml_edit::Item = doc.as_item();
+        let mut node = Node::Item(doc.as_item());
         for part in path {
-            let Some(table) = item.as_table_like() else { break };
-            let Some((key, next)) = table.get_key_value(part) else { break };
-            span = key.span().or(span);
-            item = next;
+            let indexed = part.parse::<usize>().ok().and_then(|i| match node {
+                Node::Item(it) => match (it.as_array_of_tables(), it.as_array()) {
+                    (Some(a), _) => a.get(i).map(|t| (t.span(), Node::Table(t))),
+                    (_, Some(a)) => a.get(i).map(|v| (v.span(), Node::Value(v))),
+                    _ => None,
+                },
+                Node::Value(v) => v.as_array().and_then(|a| a.get(i)).map(|v| (v.span(), Node::Value(v))),
+                Node::Table(_) => None,
+            });
+            let next = indexed.or_else(|| {
+                let table: Option<&dyn toml_edit::TableLike> = match node {
+                    Node::Item(it) => it.as_table_like(),
+                    Node::Table(t) => Some(t),
+                    Node::Value(v) => v.as_inline_table().map(|t| t as &dyn toml_edit::TableLike),
+                };
+                table.and_then(|t| t.get_key_value(part)).map(|(k, it)| (k.span(), Node::Item(it)))
+            });
+            let Some((s, n)) = next else { break };
+            span = s.or(span);
+            node = n;
         }
     }
     let (line, column) = span.map(|s| line_col(text, s.start)).unwrap_or((0, 0));

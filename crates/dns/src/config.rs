@@ -51,7 +51,7 @@
 //! ttl_secs = 5
 //! ```
 
-use drover_core::config::{ConfigError, parse_toml};
+use drover_core::config::{ConfigError, locate_path, parse_toml};
 use hickory_proto::rr::Name;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -335,16 +335,16 @@ impl DnsConfig {
         if let Some(s) = &mut cfg.serial_file {
             *s = base.join(&*s);
         }
-        cfg.validate().map_err(|Invalid(path, message)| locate_indexed(file, text, &path, message))?;
+        cfg.validate().map_err(|Invalid(path, message)| locate_path(file, text, &path, message))?;
         // Records and zone files are parsed here too, so `check-config` reports their errors.
         crate::zone::compile_static(&cfg).map_err(|e| match e {
-            crate::zone::ZoneError::Record { zone, record, message } => locate_indexed(
+            crate::zone::ZoneError::Record { zone, record, message } => locate_path(
                 file,
                 text,
                 &["zones".into(), zone.to_string(), "records".into(), record.to_string()],
                 message,
             ),
-            other => locate_indexed(file, text, &["zones".into()], other.to_string()),
+            other => locate_path(file, text, &["zones".into()], other.to_string()),
         })?;
         Ok(cfg)
     }
@@ -470,52 +470,6 @@ impl DnsConfig {
         }
         Ok(())
     }
-}
-
-/// Like `drover_core::config::locate`, but a numeric path part steps into an array
-/// (`[[zones]]` or an inline `records = [...]`); falls back to the nearest key found.
-fn locate_indexed(file: &Path, text: &str, path: &[String], message: String) -> ConfigError {
-    enum Node<'a> {
-        Item(&'a toml_edit::Item),
-        Table(&'a toml_edit::Table),
-        Value(&'a toml_edit::Value),
-    }
-    let mut span = None;
-    if let Ok(doc) = toml_edit::Document::parse(text) {
-        let mut node = Node::Item(doc.as_item());
-        for part in path {
-            let next = if let Ok(i) = part.parse::<usize>() {
-                match node {
-                    Node::Item(it) => match (it.as_array_of_tables(), it.as_array()) {
-                        (Some(a), _) => a.get(i).map(|t| (t.span(), Node::Table(t))),
-                        (_, Some(a)) => a.get(i).map(|v| (v.span(), Node::Value(v))),
-                        _ => None,
-                    },
-                    Node::Value(v) => v.as_array().and_then(|a| a.get(i)).map(|v| (v.span(), Node::Value(v))),
-                    Node::Table(_) => None,
-                }
-            } else {
-                let table: Option<&dyn toml_edit::TableLike> = match node {
-                    Node::Item(it) => it.as_table_like(),
-                    Node::Table(t) => Some(t),
-                    Node::Value(v) => v.as_inline_table().map(|t| t as &dyn toml_edit::TableLike),
-                };
-                table.and_then(|t| t.get_key_value(part)).map(|(k, it)| (k.span(), Node::Item(it)))
-            };
-            let Some((s, n)) = next else { break };
-            span = s.or(span);
-            node = n;
-        }
-    }
-    let (line, column) = span.map(|s| line_col(text, s.start)).unwrap_or((0, 0));
-    ConfigError { file: PathBuf::from(file), line, column, field: path.join("."), message }
-}
-
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let column = before.rfind('\n').map(|nl| before.len() - nl).unwrap_or(before.len() + 1);
-    (line, column)
 }
 
 #[cfg(test)]

@@ -1,11 +1,13 @@
 //! SOA serials that follow content and never go backwards, across restarts too.
 //!
 //! A zone's serial changes only when its content (every record but the SOA's serial)
-//! changes; then it becomes max(previous + 1, clock, the zone file's serial). The clock
-//! is the control plane's: the newest `changed_ms` in the member view, in seconds, so
-//! name servers fed the same view agree on the serial (the local clock is used only
-//! when there is no view). The last serial and a digest of the content are kept in a
-//! small JSON file when configured.
+//! changes. Fed by a control plane, it becomes the view's clock — the newest
+//! `changed_ms` in the member view, in milliseconds modulo 2^32 — so name servers fed
+//! the same view agree on the serial whatever the order and timing in which they saw
+//! earlier views; only when that would not be greater (RFC 1982 serial arithmetic)
+//! than the previous serial does it become previous + 1. Without a view it is
+//! max(previous + 1, unix time, the zone file's serial). The last serial and a digest
+//! of the content are kept in a small JSON file when configured.
 
 use hickory_proto::rr::Record;
 use serde::{Deserialize, Serialize};
@@ -51,22 +53,37 @@ impl Serials {
         Serials { path, zones }
     }
 
-    /// The serial for `zone` with content `digest`, and whether it changed; `clock_secs`
-    /// is the control plane's time of the content (`None`: this machine's clock).
-    pub fn serial(&mut self, zone: &str, digest: &str, floor: u32, clock_secs: Option<u32>) -> (u32, bool) {
-        let now = clock_secs.unwrap_or_else(|| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as u32).unwrap_or(0)
-        });
+    /// The serial for `zone` with content `digest`, and whether it changed; `view_clock`
+    /// is the control plane's time of the content (see [`view_clock`]; `None`: this
+    /// machine's clock).
+    pub fn serial(&mut self, zone: &str, digest: &str, floor: u32, view_clock: Option<u32>) -> (u32, bool) {
         let stored = self.zones.get(zone);
         if let Some(s) = stored
             && s.digest == digest
         {
             return (s.serial, false);
         }
-        let serial = stored.map(|s| s.serial.wrapping_add(1)).unwrap_or(0).max(now).max(floor);
+        let serial = match (view_clock, stored) {
+            (Some(clock), None) => clock,
+            (Some(clock), Some(s)) if serial_gt(clock, s.serial) => clock,
+            (Some(_), Some(s)) => s.serial.wrapping_add(1),
+            (None, stored) => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs() as u32)
+                    .unwrap_or(0);
+                stored.map(|s| s.serial.wrapping_add(1)).unwrap_or(0).max(now)
+            }
+        };
+        let serial = if serial_gt(floor, serial) { floor } else { serial };
         self.zones.insert(zone.to_string(), Stored { serial, digest: digest.to_string() });
         self.save();
         (serial, true)
+    }
+
+    #[cfg(test)]
+    fn set(&mut self, zone: &str, serial: u32) {
+        self.zones.insert(zone.to_string(), Stored { serial, digest: String::new() });
     }
 
     fn save(&self) {
@@ -80,9 +97,39 @@ impl Serials {
     }
 }
 
+/// The control plane's clock for a view: its newest `changed_ms`, modulo 2^32
+/// (milliseconds, so two changes in one second still get two serials).
+pub fn view_clock(changed_ms: i64) -> Option<u32> {
+    (changed_ms > 0).then_some((changed_ms as u64 % (1u64 << 32)) as u32)
+}
+
+/// RFC 1982 §3.2: `a` is greater than `b` when it is ahead by less than 2^31.
+pub fn serial_gt(a: u32, b: u32) -> bool {
+    a != b && a.wrapping_sub(b) < (1 << 31)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_view_clock_decides_the_serial_whatever_came_before() {
+        // RFC 1982: name servers fed the same view must agree; histories differ.
+        let mut a = Serials::open(None);
+        let mut b = Serials::open(None);
+        assert_eq!(a.serial("z.", "v1", 0, Some(1_000)), (1_000, true));
+        assert_eq!(a.serial("z.", "v2", 0, Some(1_005)), (1_005, true));
+        assert_eq!(b.serial("z.", "v2", 0, Some(1_005)), (1_005, true), "b never saw v1");
+        // A clock that does not move forward still moves the serial.
+        assert_eq!(a.serial("z.", "v3", 0, Some(1_005)), (1_006, true));
+        // Across the 2^32 wrap the clock still counts as ahead.
+        let mut c = Serials::open(None);
+        c.set("z.", u32::MAX - 5);
+        assert_eq!(c.serial("z.", "v", 0, Some(10)), (10, true));
+        assert!(serial_gt(10, u32::MAX - 5) && !serial_gt(u32::MAX - 5, 10));
+        assert_eq!(view_clock(0), None);
+        assert_eq!(view_clock((1i64 << 32) + 7), Some(7));
+    }
 
     #[test]
     fn serial_moves_only_on_change_and_survives_a_restart_without_going_back() {

@@ -89,7 +89,7 @@ fn compile(
         .collect();
     let mut changed = Vec::new();
     // The control plane's clock, so every name server fed this view stamps the same serial.
-    let clock = members.values().map(|m| m.changed_ms).max().filter(|ms| *ms > 0).map(|ms| (ms / 1000) as u32);
+    let clock = members.values().map(|m| m.changed_ms).max().and_then(serial::view_clock);
     let table = b.finish(zones, &mut |z: &ZoneData| {
         let d = serial::digest(&z.soa, &z.records);
         let (s, moved) = serials.serial(&z.origin.to_ascii(), &d, soa_data(&z.soa).serial, clock);

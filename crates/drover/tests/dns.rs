@@ -126,27 +126,8 @@ fn two_fed_name_servers_in_two_network_namespaces_answer_alike_serial_included()
     let server_ip = format!("10.150.{id}.1");
     ip(&["-n", &addrs[1].0, "route", "add", &format!("10.150.{id}.0/30"), "via", &format!("10.151.{id}.1")]);
     let dir = tempfile::tempdir().unwrap();
-    let server_addr = format!("{server_ip}:{}", free_port());
-    let data = dir.path().join("data");
-    let conf = dir.path().join("conf.d");
-    std::fs::create_dir_all(&conf).unwrap();
-    let _server = Proc::spawn(
-        &[
-            "server",
-            "--config-dir",
-            conf.to_str().unwrap(),
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--listen",
-            &server_addr,
-            "--admin-token",
-            common::ADMIN,
-            "--agent-token",
-            common::AGENT,
-        ],
-        dir.path().join("server.log"),
-    );
-    let ws = format!("ws://{server_addr}");
+    let server = Server::start_on(&server_ip, &[]);
+    let ws = server.ws_url();
     let ka = ["--keepalive-interval-secs", "1", "--keepalive-warning-secs", "2", "--keepalive-critical-secs", "3"];
     let agent = |name: &str, address: &str| {
         let mut args = vec!["agent", "--server", &ws, "--token", common::AGENT, "--name", name];

@@ -201,6 +201,23 @@ class H(http.server.BaseHTTPRequestHandler):
 S(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 "#;
 
+/// One python backend process per name (killable on their own), and their addresses.
+fn python_backends(names: &[&str]) -> (Vec<Child>, Vec<SocketAddr>) {
+    let mut kids = Vec::new();
+    let mut addrs = Vec::new();
+    for name in names {
+        let port = free_port();
+        let child = std::process::Command::new("python3")
+            .args(["-c", PY_BACKEND, &port.to_string(), name])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("python3");
+        kids.push(Child(child));
+        addrs.push(format!("127.0.0.1:{port}").parse::<SocketAddr>().unwrap());
+    }
+    (kids, addrs)
+}
+
 struct Child(std::process::Child);
 impl Drop for Child {
     fn drop(&mut self) {
@@ -212,18 +229,7 @@ impl Drop for Child {
 #[test]
 fn kill_9_of_a_backend_under_load_fails_no_get() {
     let dir = tempfile::tempdir().unwrap();
-    let mut kids = Vec::new();
-    let mut addrs = Vec::new();
-    for name in ["a", "b", "c"] {
-        let port = free_port();
-        let child = std::process::Command::new("python3")
-            .args(["-c", PY_BACKEND, &port.to_string(), name])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("python3");
-        kids.push(Child(child));
-        addrs.push(format!("127.0.0.1:{port}").parse::<SocketAddr>().unwrap());
-    }
+    let (mut kids, addrs) = python_backends(&["a", "b", "c"]);
     let port = free_port();
     let admin = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -416,18 +422,7 @@ fn tcp_listener_fronts_a_real_redis() {
 #[test]
 fn hey_load_with_a_backend_killed_sees_no_failed_get() {
     let dir = tempfile::tempdir().unwrap();
-    let mut kids = Vec::new();
-    let mut addrs = Vec::new();
-    for name in ["a", "b", "c"] {
-        let port = free_port();
-        let child = std::process::Command::new("python3")
-            .args(["-c", PY_BACKEND, &port.to_string(), name])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("python3");
-        kids.push(Child(child));
-        addrs.push(format!("127.0.0.1:{port}").parse::<SocketAddr>().unwrap());
-    }
+    let (mut kids, addrs) = python_backends(&["a", "b", "c"]);
     let (port, admin) = (free_port(), free_port());
     let text = format!("admin_listen = \"127.0.0.1:{admin}\"\n{}", config(port, &[("/", &addrs)]));
     let (p, _) = start(dir.path(), &text);

@@ -2,8 +2,8 @@
 //!
 //! Errors are [`ConfigError`]s, `file:line:col: field: message`, as everywhere in drover.
 //! Parse errors come from [`drover_core::config::parse_toml`]; validation errors are
-//! located here because the proxy's arrays of tables (`[[listeners]]`, `[[routes]]`,
-//! `backends = [...]`) need an index step that `drover_core::config::locate` does not take.
+//! located by [`drover_core::config::locate_path`], which steps into the proxy's arrays
+//! of tables (`[[listeners]]`, `[[routes]]`) and inline arrays (`backends = [...]`).
 //!
 //! Backend addresses are `IP:PORT`: the proxy never resolves names, so a DNS outage
 //! cannot change the member set behind its back.
@@ -153,7 +153,7 @@
 //! - A successful POST, PUT, DELETE or PATCH forgets what was stored for its URL.
 //! - Answers to GET and HEAD carry `x-cache: HIT` (with `Age`) or `x-cache: MISS`.
 
-use drover_core::config::{ConfigError, parse_toml};
+use drover_core::config::{ConfigError, locate_path, parse_toml};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -542,7 +542,7 @@ impl ProxyConfig {
             t.cert = base.join(&t.cert);
             t.key = base.join(&t.key);
         }
-        cfg.validate().map_err(|Invalid(path, message)| locate_indexed(file, text, &path, message))?;
+        cfg.validate().map_err(|Invalid(path, message)| locate_path(file, text, &path, message))?;
         Ok(cfg)
     }
 
@@ -761,52 +761,6 @@ fn check_cache(c: &CacheConfig) -> Result<(), (&'static str, String)> {
         return Err(("max_object_bytes", "must be at least 1 and not above max_bytes".into()));
     }
     Ok(())
-}
-
-/// Like `drover_core::config::locate`, but a numeric path part steps into an array
-/// (`[[listeners]]` or an inline `backends = [...]`); falls back to the nearest key found.
-fn locate_indexed(file: &Path, text: &str, path: &[String], message: String) -> ConfigError {
-    enum Node<'a> {
-        Item(&'a toml_edit::Item),
-        Table(&'a toml_edit::Table),
-        Value(&'a toml_edit::Value),
-    }
-    let mut span = None;
-    if let Ok(doc) = toml_edit::Document::parse(text) {
-        let mut node = Node::Item(doc.as_item());
-        for part in path {
-            let next = if let Ok(i) = part.parse::<usize>() {
-                match node {
-                    Node::Item(it) => match (it.as_array_of_tables(), it.as_array()) {
-                        (Some(a), _) => a.get(i).map(|t| (t.span(), Node::Table(t))),
-                        (_, Some(a)) => a.get(i).map(|v| (v.span(), Node::Value(v))),
-                        _ => None,
-                    },
-                    Node::Value(v) => v.as_array().and_then(|a| a.get(i)).map(|v| (v.span(), Node::Value(v))),
-                    Node::Table(_) => None,
-                }
-            } else {
-                let table: Option<&dyn toml_edit::TableLike> = match node {
-                    Node::Item(it) => it.as_table_like(),
-                    Node::Table(t) => Some(t),
-                    Node::Value(v) => v.as_inline_table().map(|t| t as &dyn toml_edit::TableLike),
-                };
-                table.and_then(|t| t.get_key_value(part)).map(|(k, it)| (k.span(), Node::Item(it)))
-            };
-            let Some((s, n)) = next else { break };
-            span = s.or(span);
-            node = n;
-        }
-    }
-    let (line, column) = span.map(|s| line_col(text, s.start)).unwrap_or((0, 0));
-    ConfigError { file: PathBuf::from(file), line, column, field: path.join("."), message }
-}
-
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let column = before.rfind('\n').map(|nl| before.len() - nl).unwrap_or(before.len() + 1);
-    (line, column)
 }
 
 #[cfg(test)]

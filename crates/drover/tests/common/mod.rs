@@ -104,6 +104,7 @@ impl Drop for Proc {
 /// A running `drover server` with its own config and data directories.
 pub struct Server {
     pub proc: Proc,
+    pub host: String,
     pub port: u16,
     pub dir: tempfile::TempDir,
 }
@@ -111,19 +112,25 @@ pub struct Server {
 impl Server {
     /// `files` are (name, content) pairs written into the config dir.
     pub fn start(files: &[(&str, &str)]) -> Server {
+        Self::start_on("127.0.0.1", files)
+    }
+
+    /// Listening on `host` (an address of this machine, such as a veth's for tests
+    /// with network namespaces).
+    pub fn start_on(host: &str, files: &[(&str, &str)]) -> Server {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("conf.d")).unwrap();
         for (name, content) in files {
             std::fs::write(dir.path().join("conf.d").join(name), content).unwrap();
         }
         let port = free_port();
-        let s = Server { proc: Self::spawn_proc(dir.path(), port), port, dir };
+        let s = Server { proc: Self::spawn_proc(dir.path(), host, port), host: host.to_string(), port, dir };
         s.wait_healthy();
         s
     }
 
-    fn spawn_proc(dir: &Path, port: u16) -> Proc {
-        let listen = format!("127.0.0.1:{port}");
+    fn spawn_proc(dir: &Path, host: &str, port: u16) -> Proc {
+        let listen = format!("{host}:{port}");
         let conf = dir.join("conf.d");
         let data = dir.join("data");
         Proc::spawn(
@@ -166,16 +173,16 @@ impl Server {
     }
 
     pub fn start_again(&mut self) {
-        self.proc = Self::spawn_proc(self.dir.path(), self.port);
+        self.proc = Self::spawn_proc(self.dir.path(), &self.host, self.port);
         self.wait_healthy();
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}:{}", self.host, self.port)
     }
 
     pub fn ws_url(&self) -> String {
-        format!("ws://127.0.0.1:{}", self.port)
+        format!("ws://{}:{}", self.host, self.port)
     }
 
     pub fn data_dir(&self) -> PathBuf {
