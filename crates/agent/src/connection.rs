@@ -389,6 +389,9 @@ impl Session {
                 tracing::debug!(check = %request.check.name, splay_ms = request.splay_ms, "check request");
                 scheduler::spawn_request(self.shared.clone(), *request);
             }
+            Ok(m @ (ServerMessage::DbOrder { .. } | ServerMessage::DbLease { .. })) => {
+                tracing::warn!(kind = message_kind(&m), "database message but no [postgres] is configured; ignored");
+            }
             Ok(ServerMessage::Welcome { .. }) => tracing::warn!("unexpected second welcome from the server; ignored"),
             Ok(ServerMessage::Error { message }) => {
                 tracing::error!("the server reported an error: {message}");
@@ -495,6 +498,8 @@ fn message_kind(m: &ServerMessage) -> &'static str {
         ServerMessage::Ack { .. } => "ack",
         ServerMessage::Request(_) => "request",
         ServerMessage::Error { .. } => "error",
+        ServerMessage::DbOrder { .. } => "db_order",
+        ServerMessage::DbLease { .. } => "db_lease",
     }
 }
 

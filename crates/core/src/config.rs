@@ -175,6 +175,8 @@ pub struct ServerConfigFile {
     pub mutators: BTreeMap<String, MutatorSpec>,
     #[serde(default)]
     pub aggregates: BTreeMap<String, AggregateSpec>,
+    #[serde(default)]
+    pub databases: BTreeMap<String, crate::database::DatabaseSpec>,
 }
 
 /// A whole config directory, merged.
@@ -188,6 +190,7 @@ pub struct ServerConfig {
     pub filters: BTreeMap<String, FilterSpec>,
     pub mutators: BTreeMap<String, MutatorSpec>,
     pub aggregates: BTreeMap<String, AggregateSpec>,
+    pub databases: BTreeMap<String, crate::database::DatabaseSpec>,
     /// Which file each resource came from, for duplicate reports.
     pub sources: BTreeMap<String, PathBuf>,
 }
@@ -236,6 +239,7 @@ impl ServerConfig {
                 ("filters", f.filters.keys().cloned().collect()),
                 ("mutators", f.mutators.keys().cloned().collect()),
                 ("aggregates", f.aggregates.keys().cloned().collect()),
+                ("databases", f.databases.keys().cloned().collect()),
             ] {
                 for n in names {
                     let key = format!("{kind}.{n}");
@@ -257,6 +261,7 @@ impl ServerConfig {
             cfg.filters.extend(f.filters);
             cfg.mutators.extend(f.mutators);
             cfg.aggregates.extend(f.aggregates);
+            cfg.databases.extend(f.databases);
             texts.insert(file, text);
         }
         cfg.check_pipeline_references().map_err(|(kind, name, e)| {
@@ -356,6 +361,12 @@ impl ServerConfig {
             a.name = name.clone();
             a.validate().map_err(|e| field_error(file, text, &["aggregates", name], e))?;
         }
+        for (name, d) in f.databases.iter_mut() {
+            d.name = name.clone();
+            crate::resource::validate_name("name", name)
+                .map_err(|e| field_error(file, text, &["databases", name], e))?;
+            d.validate().map_err(|e| field_error(file, text, &["databases", name], e))?;
+        }
         Ok(f)
     }
 }
@@ -404,6 +415,9 @@ pub struct AgentConfig {
     /// Local (standalone) checks scheduled by the agent itself.
     #[serde(default)]
     pub checks: BTreeMap<String, CheckSpec>,
+    /// The local PostgreSQL this agent probes and operates for a `[databases.*]` cluster.
+    #[serde(default)]
+    pub postgres: Option<crate::database::PostgresAgentConfig>,
 }
 
 fn default_api_listen() -> String {
@@ -464,6 +478,9 @@ impl AgentConfig {
         }
         for s in &self.subscriptions {
             crate::resource::validate_name("subscriptions", s)?;
+        }
+        if let Some(pg) = &self.postgres {
+            pg.validate()?;
         }
         Ok(())
     }

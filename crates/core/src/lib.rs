@@ -18,12 +18,14 @@
 //! - [`tokens`]: entity attribute substitution into check commands.
 //! - [`protocol`]: the JSON messages agents and servers exchange over the WebSocket.
 //! - [`client`]: a `--server` URL and the TLS roots a client of the server trusts.
+//! - [`database`]: failover resources: the server's `[databases.NAME]`, the agent's `[postgres]`.
 //! - [`config`]: TOML config files, loaded with errors that name file, line and field.
 //! - [`time`]: wall-clock helpers (milliseconds since the Unix epoch).
 #![forbid(unsafe_code)]
 
 pub mod client;
 pub mod config;
+pub mod database;
 pub mod event;
 pub mod health;
 pub mod metrics;

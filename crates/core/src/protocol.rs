@@ -27,6 +27,22 @@ pub enum AgentMessage {
     },
     /// Sent on a clean stop when the agent is configured to deregister.
     Deregister,
+    /// The local database's state, every probe interval: `status` is a
+    /// `drover_db::probe::DbStatus` as JSON, or `error` says why the probe failed
+    /// (typed at the edges so this crate does not depend on the database driver).
+    DbReport {
+        cluster: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        status: Option<serde_json::Value>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+    /// The outcome of a [`ServerMessage::DbOrder`].
+    DbOrderDone {
+        id: u64,
+        ok: bool,
+        detail: String,
+    },
 }
 
 impl AgentMessage {
@@ -79,6 +95,22 @@ pub enum ServerMessage {
     /// A fatal problem with this connection (bad hello, bad frame); the server closes it next.
     Error {
         message: String,
+    },
+    /// Do one database operation: `op` is a `drover_db::decide::Step` aimed at this
+    /// agent's member. `term` is the fencing token: an agent refuses an order whose term
+    /// is below one it has already seen (`drover_db::lease::accept_order`).
+    DbOrder {
+        id: u64,
+        cluster: String,
+        term: u64,
+        op: serde_json::Value,
+    },
+    /// The primary's lease for `term`, valid `ttl_ms` from when the agent receives it;
+    /// a primary whose lease lapses fences itself (`drover_db::lease::lease_verdict`).
+    DbLease {
+        cluster: String,
+        term: u64,
+        ttl_ms: u64,
     },
 }
 

@@ -8,6 +8,7 @@
 //! from the passage of time; [`api`] serves REST, `/health` and `/metrics`.
 //!
 //! - [`watch`]: `GET /api/v1/watch`, member health streamed to proxies and name servers.
+//! - [`databases`]: `[databases.*]` clusters: members' reports and orders (failover).
 //! - [`auth`]: admin and agent tokens, created on first start (0600).
 //! - [`keys`]: the store key layout.
 //! - [`telemetry`]: drover's own Prometheus metrics.
@@ -15,6 +16,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod databases;
 pub mod handling;
 pub mod keys;
 pub mod monitor;

@@ -179,6 +179,10 @@ pub async fn serve(socket: WebSocket, state: Arc<State>, sessions: Arc<Sessions>
                         deregistered = true;
                         break None;
                     }
+                    Ok(AgentMessage::DbReport { cluster, status, error }) => {
+                        state.databases.report(&name, cluster, status, error);
+                    }
+                    Ok(AgentMessage::DbOrderDone { id, ok, detail }) => state.databases.order_done(id, ok, detail),
                     Ok(AgentMessage::Hello(_)) => break Some("hello sent twice".into()),
                     Err(e) => break Some(format!("malformed frame: {e}")),
                 }

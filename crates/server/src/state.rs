@@ -44,6 +44,8 @@ pub struct State {
     /// changes only when an entity does or an event's status does, never per result.
     members: Mutex<HashMap<String, MemberHealth>>,
     watch_tx: tokio::sync::broadcast::Sender<WatchMessage>,
+    /// Database members' reports and pending orders.
+    pub databases: crate::databases::Registry,
 }
 
 /// An agent past its keepalive warning threshold (see [`State::overdue_agents`]).
@@ -149,6 +151,7 @@ impl State {
             pipeline: std::sync::OnceLock::new(),
             members: Mutex::new(members),
             watch_tx,
+            databases: crate::databases::Registry::default(),
         }))
     }
 
