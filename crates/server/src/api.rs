@@ -133,6 +133,8 @@ pub fn router(api: Api) -> Router {
         .route("/deadletters/{id}", axum::routing::delete(delete_dead_letter))
         .route("/deadletters/{id}/retry", post(retry_dead_letter))
         .route("/pipeline", get(pipeline_stats))
+        .route("/databases", get(list_databases))
+        .route("/databases/{name}", get(get_database))
         .layer(middleware::from_fn_with_state(api.clone(), require_admin));
     Router::new()
         .route("/health", get(health))
@@ -268,6 +270,15 @@ async fn watch_ws(
 }
 
 // ---- entities -----------------------------------------------------------------
+
+/// Every database cluster's leader, last decision and observations.
+async fn list_databases(AxState(api): AxState<Api>) -> Json<serde_json::Value> {
+    Json(json!(api.state.databases.views().into_values().collect::<Vec<_>>()))
+}
+
+async fn get_database(AxState(api): AxState<Api>, Path(name): Path<String>) -> ApiResult<Json<serde_json::Value>> {
+    api.state.databases.views().remove(&name).map(Json).ok_or_else(|| ApiError::not_found("database", &name))
+}
 
 async fn list_entities(AxState(api): AxState<Api>) -> Json<Vec<Entity>> {
     Json(api.state.entities())

@@ -114,6 +114,9 @@ impl Server {
         tasks.spawn(state.persister.clone().run(store.clone(), state.clone(), metrics.clone()));
         tasks.spawn(scheduler.clone().supervise());
         tasks.spawn(monitor::run(state.clone()));
+        if !config.databases.is_empty() {
+            tasks.spawn(databases::run(state.clone(), sessions.clone(), config.databases.values().cloned().collect()));
+        }
         let app = api::router(api::Api { state: state.clone(), sessions, scheduler, tokens: tokens.clone() });
         let make = app.into_make_service_with_connect_info::<SocketAddr>();
         match tls {
