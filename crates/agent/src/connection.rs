@@ -11,7 +11,7 @@
 //! [`ACK_WAIT`] for acks, sends `Deregister` if configured and closes the socket.
 
 use crate::system::{self, Sampler};
-use crate::{AgentError, Shared, scheduler};
+use crate::{AgentError, Shared, database, scheduler};
 use drover_core::protocol::{AgentMessage, Hello, Keepalive, PROTOCOL_VERSION, ServerMessage};
 use futures_util::{SinkExt, StreamExt};
 use rand::Rng;
@@ -249,7 +249,8 @@ async fn session(
     };
     tracing::info!(url = %settings.target.url, "connected to server");
     shared.connected.store(true, Ordering::Relaxed);
-    let mut s = Session { ws, shared: shared.clone(), sent_up_to: 0, last_rx: Instant::now() };
+    let db_generation = shared.db.as_ref().map_or(0, |db| db.session_started());
+    let mut s = Session { ws, shared: shared.clone(), sent_up_to: 0, last_rx: Instant::now(), db_generation };
     let end = match mode {
         Mode::Serve => s.serve(settings, sampler).await,
         Mode::Drain => {
@@ -258,6 +259,9 @@ async fn session(
         }
     };
     shared.connected.store(false, Ordering::Relaxed);
+    if let Some(db) = &shared.db {
+        db.session_ended();
+    }
     end
 }
 
@@ -324,6 +328,9 @@ struct Session {
     /// Last frame of any kind from the server (pongs included), to notice a peer that
     /// vanished without closing the TCP connection.
     last_rx: Instant,
+    /// Tags database orders received on this connection, so their replies go out on it
+    /// or not at all (see `database.rs`).
+    db_generation: u64,
 }
 
 impl Session {
@@ -343,6 +350,7 @@ impl Session {
         let mut sampling: Option<tokio::task::JoinHandle<Vec<drover_core::MetricPoint>>> = None;
         loop {
             let backlog = self.shared.outbox.has_after(self.sent_up_to);
+            let db_frames = self.shared.db.as_ref().is_some_and(|db| db.has_frames());
             let step = tokio::select! {
                 () = &mut stop => {
                     self.drain(settings.deregister).await;
@@ -360,6 +368,8 @@ impl Session {
                 }
                 () = std::future::ready(()), if backlog => self.send_backlog().await,
                 () = self.shared.outbox.ready.notified(), if !backlog => Ok(()),
+                () = std::future::ready(()), if db_frames => self.send_db().await,
+                () = db_ready(&self.shared), if !db_frames => Ok(()),
             };
             if let Err(reason) = step {
                 return End::Lost { reason, stable: welcomed.elapsed() >= STABLE_SESSION };
@@ -389,9 +399,12 @@ impl Session {
                 tracing::debug!(check = %request.check.name, splay_ms = request.splay_ms, "check request");
                 scheduler::spawn_request(self.shared.clone(), *request);
             }
-            Ok(m @ (ServerMessage::DbOrder { .. } | ServerMessage::DbLease { .. })) => {
-                tracing::warn!(kind = message_kind(&m), "database message but no [postgres] is configured; ignored");
-            }
+            Ok(m @ (ServerMessage::DbOrder { .. } | ServerMessage::DbLease { .. })) => match &self.shared.db {
+                Some(db) => database::on_message(db, m, self.db_generation),
+                None => {
+                    tracing::warn!(kind = message_kind(&m), "database message but no [postgres] is configured; ignored")
+                }
+            },
             Ok(ServerMessage::Welcome { .. }) => tracing::warn!("unexpected second welcome from the server; ignored"),
             Ok(ServerMessage::Error { message }) => {
                 tracing::error!("the server reported an error: {message}");
@@ -417,6 +430,15 @@ impl Session {
         self.ws.feed(Message::text(to_text(&msg))).await.map_err(|e| format!("sending keepalive: {e}"))?;
         self.ws.feed(Message::Ping(Default::default())).await.map_err(|e| format!("sending ping: {e}"))?;
         self.ws.flush().await.map_err(|e| format!("sending keepalive: {e}"))
+    }
+
+    /// Database reports and order replies: fire-and-forget, never through the outbox.
+    async fn send_db(&mut self) -> Result<(), String> {
+        let Some(db) = &self.shared.db else { return Ok(()) };
+        for text in db.take_frames(self.db_generation) {
+            self.ws.feed(Message::text(text)).await.map_err(|e| format!("sending database frame: {e}"))?;
+        }
+        self.ws.flush().await.map_err(|e| format!("sending database frames: {e}"))
     }
 
     async fn send_backlog(&mut self) -> Result<(), String> {
@@ -483,6 +505,14 @@ impl Session {
         // Reading until the server's close reply lets our last frames arrive before
         // the TCP connection is torn down.
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async { while let Some(Ok(_)) = self.ws.next().await {} }).await;
+    }
+}
+
+/// Resolves when database frames may be waiting; never without `[postgres]`.
+async fn db_ready(shared: &Shared) {
+    match &shared.db {
+        Some(db) => db.ready.notified().await,
+        None => std::future::pending().await,
     }
 }
 

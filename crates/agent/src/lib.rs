@@ -17,6 +17,9 @@
 //!   concurrency limit.
 //! - `api.rs`: the loopback HTTP endpoint scripts POST results to.
 //! - `system.rs`: host facts for the hello and metrics for keepalives.
+//! - `database.rs`: only with `[postgres]`: probes the local PostgreSQL and reports it
+//!   (`DbReport`), runs the server's database orders, and fences a primary whose lease
+//!   from the server lapsed (self-demotion).
 //!
 //! The design is current-thread friendly: a handful of tasks that sleep until a timer,
 //! a frame or a result wakes them, and no blocking work beyond short `/proc` reads.
@@ -24,6 +27,7 @@
 
 mod api;
 mod connection;
+mod database;
 mod executor;
 mod outbox;
 mod scheduler;
@@ -74,6 +78,8 @@ pub(crate) struct Shared {
     pub output_limit_bytes: usize,
     pub shutdown: watch::Receiver<bool>,
     pub auth_refusals: AtomicU64,
+    /// Present only with `[postgres]`; without it no database task runs.
+    pub db: Option<Arc<database::Db>>,
 }
 
 impl Shared {
@@ -97,6 +103,7 @@ pub struct AgentHandle {
     connection: Option<Task>,
     api: Option<Task>,
     local_checks: Vec<JoinHandle<()>>,
+    database: Option<JoinHandle<()>>,
 }
 
 /// Upper bound for [`AgentHandle::shutdown`]: ack wait (2 s) plus connect, deregister
@@ -132,6 +139,13 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
     entity.keepalive_critical_secs = cfg.keepalive_critical_secs;
     entity.system = Some(sampler.facts());
 
+    let (db, db_orders) = match &cfg.postgres {
+        Some(pg) => {
+            let (db, queue) = database::Db::new(&name, pg);
+            (Some(Arc::new(db)), Some(queue))
+        }
+        None => (None, None),
+    };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let shared = Arc::new(Shared {
         entity,
@@ -141,6 +155,7 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         output_limit_bytes: cfg.output_limit_bytes,
         shutdown: shutdown_rx,
         auth_refusals: AtomicU64::new(0),
+        db,
     });
 
     // Bind before spawning anything, so a busy port is reported to the caller instead
@@ -166,9 +181,24 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         .into_iter()
         .map(|(check, schedule)| tokio::spawn(scheduler::run_local(shared.clone(), check, schedule)))
         .collect();
+    let database = match (shared.db.clone(), db_orders) {
+        (Some(db), Some(queue)) => {
+            tokio::spawn(database::run_orders(shared.clone(), db.clone(), queue));
+            Some(tokio::spawn(database::run(shared.clone(), db)))
+        }
+        _ => None,
+    };
 
     tracing::info!(entity = %shared.entity.name, server = %server, api = ?api_addr, "agent started");
-    Ok(AgentHandle { shared, shutdown: shutdown_tx, api_addr, connection: Some(connection), api, local_checks })
+    Ok(AgentHandle {
+        shared,
+        shutdown: shutdown_tx,
+        api_addr,
+        connection: Some(connection),
+        api,
+        local_checks,
+        database,
+    })
 }
 
 /// Local checks with their names filled in and schedules parsed, so a bad cron
@@ -210,6 +240,13 @@ impl AgentHandle {
             // once on shutdown, so a join error here means a panic worth reporting.
             if let Err(e) = task.await {
                 tracing::error!("local check task failed: {e}");
+            }
+        }
+        if let Some(db) = self.database.take() {
+            // The probe loop ends at once on shutdown (it selects on it, mid-probe too);
+            // a self-fence under way is allowed its budget.
+            if let Err(e) = db.await {
+                tracing::error!("database task failed: {e}");
             }
         }
         let mut outcome = Ok(());
