@@ -236,13 +236,21 @@ impl Cluster {
         let (leader, raw) = match self.load_leader().await {
             Some(l) => l,
             None => match decide::bootstrap_leader(&spec, self.observer.observations(), t) {
-                Ok(rec) => {
+                Ok(mut rec) => {
+                    if self.spec.mode == DbMode::Sync {
+                        // The record names the standbys before PostgreSQL lists them, so a
+                        // failover never trusts a standby that might have missed a commit.
+                        rec.sync_standbys = self.spec.members.iter().filter(|m| **m != rec.member).cloned().collect();
+                    }
                     let value = serde_json::to_vec(&rec).expect("leader record serializes");
                     let key = leader_key(&self.spec.name);
                     let put = drover_store::Op::Put { key: key.clone(), value: value.clone(), lease: None };
                     match self.state.store.txn(vec![drover_store::Compare::Missing(key)], vec![put], vec![]).await {
                         Ok(r) if r.succeeded => {
                             self.event(Status::Ok, format!("leader is {} (term 1)", rec.member));
+                            if self.spec.mode == DbMode::Sync {
+                                self.list_sync_standbys(&rec).await;
+                            }
                             (rec, value)
                         }
                         _ => return,
@@ -290,6 +298,16 @@ impl Cluster {
                 "members": obs,
             }),
         );
+    }
+
+    /// Sync mode: the leader's PostgreSQL waits for the recorded standbys (any one of them).
+    async fn list_sync_standbys(&self, leader: &LeaderRecord) {
+        let Some((host, port)) = self.member_addr(&leader.member) else { return };
+        let target = PgTarget::new(host, port, self.spec.user.clone());
+        let value = drover_db::ops::synchronous_standby_names_value(1, &leader.sync_standbys);
+        if let Err(e) = drover_db::ops::set_synchronous_standby_names(&target, &value, ORDER_TIMEOUT).await {
+            self.event(Status::Critical, format!("could not set synchronous_standby_names on {}: {e}", leader.member));
+        }
     }
 
     /// Runs a plan's steps in order; false when one failed (the rest are skipped).

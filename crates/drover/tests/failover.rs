@@ -1,0 +1,154 @@
+//! Database failover end to end: real PostgreSQL 15 (a primary and two synchronous
+//! replicas), a drover agent beside each with `[postgres]`, a real server with
+//! `[databases.main]`, and a proxy fed by the server whose write endpoint follows
+//! `db-primary` (`close_on_leave`), driven by `psql` as an application would be.
+
+mod common;
+
+use common::{Proc, Server, free_port, wait_for};
+use drover_db::testing::{PgCluster, PgClusterOptions};
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const DB_CONFIG: &str = r#"
+[databases.main]
+members = ["pg0", "pg1", "pg2"]
+mode = "sync"
+user = "postgres"
+replication_user = "replicator"
+dead_grace_ms = 2000
+lease_ttl_ms = 500
+status_max_age_ms = 2000
+"#;
+
+/// One statement through the proxy's write endpoint, as a client would send it.
+fn psql(port: u16, sql: &str) -> Result<String, String> {
+    let out = Command::new("psql")
+        .args(["-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1"])
+        .arg(format!("host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=2"))
+        .args(["-c", sql])
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+fn proxy_config(port: u16) -> String {
+    format!(
+        "[[listeners]]\nname = \"write\"\nbind = \"127.0.0.1:{port}\"\nprotocol = \"tcp\"\nservice = \"primary\"\n\n\
+         [services.primary]\nmembers = {{ subscription = \"pg\", port = 5432, checks = [\"db-primary\"], port_label = \"pg_port\" }}\n\
+         close_on_leave = true\nretries = 0\n"
+    )
+}
+
+#[test]
+fn kill9_of_the_primary_moves_writes_to_a_replica_through_the_proxy_and_loses_no_acknowledged_write() {
+    let c = PgCluster::start(PgClusterOptions {
+        synchronous_standby_names: Some("FIRST 1 (pg1, pg2)".into()),
+        ..Default::default()
+    })
+    .expect("a PostgreSQL 15 cluster (scripts/test.sh installs postgresql-15)");
+    let srv = Server::start(&[("db.toml", DB_CONFIG)]);
+    let ka = ["--keepalive-interval-secs", "1", "--keepalive-warning-secs", "3", "--keepalive-critical-secs", "5"];
+    let mut agents = Vec::new();
+    for m in c.members() {
+        let cfg = srv.dir.path().join(format!("{}.toml", m.name));
+        std::fs::write(
+            &cfg,
+            format!(
+                "[postgres]\ncluster = \"main\"\nport = {}\ndata_dir = {:?}\nrun_as = \"postgres\"\nstart_options = {:?}\nlog_file = {:?}\nprobe_interval_ms = 200\n",
+                m.port,
+                m.data_dir.display().to_string(),
+                m.start_options(),
+                m.log_file.display().to_string(),
+            ),
+        )
+        .unwrap();
+        let label = format!("pg_port={}", m.port);
+        let mut extra = vec!["--config", cfg.to_str().unwrap(), "--address", "127.0.0.1", "--label", &label];
+        extra.extend(ka);
+        agents.push(srv.agent(&m.name, "pg", &extra));
+    }
+    let write_port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let pcfg = dir.path().join("proxy.toml");
+    std::fs::write(&pcfg, proxy_config(write_port)).unwrap();
+    let url = srv.url();
+    let state = dir.path().join("members.json");
+    let _proxy = Proc::spawn(
+        &[
+            "proxy",
+            "--config",
+            pcfg.to_str().unwrap(),
+            "--server",
+            &url,
+            "--token",
+            common::AGENT,
+            "--state-file",
+            state.to_str().unwrap(),
+        ],
+        dir.path().join("proxy.log"),
+    );
+
+    let t = Duration::from_secs(30);
+    wait_for(t, "pg0 leads and the write endpoint reaches it", || {
+        let (_, v) = srv.get("/api/v1/databases/main");
+        (v["leader"]["member"] == "pg0" && psql(write_port, "SELECT 1").ok()? == "1").then_some(())
+    });
+    psql(write_port, "CREATE TABLE t (id bigint PRIMARY KEY)").unwrap();
+
+    // An application writing through the endpoint, recording each acknowledged id.
+    let acked = Arc::new(Mutex::new(Vec::<(u64, Instant)>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (acked, stop) = (acked.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut id = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                id += 1;
+                if psql(write_port, &format!("INSERT INTO t VALUES ({id})")).is_ok() {
+                    acked.lock().unwrap().push((id, Instant::now()));
+                } else {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        })
+    };
+    wait_for(t, "writes flowing", || (acked.lock().unwrap().len() >= 20).then_some(()));
+
+    let killed = Instant::now();
+    c.kill9("pg0").unwrap();
+    let resumed = wait_for(Duration::from_secs(60), "writes acknowledged again after the kill", || {
+        acked.lock().unwrap().iter().find(|(_, at)| *at > killed).map(|(_, at)| *at)
+    });
+    let outage = resumed.duration_since(killed);
+    wait_for(t, "a few writes on the new primary", || {
+        (acked.lock().unwrap().iter().filter(|(_, at)| *at > killed).count() >= 10).then_some(())
+    });
+    stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+    eprintln!("kill -9 of the primary -> writes acknowledged again through the proxy after {outage:?}");
+
+    let (_, v) = srv.get("/api/v1/databases/main");
+    let new = v["leader"]["member"].as_str().unwrap().to_string();
+    assert!(new == "pg1" || new == "pg2", "a replica leads now: {v}");
+    assert!(v["leader"]["term"].as_u64().unwrap() >= 2, "{v}");
+
+    // Sync mode: every acknowledged write is on the new primary.
+    let stored: BTreeSet<u64> =
+        c.psql(&new, "SELECT id FROM t").unwrap().lines().filter_map(|l| l.trim().parse().ok()).collect();
+    let lost: Vec<u64> = acked.lock().unwrap().iter().map(|(id, _)| *id).filter(|id| !stored.contains(id)).collect();
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+
+    // The other replica follows the new primary.
+    let other = if new == "pg1" { "pg2" } else { "pg1" };
+    c.wait_streaming(other, &new, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{other} does not stream from {new}: {e}\n{}", c.log_tail(other, 20)));
+    drop(agents);
+}
