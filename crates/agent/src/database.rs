@@ -57,8 +57,11 @@
 //! agent started beside a running primary (bootstrap, server not up yet, a cluster the
 //! server does not manage) never fences it. Once armed, the watchdog stays armed for
 //! the life of the process: a writable primary whose lease has lapsed is fenced on every
-//! probe until the server grants a new lease — the leader's lease must be renewed from
-//! the moment its leader record is written, before its `Promote` order.
+//! probe until the server grants a new lease. The one exception: a successful `Promote`
+//! or `MakeWritable` order disarms it until the next lease, since an earlier lease (which
+//! lapsed while the member was a replica or read-only) would otherwise fence the primary
+//! the server has just made; the server should lease a new leader as soon as its leader
+//! record is written, which closes that unguarded window.
 //!
 //! The highest term and the lease live in memory only: a restarted agent accepts any
 //! term until it sees one and does not self-fence until its first lease.
@@ -308,6 +311,18 @@ impl Db {
         self.lease_changed.notify_one();
     }
 
+    /// The server just made this member a writable primary; a lease from before (one that
+    /// lapsed while it was a replica, or during the switchover that made it read-only)
+    /// says nothing about that, and the server's failover steps run before it leases the
+    /// new leader again. Keeping the old lease would fence the new primary at the next
+    /// probe, so the watchdog waits for the next lease, as at startup.
+    fn disarm_after_becoming_writable(&self, term: u64) {
+        let mut t = self.terms();
+        if let Some(old) = t.lease.take() {
+            tracing::info!(old_term = old.term, term, "writable by order: self-demotion waits for the next lease");
+        }
+    }
+
     /// The receipt-time checks; an admitted order's term becomes the known term.
     fn admit(&self, cluster: &str, term: u64, op: serde_json::Value) -> Result<(Step, OrderExtras), String> {
         if cluster != self.cluster {
@@ -389,6 +404,9 @@ impl Db {
         match &outcome {
             Ok(detail) => tracing::info!(step = step_name(step), term, "database order done: {detail}"),
             Err(e) => tracing::warn!(step = step_name(step), term, "database order failed: {e}"),
+        }
+        if outcome.is_ok() && matches!(step, Step::Promote { .. } | Step::MakeWritable { .. }) {
+            self.disarm_after_becoming_writable(term);
         }
         outcome.map_err(|e| describe_error(&e))
     }

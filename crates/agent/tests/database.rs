@@ -214,13 +214,18 @@ async fn orders_fence_the_primary_promote_a_replica_and_repoint_and_rejoin_the_o
 
     let ws = agents.get_mut("pg1").unwrap();
     assert_eq!(next_status(ws).await.role, Role::Replica);
+    // pg1 once held a lease (as an earlier leader would have), which lapses while it is a
+    // replica: that must not fence it once it is promoted.
+    send(ws, &lease(1, 200)).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
     let promote = json!({"step": "promote", "member": "pg1", "synchronous_standby_names": ""});
     let (ok, detail) = order(ws, 2, 2, promote).await;
     assert!(ok, "{detail}");
     let after = next_status(ws).await;
     assert_eq!(after.role, Role::Primary, "the first report after the reply shows the promotion: {after:?}");
     assert!(after.accepting_writes, "{after:?}");
-    psql(&cluster, "pg1", "INSERT INTO t VALUES (2)").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    psql(&cluster, "pg1", "INSERT INTO t VALUES (2)").await.expect("the new primary stays writable");
 
     // The server adds the new primary's address and the replication role to the step.
     let repoint = json!({"step": "repoint", "member": "pg2", "primary": "pg1",
