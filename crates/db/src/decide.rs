@@ -28,7 +28,9 @@
 //!    the target is promoted and the old primary rejoins.
 //! 7. **A returning old primary is never writable through drover.** Any member other
 //!    than the leader that reports itself primary is fenced at the proxy and rejoined
-//!    via pg_rewind ([`reconcile`]).
+//!    via pg_rewind ([`reconcile`]); so is one whose agent reports its PostgreSQL down
+//!    for the grace period (a crashed old primary or replica is brought back as a
+//!    replica of the leader).
 
 use crate::ops::synchronous_standby_names_value;
 use crate::probe::{DbStatus, Role};
@@ -597,6 +599,19 @@ pub fn reconcile(spec: &ClusterSpec, obs: &Observations, leader: &LeaderRecord, 
     let mut steps = Vec::new();
     for m in spec.members.iter().filter(|m| m.name != leader.member) {
         let Some(o) = obs.get(&m.name) else { continue };
+        if let AgentView::LocalDown { since_ms, .. } = &o.agent
+            && held(*since_ms, spec, now_ms)
+        {
+            steps.push(Step::FenceProxy { member: m.name.clone() });
+            steps.push(Step::Rejoin { member: m.name.clone(), primary: leader.member.clone() });
+            steps.push(Step::RecordEvent {
+                message: format!(
+                    "database {}: {} has been down; rejoining it as a replica of {} via pg_rewind",
+                    spec.name, m.name, leader.member
+                ),
+            });
+            continue;
+        }
         let Some(st) = agent_status(o, spec, now_ms) else { continue };
         match st.role {
             Role::Primary => {
@@ -1141,6 +1156,28 @@ mod tests {
             reconcile(&spec(Mode::Async), o.observations(), &leader(&[]), 5_000),
             [Step::Repoint { member: "pg1".into(), primary: "pg0".into() }]
         );
+    }
+
+    #[test]
+    fn a_member_whose_postgres_stays_down_is_rejoined_after_the_grace_period() {
+        // Rule 7: a crashed old primary comes back only as a replica of the leader.
+        let mut o = healthy();
+        let lead = LeaderRecord { member: "pg1".into(), term: 8, sync_standbys: vec![] };
+        o.agent_report("pg1", Ok(primary(6_000)), 1_000);
+        o.agent_report("pg2", Ok(replica(6_000, true)), 1_000);
+        o.agent_report("pg0", Err("connection refused".into()), 1_000);
+        assert!(
+            reconcile(&spec(Mode::Async), o.observations(), &lead, 1_500)
+                .iter()
+                .all(|s| !matches!(s, Step::Rejoin { .. })),
+            "not before the grace period"
+        );
+        o.agent_report("pg1", Ok(primary(6_000)), 4_000);
+        o.agent_report("pg2", Ok(replica(6_000, true)), 4_000);
+        let steps = reconcile(&spec(Mode::Async), o.observations(), &lead, 4_100);
+        let fence = steps.iter().position(|s| *s == Step::FenceProxy { member: "pg0".into() });
+        let rejoin = steps.iter().position(|s| *s == Step::Rejoin { member: "pg0".into(), primary: "pg1".into() });
+        assert!(fence.unwrap() < rejoin.unwrap(), "{steps:?}");
     }
 
     #[test]

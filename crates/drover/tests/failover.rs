@@ -48,7 +48,7 @@ fn proxy_config(port: u16) -> String {
 }
 
 #[test]
-fn kill9_of_the_primary_moves_writes_to_a_replica_through_the_proxy_and_loses_no_acknowledged_write() {
+fn kill9_of_the_primary_moves_writes_to_a_replica_loses_no_acknowledged_write_and_the_old_primary_rejoins() {
     let c = PgCluster::start(PgClusterOptions {
         synchronous_standby_names: Some("FIRST 1 (pg1, pg2)".into()),
         ..Default::default()
@@ -150,5 +150,13 @@ fn kill9_of_the_primary_moves_writes_to_a_replica_through_the_proxy_and_loses_no
     let other = if new == "pg1" { "pg2" } else { "pg1" };
     c.wait_streaming(other, &new, Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("{other} does not stream from {new}: {e}\n{}", c.log_tail(other, 20)));
+
+    // The old primary, down with its agent still up, is brought back only as a replica
+    // of the new one (pg_rewind), never writable through drover.
+    c.wait_streaming("pg0", &new, Duration::from_secs(90))
+        .unwrap_or_else(|e| panic!("pg0 did not rejoin as a replica of {new}: {e}\n{}", c.log_tail("pg0", 30)));
+    assert_eq!(c.psql("pg0", "SELECT pg_is_in_recovery()").unwrap().trim(), "t");
+    let (_, v) = srv.get("/api/v1/events/pg0/db-primary");
+    assert_eq!(v["status"], 2, "pg0 is not the write endpoint's member: {v}");
     drop(agents);
 }

@@ -114,10 +114,87 @@ pub async fn run(state: Arc<State>, sessions: Arc<Sessions>, specs: Vec<Database
     while set.join_next().await.is_some() {}
 }
 
+/// Sends orders to members' agents and records events; shared with background
+/// reconciliation so a long rejoin never holds up the cluster's loop.
+struct Orderer {
+    state: Arc<State>,
+    sessions: Arc<Sessions>,
+    spec: DatabaseSpec,
+}
+
+impl Orderer {
+    /// Where the member's PostgreSQL listens: its entity's address and the cluster's
+    /// port, or the entity's `pg_port` label.
+    fn member_addr(&self, member: &str) -> Option<(String, u16)> {
+        let e = self.state.entity(member)?;
+        let host = e.address.clone()?;
+        let port = e.labels.get("pg_port").and_then(|p| p.parse().ok()).unwrap_or(self.spec.port);
+        Some((host, port))
+    }
+
+    /// Sends one order to a member's agent and waits for its outcome.
+    async fn order(&self, member: &str, term: u64, step: &Step, timeout: Duration) -> bool {
+        let mut op = serde_json::to_value(step).expect("steps serialize");
+        // Orders that name a primary carry its address: the agent knows only itself.
+        let primary = match step {
+            Step::Repoint { primary, .. } | Step::Rejoin { primary, .. } => Some(primary.clone()),
+            _ => None,
+        };
+        if let (Some(p), Some(obj)) = (primary, op.as_object_mut()) {
+            if let Some((h, port)) = self.member_addr(&p) {
+                obj.insert("primary_addr".into(), serde_json::json!(format!("{h}:{port}")));
+            }
+            obj.insert("replication_user".into(), serde_json::json!(self.spec.replication_user));
+        }
+        let (id, rx) = self.state.databases.new_order();
+        let frame = serde_json::to_string(&ServerMessage::DbOrder { id, cluster: self.spec.name.clone(), term, op })
+            .expect("orders serialize");
+        if !self.sessions.send(member, frame) {
+            self.state.databases.forget_order(id);
+            tracing::warn!(cluster = %self.spec.name, member, "order not sent: the agent is not connected");
+            return false;
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok((ok, detail))) => {
+                if ok {
+                    tracing::info!(cluster = %self.spec.name, member, %detail, "order done");
+                } else {
+                    tracing::error!(cluster = %self.spec.name, member, %detail, "order failed");
+                }
+                ok
+            }
+            _ => {
+                self.state.databases.forget_order(id);
+                tracing::error!(cluster = %self.spec.name, member, "no answer to the order in time");
+                false
+            }
+        }
+    }
+
+    /// An event on the server's own entity, check `database-NAME`, so people are told.
+    fn event(&self, status: Status, message: String) {
+        tracing::warn!(cluster = %self.spec.name, %message, "database");
+        let check = format!("database-{}", self.spec.name);
+        let r = CheckResult::made_by_drover(
+            crate::handling::SERVER_ENTITY,
+            &check,
+            status,
+            message,
+            drover_core::time::now_ms(),
+        );
+        let _ = self.state.ingest(None, r);
+    }
+}
+
 struct Cluster {
     state: Arc<State>,
     sessions: Arc<Sessions>,
     spec: DatabaseSpec,
+    orders: Arc<Orderer>,
+    /// The leader the lease task renews; `None` while a failover replaces it.
+    lease_to: Arc<Mutex<Option<LeaderRecord>>>,
+    /// A background reconciliation (rejoin, repoint) is running.
+    reconciling: Arc<std::sync::atomic::AtomicBool>,
     observer: Observer,
     /// The `at_ms` of the last report fed to the observer, per member.
     fed: HashMap<String, i64>,
@@ -129,10 +206,14 @@ struct Cluster {
 impl Cluster {
     fn new(state: Arc<State>, sessions: Arc<Sessions>, spec: DatabaseSpec) -> Cluster {
         let observer = Observer::new(spec.members.iter().map(String::as_str), now());
+        let orders = Arc::new(Orderer { state: state.clone(), sessions: sessions.clone(), spec: spec.clone() });
         Cluster {
             state,
             sessions,
             spec,
+            orders,
+            lease_to: Arc::new(Mutex::new(None)),
+            reconciling: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             observer,
             fed: HashMap::new(),
             published: HashMap::new(),
@@ -140,13 +221,8 @@ impl Cluster {
         }
     }
 
-    /// Where the member's PostgreSQL listens: its entity's address and the cluster's
-    /// port, or the entity's `pg_port` label.
     fn member_addr(&self, member: &str) -> Option<(String, u16)> {
-        let e = self.state.entity(member)?;
-        let host = e.address.clone()?;
-        let port = e.labels.get("pg_port").and_then(|p| p.parse().ok()).unwrap_or(self.spec.port);
-        Some((host, port))
+        self.orders.member_addr(member)
     }
 
     fn cluster_spec(&self) -> ClusterSpec {
@@ -174,6 +250,19 @@ impl Cluster {
     }
 
     async fn run(mut self) {
+        // Leases go out on their own clock, to whoever leads (whatever the last decision
+        // was): a slow round of probes must never let a reachable primary's lease lapse.
+        let (sessions, spec, lease_to) = (self.sessions.clone(), self.spec.clone(), self.lease_to.clone());
+        let _leases = AbortOnDrop(tokio::spawn(async move {
+            let every = Duration::from_millis((spec.lease_ttl_ms / 4).max(50));
+            loop {
+                tokio::time::sleep(every).await;
+                let leader = lease_to.lock().expect("lease lock").clone();
+                if let Some(l) = leader {
+                    let _ = sessions.send(&l.member, lease_frame(&spec, &l));
+                }
+            }
+        }));
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -259,11 +348,15 @@ impl Cluster {
                 Err(why) => return self.note(format!("no leader yet: {why}")),
             },
         };
+        *self.lease_to.lock().expect("lease lock") = Some(leader.clone());
         let obs = self.observer.observations().clone();
         match decide::decide(&spec, &obs, &leader, t) {
             Decision::Healthy => {
                 self.note(String::new());
-                let _ = self.sessions.send(&leader.member, lease_frame(&self.spec, &leader));
+                let steps = decide::reconcile(&spec, &obs, &leader, t);
+                if !steps.is_empty() && !self.reconciling.swap(true, Ordering::SeqCst) {
+                    self.reconcile(steps, leader.term);
+                }
             }
             Decision::Wait { reason } => self.note(format!("waiting: {reason}")),
             Decision::Refuse { reason } => {
@@ -327,7 +420,13 @@ impl Cluster {
                     let value = serde_json::to_vec(new).expect("leader record serializes");
                     let put = drover_store::Op::Put { key: key.clone(), value, lease: None };
                     let cmp = drover_store::Compare::Value(key, raw.to_vec());
-                    matches!(self.state.store.txn(vec![cmp], vec![put], vec![]).await, Ok(r) if r.succeeded)
+                    let swapped =
+                        matches!(self.state.store.txn(vec![cmp], vec![put], vec![]).await, Ok(r) if r.succeeded);
+                    if swapped {
+                        // The new leader is leased from here on; the old one gets no more.
+                        *self.lease_to.lock().expect("lease lock") = Some(new.clone());
+                    }
+                    swapped
                 }
                 Step::FenceProxy { member } => {
                     self.publish(member, decide::CHECK_PRIMARY, false, format!("fenced at term {term}"), true);
@@ -368,43 +467,43 @@ impl Cluster {
         true
     }
 
-    /// Sends one order to a member's agent and waits for its outcome.
     async fn order(&self, member: &str, term: u64, step: &Step, timeout: Duration) -> bool {
-        let mut op = serde_json::to_value(step).expect("steps serialize");
-        // Orders that name a primary carry its address: the agent knows only itself.
-        let primary = match step {
-            Step::Repoint { primary, .. } | Step::Rejoin { primary, .. } => Some(primary.clone()),
-            _ => None,
-        };
-        if let (Some(p), Some(obj)) = (primary, op.as_object_mut()) {
-            if let Some((h, port)) = self.member_addr(&p) {
-                obj.insert("primary_addr".into(), serde_json::json!(format!("{h}:{port}")));
+        self.orders.order(member, term, step, timeout).await
+    }
+
+    /// Runs reconciliation steps (a returning old primary fenced and rewound, a
+    /// replica repointed) in the background; fencing at the proxy happens at once.
+    fn reconcile(&mut self, steps: Vec<Step>, term: u64) {
+        for step in &steps {
+            if let Step::FenceProxy { member } = step {
+                self.publish(member, decide::CHECK_PRIMARY, false, format!("fenced at term {term}"), true);
             }
-            obj.insert("replication_user".into(), serde_json::json!(self.spec.replication_user));
         }
-        let (id, rx) = self.state.databases.new_order();
-        let frame = serde_json::to_string(&ServerMessage::DbOrder { id, cluster: self.spec.name.clone(), term, op })
-            .expect("orders serialize");
-        if !self.sessions.send(member, frame) {
-            self.state.databases.forget_order(id);
-            tracing::warn!(cluster = %self.spec.name, member, "order not sent: the agent is not connected");
-            return false;
-        }
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok((ok, detail))) => {
-                if ok {
-                    tracing::info!(cluster = %self.spec.name, member, %detail, "order done");
-                } else {
-                    tracing::error!(cluster = %self.spec.name, member, %detail, "order failed");
+        let (orders, busy) = (self.orders.clone(), self.reconciling.clone());
+        tokio::spawn(async move {
+            for step in steps {
+                tracing::info!(cluster = %orders.spec.name, ?step, "reconcile step");
+                let ok = match &step {
+                    Step::FenceProxy { .. } => true,
+                    Step::RecordEvent { message } => {
+                        orders.event(Status::Warning, message.clone());
+                        true
+                    }
+                    Step::Rejoin { member, .. } => {
+                        let ok = orders.order(member, term, &step, REJOIN_TIMEOUT).await;
+                        if !ok {
+                            orders.event(Status::Critical, format!("{member} could not rejoin; it stays fenced"));
+                        }
+                        ok
+                    }
+                    other => orders.order(step_member(other), term, other, ORDER_TIMEOUT).await,
+                };
+                if !ok {
+                    break;
                 }
-                ok
             }
-            _ => {
-                self.state.databases.forget_order(id);
-                tracing::error!(cluster = %self.spec.name, member, "no answer to the order in time");
-                false
-            }
-        }
+            busy.store(false, Ordering::SeqCst);
+        });
     }
 
     /// Publishes a role check as a drover-made result when it changed (or `force`).
@@ -426,18 +525,8 @@ impl Cluster {
         self.published.insert(key, (ok, output, t));
     }
 
-    /// An event on the server's own entity, check `database-NAME`, so people are told.
     fn event(&self, status: Status, message: String) {
-        tracing::warn!(cluster = %self.spec.name, %message, "database");
-        let check = format!("database-{}", self.spec.name);
-        let r = CheckResult::made_by_drover(
-            crate::handling::SERVER_ENTITY,
-            &check,
-            status,
-            message,
-            drover_core::time::now_ms(),
-        );
-        let _ = self.state.ingest(None, r);
+        self.orders.event(status, message)
     }
 
     fn note(&mut self, note: String) {
@@ -445,6 +534,14 @@ impl Cluster {
             tracing::info!(cluster = %self.spec.name, %note, "database");
         }
         self.last_note = note;
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
