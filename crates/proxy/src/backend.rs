@@ -42,6 +42,8 @@ struct Passive {
 #[derive(Debug)]
 pub struct Backend {
     pub addr: SocketAddr,
+    /// `addr` as a URI authority, built once.
+    pub(crate) authority: http::uri::Authority,
     weight: AtomicU32,
     zone: Mutex<Option<String>>,
     health: Mutex<Health>,
@@ -149,6 +151,7 @@ impl Backend {
     pub fn new(addr: SocketAddr, weight: u32, zone: Option<String>, svc: &ServiceConfig) -> Arc<Backend> {
         let b = Arc::new(Backend {
             addr,
+            authority: http::uri::Authority::try_from(addr.to_string()).expect("a socket address is an authority"),
             weight: AtomicU32::new(weight),
             zone: Mutex::new(zone),
             health: Mutex::new(Health { active_ok: svc.health.is_none(), ..Health::default() }),
@@ -427,6 +430,8 @@ pub fn connect_reason(e: &std::io::Error) -> String {
 /// One service's members and balancing state for one config generation.
 pub struct Service {
     pub name: String,
+    /// `name`, shared cheaply with each request's access-log and metrics record.
+    pub(crate) label: Arc<str>,
     pub cfg: ServiceConfig,
     pub backends: Vec<Arc<Backend>>,
     /// The proxy's own zone, preferred when set.
@@ -453,7 +458,8 @@ impl Service {
             ^ u64::from(std::process::id())
             ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64;
         let rr = Mutex::new(seed | 1);
-        Service { name, cfg, backends, zone, rr, budget: Mutex::new(MIN_RETRY_TOKENS), released }
+        let label = Arc::from(name.as_str());
+        Service { name, label, cfg, backends, zone, rr, budget: Mutex::new(MIN_RETRY_TOKENS), released }
     }
 
     /// Picks an available backend not in `tried` (without counting a request on it).

@@ -56,6 +56,7 @@ use crate::error::ForwardError;
 use crate::{Body, Shared, StopRx};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::body::{Body as _, Incoming};
@@ -64,6 +65,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::graceful::GracefulShutdown;
 use std::collections::HashSet;
 use std::convert::Infallible;
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -198,23 +200,42 @@ fn empty_body() -> Body {
     Empty::new().map_err(|n: Infallible| match n {}).boxed()
 }
 
-fn request_id() -> String {
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// Appends `v` in lowercase hex, at least `width` digits (like `{:0width$x}`).
+fn push_hex(out: &mut [u8; 48], len: &mut usize, v: u64, width: usize) {
+    let digits = (16 - (v.leading_zeros() as usize) / 4).max(width).max(1);
+    for i in 0..digits {
+        let nibble = ((v >> (4 * (digits - 1 - i))) & 0xf) as u8;
+        out[*len + i] = if nibble < 10 { b'0' + nibble } else { b'a' + nibble - 10 };
+    }
+    *len += digits;
+}
+
+/// `{:012x}{:04x}{:08x}` of the time in ms, the low 16 bits of the pid and a counter,
+/// written without a format string or a `getpid` per request.
+fn request_id() -> HeaderValue {
     static N: AtomicU64 = AtomicU64::new(0);
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    format!("{:012x}{:04x}{:08x}", t.as_millis(), std::process::id() & 0xffff, N.fetch_add(1, Ordering::Relaxed))
+    let pid = *PID.get_or_init(std::process::id) & 0xffff;
+    let (mut buf, mut len) = ([0u8; 48], 0);
+    push_hex(&mut buf, &mut len, t.as_millis() as u64, 12);
+    push_hex(&mut buf, &mut len, u64::from(pid), 4);
+    push_hex(&mut buf, &mut len, N.fetch_add(1, Ordering::Relaxed), 8);
+    HeaderValue::from_bytes(&buf[..len]).expect("hex digits are a valid header value")
 }
 
 /// Host without port, lowercased; from the URI (h2, absolute-form) or the Host header.
 fn request_host(req: &Request<Incoming>) -> String {
-    let raw = req
-        .uri()
-        .host()
-        .map(str::to_string)
-        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
-        .unwrap_or_default();
+    let raw =
+        req.uri().host().or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok())).unwrap_or_default();
     let host = match raw.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or_default().to_string(),
-        None => raw.split(':').next().unwrap_or_default().to_string(),
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => raw.split(':').next().unwrap_or_default(),
     };
     host.to_ascii_lowercase()
 }
@@ -230,27 +251,36 @@ fn host_matches(pattern: &str, host: &str) -> bool {
     }
 }
 
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authenticate",
-];
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Drops hop-by-hop headers, including any the Connection header names.
 fn strip_hop_by_hop(h: &mut HeaderMap) {
-    let named: Vec<String> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
-        .filter(|s| !s.is_empty())
-        .collect();
-    for n in named.iter().map(String::as_str).chain(HOP_BY_HOP) {
+    if h.contains_key(header::CONNECTION) {
+        let named: Vec<String> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
+            .filter(|s| !s.is_empty())
+            .collect();
+        for n in &named {
+            h.remove(n.as_str());
+        }
+        h.remove(header::CONNECTION);
+    }
+    if h.is_empty() {
+        return;
+    }
+    for n in [
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+        &header::PROXY_AUTHENTICATE,
+    ] {
         h.remove(n);
     }
 }
@@ -274,16 +304,18 @@ async fn handle(
     flags: ConnFlags,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    // The client's id when it is a non-empty visible-ASCII value, else a new one.
     let id = req
         .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty())
-        .map(str::to_string)
+        .get(&X_REQUEST_ID)
+        .filter(|v| !v.is_empty() && v.to_str().is_ok())
+        .cloned()
         .unwrap_or_else(request_id);
     let upgrade = wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
     let start = std::time::Instant::now();
-    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    // Copied for the access log only when it is written.
+    let logged = tracing::enabled!(target: "drover_proxy::access", tracing::Level::INFO)
+        .then(|| (req.method().clone(), req.uri().path().to_string()));
     let mut trace = Trace { https: flags.https, ..Trace::default() };
     let mut error = None;
     let result = if flags.redirect_https {
@@ -296,9 +328,6 @@ async fn handle(
         error = Some(format!("{:?}: {e}", e.side()));
         r
     });
-    if let Ok(v) = HeaderValue::from_str(&id) {
-        resp.headers_mut().insert("x-request-id", v);
-    }
     shared.count_response(
         &listener,
         trace.service.as_deref().unwrap_or("-"),
@@ -307,22 +336,25 @@ async fn handle(
         trace.cache,
     );
     // One line per request; `--log-format json` makes it a JSON access log.
-    tracing::info!(
-        target: "drover_proxy::access",
-        request_id = %id,
-        listener = %listener,
-        %peer,
-        %method,
-        %path,
-        status = resp.status().as_u16(),
-        service = trace.service.as_deref().unwrap_or("-"),
-        backend = %trace.backend.map(|b| b.to_string()).unwrap_or_else(|| "-".into()),
-        tries = trace.tries,
-        cache = trace.cache.unwrap_or("-"),
-        ms = start.elapsed().as_millis() as u64,
-        error = error.as_deref().unwrap_or(""),
-        "access"
-    );
+    if let Some((method, path)) = logged {
+        tracing::info!(
+            target: "drover_proxy::access",
+            request_id = %id.to_str().unwrap_or_default(),
+            listener = %listener,
+            %peer,
+            %method,
+            %path,
+            status = resp.status().as_u16(),
+            service = trace.service.as_deref().unwrap_or("-"),
+            backend = %trace.backend.map(|b| b.to_string()).unwrap_or_else(|| "-".into()),
+            tries = trace.tries,
+            cache = trace.cache.unwrap_or("-"),
+            ms = start.elapsed().as_millis() as u64,
+            error = error.as_deref().unwrap_or(""),
+            "access"
+        );
+    }
+    resp.headers_mut().insert(X_REQUEST_ID.clone(), id);
     Ok(resp)
 }
 
@@ -331,7 +363,7 @@ async fn handle(
 struct Trace {
     /// Set by the caller: the client came over TLS.
     https: bool,
-    service: Option<String>,
+    service: Option<Arc<str>>,
     backend: Option<SocketAddr>,
     tries: u32,
     /// `HIT` or `MISS` when the route or service caches.
@@ -343,13 +375,13 @@ async fn route_and_forward(
     listener: &str,
     peer: SocketAddr,
     req: Request<Incoming>,
-    id: &str,
+    id: &HeaderValue,
     mut upgrade: Option<OnUpgrade>,
     trace: &mut Trace,
 ) -> Result<Response<Body>, ForwardError> {
     let snap = shared.snapshot();
     let host = request_host(&req);
-    let path = req.uri().path().to_string();
+    let path = req.uri().path();
     let route = snap.cfg.routes.iter().find(|r| {
         r.listener == listener
             && r.host.as_deref().is_none_or(|p| host_matches(p, &host))
@@ -358,11 +390,12 @@ async fn route_and_forward(
                 req.headers().get_all(hm.name.as_str()).iter().any(|v| v.as_bytes() == hm.value.as_bytes())
             })
     });
-    let Some(route) = route else { return Err(ForwardError::NoRoute { host, path }) };
-    trace.service = Some(route.service.clone());
+    let Some(route) = route else { return Err(ForwardError::NoRoute { host, path: path.to_string() }) };
     let (Some(svc), Some(client)) = (snap.services.get(&route.service), snap.clients.get(&route.service)) else {
+        trace.service = Some(Arc::from(route.service.as_str()));
         return Err(ForwardError::NoHealthyBackend(route.service.clone()));
     };
+    trace.service = Some(svc.label.clone());
 
     let cache_scope = match (&route.cache, &svc.cfg.cache) {
         (Some(c), _) => Some((Scope::Route(cache::route_scope(route)), c)),
@@ -399,7 +432,7 @@ async fn route_and_forward(
         pin: sticky.and_then(|sc| crate::affinity::sticky_pin(sc, req.headers())),
     };
 
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let declared: Option<u64> =
         parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
     let mut body = if body.is_end_stream() {
@@ -414,56 +447,65 @@ async fn route_and_forward(
         ReqBody::Stream(Some(body))
     };
 
-    let mut headers = parts.headers.clone();
-    strip_hop_by_hop(&mut headers);
-    if upgrade.is_some()
-        && let Some(proto) = parts.headers.get(header::UPGRADE)
-    {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        headers.insert(header::UPGRADE, proto.clone());
-    }
+    // The cache compares the request's own headers (Vary) when it stores a response.
+    let req_headers =
+        if matches!(caching, Some((_, _, CacheStep::Store(_)))) { parts.headers.clone() } else { HeaderMap::new() };
+    let upgrade_proto = if upgrade.is_some() { parts.headers.get(header::UPGRADE).cloned() } else { None };
     let original_host = parts
         .headers
         .get(header::HOST)
         .cloned()
         .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+    let mut headers = std::mem::take(&mut parts.headers);
+    strip_hop_by_hop(&mut headers);
+    if let Some(proto) = upgrade_proto {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, proto);
+    }
     if let Some(h) = &original_host {
         headers.insert(header::HOST, h.clone());
-        headers.insert(HeaderName::from_static("x-forwarded-host"), h.clone());
+        headers.insert(X_FORWARDED_HOST.clone(), h.clone());
     }
-    let ip = peer.ip().to_string();
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip.clone(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert(HeaderName::from_static("x-forwarded-for"), v);
+    let ip = peer.ip();
+    let mut buf = String::with_capacity(64);
+    if let Some(prev) = headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        buf.push_str(prev);
+        buf.push_str(", ");
+    }
+    let _ = write!(buf, "{ip}");
+    if let Ok(v) = HeaderValue::from_str(&buf) {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
     }
     let proto = if trace.https { "https" } else { "http" };
-    headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static(proto));
-    let for_ = if peer.is_ipv6() { format!("\"[{ip}]\"") } else { ip };
-    let mut fwd = format!("for={for_};proto={proto}");
-    if let Some(h) = original_host.as_ref().and_then(|h| h.to_str().ok()) {
-        fwd.push_str(&format!(";host=\"{h}\""));
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+    buf.clear();
+    if let Some(prev) = headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
+        buf.push_str(prev);
+        buf.push_str(", ");
     }
-    let fwd = match headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {fwd}"),
-        None => fwd,
-    };
-    if let Ok(v) = HeaderValue::from_str(&fwd) {
+    let _ = if peer.is_ipv6() { write!(buf, "for=\"[{ip}]\"") } else { write!(buf, "for={ip}") };
+    buf.push_str(";proto=");
+    buf.push_str(proto);
+    if let Some(h) = original_host.as_ref().and_then(|h| h.to_str().ok()) {
+        buf.push_str(";host=\"");
+        buf.push_str(h);
+        buf.push('"');
+    }
+    if let Ok(v) = HeaderValue::from_str(&buf) {
         headers.insert(header::FORWARDED, v);
     }
-    if let Ok(v) = HeaderValue::from_str(id) {
-        headers.insert(HeaderName::from_static("x-request-id"), v);
-    }
-    let path_and_query = parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
+    headers.insert(X_REQUEST_ID.clone(), id.clone());
+    let path_and_query = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
 
     let idempotent = is_idempotent(&parts.method);
     svc.note_request();
     let queue_deadline = tokio::time::Instant::now() + Duration::from_millis(svc.cfg.queue_timeout_ms);
+    // Filled only when a request is resent, so the first try allocates nothing here.
     let mut tried = HashSet::new();
     let mut resends = 0;
     let mut last: Option<ForwardError> = None;
+    // Moved into the last try; copied for a try after which a resend is still possible.
+    let mut headers = Some(headers);
     loop {
         let (b, guard) = match svc.acquire_queued(&tried, queue_deadline, aff).await {
             Ok(x) => x,
@@ -472,24 +514,30 @@ async fn route_and_forward(
                 return Err(last.unwrap_or_else(|| ForwardError::NoHealthyBackend(svc.name.clone())));
             }
         };
-        tried.insert(b.addr);
         trace.backend = Some(b.addr);
         trace.tries += 1;
+        let may_resend = resends < svc.cfg.retries && matches!(&body, ReqBody::Replay(_));
         let send_body = match &mut body {
             ReqBody::Replay(bytes) if bytes.is_empty() => empty_body(),
             ReqBody::Replay(bytes) => Full::new(bytes.clone()).map_err(|n: Infallible| match n {}).boxed(),
             ReqBody::Stream(s) => s.take().map(BodyExt::boxed).unwrap_or_else(empty_body),
         };
-        let uri: Uri = format!("http://{}{}", b.addr, path_and_query)
-            .parse()
-            .map_err(|e: http::uri::InvalidUri| ForwardError::ClientBody(e.to_string()))?;
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(http::uri::Scheme::HTTP);
+        uri.authority = Some(b.authority.clone());
+        uri.path_and_query = Some(path_and_query.clone());
+        let uri = Uri::from_parts(uri).map_err(|e| ForwardError::ClientBody(e.to_string()))?;
         let mut up = Request::new(send_body);
         *up.method_mut() = parts.method.clone();
         *up.uri_mut() = uri;
         *up.version_mut() = Version::HTTP_11;
-        *up.headers_mut() = headers.clone();
+        *up.headers_mut() = if may_resend {
+            headers.clone().expect("kept until the last try")
+        } else {
+            headers.take().expect("kept until the last try")
+        };
         let err = match attempt(svc, client, &b, guard, up, &mut upgrade).await {
-            Ok(resp) => return Ok(finish_response(resp, &b, caching.take(), &parts.headers, sticky, aff, trace.https)),
+            Ok(resp) => return Ok(finish_response(resp, &b, caching.take(), &req_headers, sticky, aff, trace.https)),
             Err(e) => e,
         };
         let replayable = matches!(&body, ReqBody::Replay(_));
@@ -498,10 +546,11 @@ async fn route_and_forward(
             ForwardError::Reset { .. } => idempotent && matches!(&body, ReqBody::Replay(b) if b.is_empty()),
             _ => false,
         };
-        tracing::debug!(request_id = %id, backend = %b.addr, resend, "{err}");
+        tracing::debug!(request_id = %id.to_str().unwrap_or_default(), backend = %b.addr, resend, "{err}");
         if !resend || resends >= svc.cfg.retries || !svc.take_retry() {
             return Err(err);
         }
+        tried.insert(b.addr);
         resends += 1;
         last = Some(err);
     }
@@ -661,6 +710,18 @@ mod tests {
         assert!(!host_matches("*.example.com", "example.com"));
         assert!(!host_matches("*.example.com", "badexample.com"));
         assert!(host_matches("Example.com", "example.com"));
+    }
+
+    #[test]
+    fn request_ids_are_written_like_the_format_string() {
+        for (v, w) in [(0u64, 4), (0x1f, 4), (0x1_2345_6789, 8), (u64::MAX, 12), (0x19a_bcde_f012, 12)] {
+            let (mut buf, mut len) = ([0u8; 48], 0);
+            push_hex(&mut buf, &mut len, v, w);
+            assert_eq!(&buf[..len], format!("{v:0w$x}").as_bytes());
+        }
+        let (a, b) = (request_id(), request_id());
+        assert_eq!(a.len(), 24);
+        assert_ne!(a, b);
     }
 
     #[test]
