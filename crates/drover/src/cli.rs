@@ -413,6 +413,25 @@ pub enum CtlResource {
     /// Handler deliveries that failed every retry.
     #[command(subcommand)]
     Deadletters(DeadlettersCmd),
+    /// Database clusters (`[databases.NAME]`): leader, members, switchover.
+    #[command(subcommand)]
+    Db(DbCmd),
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum DbCmd {
+    List,
+    /// The leader, the last decision and what each member reports.
+    Get {
+        name: String,
+    },
+    /// Move the primary with no lost write: the target catches up first.
+    Switchover {
+        name: String,
+        /// The member to promote; the best replica when not given.
+        #[arg(long)]
+        to: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Subcommand)]

@@ -5,7 +5,7 @@
 //! never reshaped) so scripts see the API's own schema; the table format is for people.
 
 use crate::cli::{
-    ChecksCmd, CtlArgs, CtlResource, DeadlettersCmd, EntitiesCmd, EventsCmd, OutputFormat, SilenceCreateArgs,
+    ChecksCmd, CtlArgs, CtlResource, DbCmd, DeadlettersCmd, EntitiesCmd, EventsCmd, OutputFormat, SilenceCreateArgs,
     SilencesCmd,
 };
 use drover_core::config::ServerConfig;
@@ -40,6 +40,7 @@ pub fn execute(args: &CtlArgs) -> Result<String, String> {
         CtlResource::Events(cmd) => events(&client, cmd, json),
         CtlResource::Silences(cmd) => silences(&client, cmd, json),
         CtlResource::Deadletters(cmd) => deadletters(&client, cmd, json),
+        CtlResource::Db(cmd) => db(&client, cmd, json),
     }
 }
 
@@ -357,6 +358,48 @@ fn deadletters(c: &Client, cmd: &DeadlettersCmd, json: bool) -> Result<String, S
         DeadlettersCmd::Delete { id } => {
             c.send("DELETE", &format!("/api/v1/deadletters/{id}"), None)?;
             Ok(if json { String::new() } else { format!("deleted dead letter {id}") })
+        }
+    }
+}
+
+fn db(c: &Client, cmd: &DbCmd, json: bool) -> Result<String, String> {
+    match cmd {
+        DbCmd::List => {
+            let text = c.get("/api/v1/databases")?;
+            if json {
+                return pretty(&text, true);
+            }
+            let items: Vec<Value> = parse(&text)?;
+            let rows: Vec<Vec<String>> = items
+                .iter()
+                .map(|d| {
+                    let primaries: Vec<String> = d["roles"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter(|r| r["check"] == "db-replica" && r["ok"] == true)
+                        .filter_map(|r| r["member"].as_str().map(str::to_string))
+                        .collect();
+                    vec![
+                        d["name"].as_str().unwrap_or("").to_string(),
+                        d["leader"]["member"].as_str().unwrap_or("").to_string(),
+                        d["leader"]["term"].to_string(),
+                        primaries.join(","),
+                        truncate(d["note"].as_str().unwrap_or(""), 60),
+                    ]
+                })
+                .collect();
+            Ok(table(&["NAME", "PRIMARY", "TERM", "REPLICAS IN ROTATION", "NOTE"], &rows))
+        }
+        DbCmd::Get { name } => pretty(&c.get(&format!("/api/v1/databases/{name}"))?, true),
+        DbCmd::Switchover { name, to } => {
+            let body = serde_json::json!({ "to": to });
+            let (_, text) = c.send("POST", &format!("/api/v1/databases/{name}/switchover"), Some(&body))?;
+            if json {
+                return Ok(text);
+            }
+            let v: Value = parse(&text)?;
+            Ok(v["result"].as_str().unwrap_or(&text).to_string())
         }
     }
 }

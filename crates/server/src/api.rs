@@ -135,6 +135,7 @@ pub fn router(api: Api) -> Router {
         .route("/pipeline", get(pipeline_stats))
         .route("/databases", get(list_databases))
         .route("/databases/{name}", get(get_database))
+        .route("/databases/{name}/switchover", post(switchover_database))
         .layer(middleware::from_fn_with_state(api.clone(), require_admin));
     Router::new()
         .route("/health", get(health))
@@ -278,6 +279,36 @@ async fn list_databases(AxState(api): AxState<Api>) -> Json<serde_json::Value> {
 
 async fn get_database(AxState(api): AxState<Api>, Path(name): Path<String>) -> ApiResult<Json<serde_json::Value>> {
     api.state.databases.views().remove(&name).map(Json).ok_or_else(|| ApiError::not_found("database", &name))
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct SwitchoverBody {
+    #[serde(default)]
+    to: Option<String>,
+}
+
+/// Moves the primary (to `to`, or the best replica) once the target has caught up;
+/// answers when it is done or refused.
+async fn switchover_database(
+    AxState(api): AxState<Api>,
+    Path(name): Path<String>,
+    body: Option<Json<SwitchoverBody>>,
+) -> ApiResult<Json<serde_json::Value>> {
+    if !api.state.databases.views().contains_key(&name) {
+        return Err(ApiError::not_found("database", &name));
+    }
+    let to = body.and_then(|Json(b)| b.to);
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    api.state
+        .databases
+        .request_switchover(&name, crate::databases::SwitchoverRequest { to, reply })
+        .map_err(|e| ApiError::new(StatusCode::CONFLICT, e))?;
+    match tokio::time::timeout(std::time::Duration::from_secs(180), rx).await {
+        Ok(Ok(Ok(msg))) => Ok(Json(json!({ "result": msg }))),
+        Ok(Ok(Err(msg))) => Err(ApiError::new(StatusCode::CONFLICT, msg)),
+        _ => Err(ApiError::new(StatusCode::GATEWAY_TIMEOUT, "the switchover did not finish in 180 s")),
+    }
 }
 
 async fn list_entities(AxState(api): AxState<Api>) -> Json<Vec<Entity>> {

@@ -43,6 +43,14 @@ pub struct Registry {
     views: Mutex<std::collections::BTreeMap<String, serde_json::Value>>,
     pending: Mutex<HashMap<u64, oneshot::Sender<(bool, String)>>>,
     next_order: AtomicU64,
+    /// Switchovers asked for through the API, by cluster: the target (or any) and who waits.
+    switchovers: Mutex<HashMap<String, SwitchoverRequest>>,
+}
+
+/// A switchover asked for through the API; answered with what happened.
+pub struct SwitchoverRequest {
+    pub to: Option<String>,
+    pub reply: oneshot::Sender<Result<String, String>>,
 }
 
 impl Registry {
@@ -53,6 +61,24 @@ impl Registry {
         };
         let r = Report { cluster, status, at_ms: drover_core::time::now_ms() };
         self.reports.lock().expect("reports lock").insert(member.to_string(), r);
+    }
+
+    /// Queues a switchover for the cluster's loop; refused while another is queued.
+    pub fn request_switchover(&self, cluster: &str, req: SwitchoverRequest) -> Result<(), String> {
+        let mut s = self.switchovers.lock().expect("switchovers lock");
+        if s.contains_key(cluster) {
+            return Err(format!("a switchover of {cluster} is already under way"));
+        }
+        s.insert(cluster.to_string(), req);
+        Ok(())
+    }
+
+    fn switchovers_pending(&self, cluster: &str) -> bool {
+        self.switchovers.lock().expect("switchovers lock").contains_key(cluster)
+    }
+
+    fn take_switchover(&self, cluster: &str) -> Option<SwitchoverRequest> {
+        self.switchovers.lock().expect("switchovers lock").remove(cluster)
     }
 
     pub fn set_view(&self, cluster: &str, view: serde_json::Value) {
@@ -351,6 +377,11 @@ impl Cluster {
         *self.lease_to.lock().expect("lease lock") = Some(leader.clone());
         let obs = self.observer.observations().clone();
         match decide::decide(&spec, &obs, &leader, t) {
+            Decision::Healthy if self.state.databases.switchovers_pending(&self.spec.name) => {
+                let Some(req) = self.state.databases.take_switchover(&self.spec.name) else { return };
+                let answer = self.switchover(&spec, &obs, &leader, &raw, req.to.as_deref(), t).await;
+                let _ = req.reply.send(answer);
+            }
             Decision::Healthy => {
                 self.note(String::new());
                 let steps = decide::reconcile(&spec, &obs, &leader, t);
@@ -374,6 +405,10 @@ impl Cluster {
                     self.event(Status::Critical, format!("failover from {from} to {to} did not complete"));
                 }
             }
+        }
+        if let Some(req) = self.state.databases.take_switchover(&self.spec.name) {
+            let why = if self.last_note.is_empty() { "a failover is under way".into() } else { self.last_note.clone() };
+            let _ = req.reply.send(Err(format!("the cluster is not healthy: {why}")));
         }
         let leader = self.load_leader().await.map(|(l, _)| l).unwrap_or(leader);
         let obs = self.observer.observations().clone();
@@ -449,7 +484,25 @@ impl Cluster {
                     self.event(Status::Warning, message.clone());
                     true
                 }
-                Step::WaitCatchUp { .. } => true,
+                Step::WaitCatchUp { member, primary, timeout_ms } => {
+                    let target =
+                        |m: &str| self.member_addr(m).map(|(h, p)| PgTarget::new(h, p, self.spec.user.clone()));
+                    match (target(primary), target(member)) {
+                        (Some(p), Some(r)) => {
+                            match drover_db::ops::wait_caught_up(&p, &r, Duration::from_millis(*timeout_ms)).await {
+                                Ok(lsn) => {
+                                    tracing::info!(cluster = %self.spec.name, member, lsn, "caught up");
+                                    true
+                                }
+                                Err(e) => {
+                                    tracing::error!(cluster = %self.spec.name, member, error = %e, "did not catch up");
+                                    false
+                                }
+                            }
+                        }
+                        _ => false,
+                    }
+                }
                 Step::Rejoin { .. } => self.order(step_member(step), term, step, REJOIN_TIMEOUT).await,
                 Step::Repoint { .. } => {
                     // A replica that cannot be repointed now is reconciled later; the
@@ -469,6 +522,44 @@ impl Cluster {
 
     async fn order(&self, member: &str, term: u64, step: &Step, timeout: Duration) -> bool {
         self.orders.order(member, term, step, timeout).await
+    }
+
+    /// A planned change of primary: the target catches up on the read-only primary
+    /// first, so no acknowledged write is lost; if it does not, the abort steps make the
+    /// old primary writable again.
+    async fn switchover(
+        &mut self,
+        spec: &ClusterSpec,
+        obs: &decide::Observations,
+        leader: &LeaderRecord,
+        raw: &[u8],
+        to: Option<&str>,
+        t: u64,
+    ) -> Result<String, String> {
+        let plan = decide::plan_switchover(spec, obs, leader, to, t)?;
+        self.event(Status::Warning, format!("switchover from {} to {} (term {})", plan.from, plan.to, plan.term));
+        let started = std::time::Instant::now();
+        if self.execute(&plan.steps, leader, raw).await {
+            self.observer.new_term();
+            let msg = format!(
+                "switchover done: {} is the primary (term {}) after {:?}",
+                plan.to,
+                plan.term,
+                started.elapsed()
+            );
+            self.event(Status::Ok, msg.clone());
+            Ok(msg)
+        } else {
+            let undone = self.execute(&plan.abort, leader, raw).await;
+            let msg = format!(
+                "switchover from {} to {} did not complete; {}",
+                plan.from,
+                plan.to,
+                if undone { format!("{} stays the primary", plan.from) } else { "the abort steps failed too".into() }
+            );
+            self.event(Status::Critical, msg.clone());
+            Err(msg)
+        }
     }
 
     /// Runs reconciliation steps (a returning old primary fenced and rewound, a
