@@ -42,8 +42,10 @@ struct Passive {
 #[derive(Debug)]
 pub struct Backend {
     pub addr: SocketAddr,
-    /// `addr` as a URI authority, built once.
-    pub(crate) authority: http::uri::Authority,
+    /// `addr` as a Host header value, for a request that came without one.
+    pub(crate) host: http::HeaderValue,
+    /// Idle upstream HTTP connections.
+    pub(crate) pool: crate::pool::Pool,
     weight: AtomicU32,
     zone: Mutex<Option<String>>,
     health: Mutex<Health>,
@@ -151,7 +153,8 @@ impl Backend {
     pub fn new(addr: SocketAddr, weight: u32, zone: Option<String>, svc: &ServiceConfig) -> Arc<Backend> {
         let b = Arc::new(Backend {
             addr,
-            authority: http::uri::Authority::try_from(addr.to_string()).expect("a socket address is an authority"),
+            host: host_header(addr),
+            pool: crate::pool::Pool::default(),
             weight: AtomicU32::new(weight),
             zone: Mutex::new(zone),
             health: Mutex::new(Health { active_ok: svc.health.is_none(), ..Health::default() }),
@@ -417,6 +420,16 @@ async fn check_once(addr: SocketAddr, cfg: &HealthConfig) -> Result<(), String> 
         Ok(r) => r,
         Err(_) => Err(format!("timeout after {} ms", cfg.timeout_ms)),
     }
+}
+
+/// What an HTTP client puts in `Host` for this address: the port only when not 80.
+fn host_header(addr: SocketAddr) -> http::HeaderValue {
+    let s = match (addr.port(), addr) {
+        (80, SocketAddr::V4(a)) => a.ip().to_string(),
+        (80, SocketAddr::V6(a)) => format!("[{}]", a.ip()),
+        _ => addr.to_string(),
+    };
+    http::HeaderValue::try_from(s).expect("a socket address is a header value")
 }
 
 pub fn connect_reason(e: &std::io::Error) -> String {

@@ -53,6 +53,7 @@ use crate::backend::{Affinity, Backend, EWMA_FAILURE_PENALTY, InFlight, Service,
 use crate::cache::{self, Cache, RequestRules, Scope};
 use crate::config::{Balance, StickyCookieConfig};
 use crate::error::ForwardError;
+use crate::pool::{self, PooledBody, SendError};
 use crate::{Body, Shared, StopRx};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -391,7 +392,7 @@ async fn route_and_forward(
             })
     });
     let Some(route) = route else { return Err(ForwardError::NoRoute { host, path: path.to_string() }) };
-    let (Some(svc), Some(client)) = (snap.services.get(&route.service), snap.clients.get(&route.service)) else {
+    let Some(svc) = snap.services.get(&route.service) else {
         trace.service = Some(Arc::from(route.service.as_str()));
         return Err(ForwardError::NoHealthyBackend(route.service.clone()));
     };
@@ -516,17 +517,20 @@ async fn route_and_forward(
         };
         trace.backend = Some(b.addr);
         trace.tries += 1;
-        let may_resend = resends < svc.cfg.retries && matches!(&body, ReqBody::Replay(_));
+        // A try that fails to connect gives its request back; one that is lost after
+        // sending does not, so the headers are copied when such a loss could be resent.
+        let may_resend = resends < svc.cfg.retries && idempotent && matches!(&body, ReqBody::Replay(b) if b.is_empty());
         let send_body = match &mut body {
             ReqBody::Replay(bytes) if bytes.is_empty() => empty_body(),
             ReqBody::Replay(bytes) => Full::new(bytes.clone()).map_err(|n: Infallible| match n {}).boxed(),
             ReqBody::Stream(s) => s.take().map(BodyExt::boxed).unwrap_or_else(empty_body),
         };
-        let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(http::uri::Scheme::HTTP);
-        uri.authority = Some(b.authority.clone());
-        uri.path_and_query = Some(path_and_query.clone());
-        let uri = Uri::from_parts(uri).map_err(|e| ForwardError::ClientBody(e.to_string()))?;
+        // Origin form (authority form for CONNECT), as a pooled HTTP/1.1 client sends it.
+        let uri = if parts.method == Method::CONNECT {
+            Uri::try_from(b.addr.to_string()).map_err(|e| ForwardError::ClientBody(e.to_string()))?
+        } else {
+            Uri::from(path_and_query.clone())
+        };
         let mut up = Request::new(send_body);
         *up.method_mut() = parts.method.clone();
         *up.uri_mut() = uri;
@@ -536,9 +540,23 @@ async fn route_and_forward(
         } else {
             headers.take().expect("kept until the last try")
         };
-        let err = match attempt(svc, client, &b, guard, up, &mut upgrade).await {
+        if original_host.is_none() {
+            up.headers_mut().insert(header::HOST, b.host.clone());
+        }
+        let err = match attempt(svc, &b, guard, up, &mut upgrade).await {
             Ok(resp) => return Ok(finish_response(resp, &b, caching.take(), &req_headers, sticky, aff, trace.https)),
-            Err(e) => e,
+            Err((e, back)) => {
+                if let Some(mut r) = back
+                    && headers.is_none()
+                {
+                    let mut h = std::mem::take(r.headers_mut());
+                    if original_host.is_none() {
+                        h.remove(header::HOST);
+                    }
+                    headers = Some(h);
+                }
+                e
+            }
         };
         let replayable = matches!(&body, ReqBody::Replay(_));
         let resend = match &err {
@@ -598,26 +616,29 @@ fn finish_response(
 
 /// One try against one backend; the response body keeps the backend's in-flight
 /// count up until it has been sent on.
+/// A try that made no connection gives the request back.
 async fn attempt(
     svc: &Service,
-    client: &crate::HttpClient,
     b: &Arc<Backend>,
     guard: InFlight,
     req: Request<Body>,
     downstream: &mut Option<OnUpgrade>,
-) -> Result<Response<Body>, ForwardError> {
+) -> Result<Response<Body>, (ForwardError, Option<Box<Request<Body>>>)> {
     let ms = svc.cfg.request_timeout_ms;
     let started = (svc.cfg.balance == Balance::P2cEwma).then(Instant::now);
-    let result = tokio::time::timeout(Duration::from_millis(ms), client.request(req)).await;
+    let connect_timeout = Duration::from_millis(svc.cfg.connect_timeout_ms);
+    let result = tokio::time::timeout(Duration::from_millis(ms), pool::send(b, connect_timeout, req)).await;
     if let Some(started) = started {
-        let ok = matches!(&result, Ok(Ok(r)) if !r.status().is_server_error());
+        let ok = matches!(&result, Ok(Ok((r, _))) if !r.status().is_server_error());
         b.observe_latency(if ok { started.elapsed() } else { started.elapsed().max(EWMA_FAILURE_PENALTY) });
     }
     match result {
-        Ok(Ok(mut resp)) => {
+        Ok(Ok((mut resp, conn))) => {
             if resp.status() == StatusCode::SWITCHING_PROTOCOLS
                 && let Some(down) = downstream.take()
             {
+                // The connection now belongs to the tunnel.
+                drop(conn);
                 b.record_success();
                 let up = hyper::upgrade::on(&mut resp);
                 tokio::spawn(tunnel(down, up, guard));
@@ -631,27 +652,19 @@ async fn attempt(
             }
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            let body = body
-                .map_frame(move |f| {
-                    let _held = &guard;
-                    f
-                })
-                .boxed();
+            let body = PooledBody::new(body, conn, b.clone(), guard).boxed();
             Ok(Response::from_parts(parts, body))
         }
-        Ok(Err(e)) => {
-            let err = if e.is_connect() {
-                ForwardError::Connect { addr: b.addr, reason: connect_reason(&e) }
-            } else {
-                ForwardError::Reset { addr: b.addr, reason: chain(&e) }
-            };
-            b.record_failure(&match &err {
-                ForwardError::Connect { reason, .. } => reason.clone(),
-                _ => "connection lost".into(),
-            });
-            Err(err)
+        Ok(Err(SendError::Connect(e, req))) => {
+            let reason = crate::backend::connect_reason(&e);
+            b.record_failure(&reason);
+            Err((ForwardError::Connect { addr: b.addr, reason }, Some(req)))
         }
-        Err(_) => Err(ForwardError::Timeout { addr: b.addr, ms }),
+        Ok(Err(SendError::Lost(e))) => {
+            b.record_failure("connection lost");
+            Err((ForwardError::Reset { addr: b.addr, reason: chain(&e) }, None))
+        }
+        Err(_) => Err((ForwardError::Timeout { addr: b.addr, ms }, None)),
     }
 }
 
@@ -685,18 +698,6 @@ fn chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
-}
-
-fn connect_reason(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(c) = cur {
-        if let Some(io) = c.downcast_ref::<std::io::Error>() {
-            return crate::backend::connect_reason(io);
-        }
-        cur = c.source();
-    }
-    let s = chain(e);
-    if s.contains("timed out") || s.contains("timeout") { "connect timeout".into() } else { s }
 }
 
 #[cfg(test)]

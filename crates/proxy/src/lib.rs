@@ -6,6 +6,7 @@
 //! | [`config`] | the TOML file, validated once at load with `file:line:col: field` errors |
 //! | [`backend`] | backend state: active checks (`rise`/`fall`), passive ejection, balancing, retry budget |
 //! | `http` | the HTTP reverse proxy (HTTP/1.1 and h2c downstream, pooled HTTP/1.1 upstream) and its retry rule |
+//! | `pool` | upstream HTTP/1.1 connections: a stack of idle ones per backend, given back once a response was read |
 //! | `tls` | TLS termination for https listeners: rustls (ring), SNI certificate choice, ALPN h2/http1.1 |
 //! | `tcp` | the L4 listener: one backend per connection, bytes copied both ways |
 //! | `admin` | the loopback endpoint: `GET /backends` and `GET /health` (JSON), `GET /metrics` (Prometheus text) |
@@ -31,6 +32,7 @@ mod cache;
 pub mod config;
 pub mod error;
 mod http;
+mod pool;
 mod proxy_protocol;
 pub mod spec;
 mod tcp;
@@ -40,8 +42,6 @@ use crate::backend::{Backend, ControlVerdict, Service};
 use crate::config::{ListenerConfig, MembersConfig, Protocol, ProxyConfig};
 pub use crate::error::{ForwardError, ProxyError, Side};
 pub use drover_core::health::Members;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
@@ -50,7 +50,6 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub(crate) type Body = http_body_util::combinators::BoxBody<bytes::Bytes, hyper::Error>;
-pub(crate) type HttpClient = Client<HttpConnector, Body>;
 
 /// HTTP counters for `/metrics`: responses by listener, service and status; resends
 /// and cache outcomes by service.
@@ -65,7 +64,6 @@ pub(crate) struct Counters {
 pub struct Snapshot {
     pub cfg: ProxyConfig,
     pub services: BTreeMap<String, Arc<Service>>,
-    pub(crate) clients: BTreeMap<String, HttpClient>,
 }
 
 /// `None` while running; `Some(drain)` once shutdown has begun.
@@ -100,7 +98,6 @@ impl Shared {
     /// starting checks for new ones.
     fn build(&self, cfg: ProxyConfig, old: Option<&Snapshot>) -> Snapshot {
         let mut services = BTreeMap::new();
-        let mut clients = BTreeMap::new();
         let members = self.members.read().unwrap().clone();
         for (name, scfg) in &cfg.services {
             let old_svc = old.and_then(|o| o.services.get(name));
@@ -135,16 +132,10 @@ impl Shared {
                     b
                 })
                 .collect();
-            let client = match (old_svc, old.and_then(|o| o.clients.get(name))) {
-                // Keeping the client keeps its pooled connections across a reload.
-                (Some(s), Some(c)) if s.cfg.connect_timeout_ms == scfg.connect_timeout_ms => c.clone(),
-                _ => new_client(scfg.connect_timeout_ms),
-            };
-            clients.insert(name.clone(), client);
             services
                 .insert(name.clone(), Arc::new(Service::new(name.clone(), scfg.clone(), backends, cfg.zone.clone())));
         }
-        Snapshot { cfg, services, clients }
+        Snapshot { cfg, services }
     }
 
     /// Builds the next generation from `cfg` and the current members and swaps it in;
@@ -310,16 +301,6 @@ fn member_backends(
     out
 }
 
-fn new_client(connect_timeout_ms: u64) -> HttpClient {
-    let mut conn = HttpConnector::new();
-    conn.set_connect_timeout(Some(Duration::from_millis(connect_timeout_ms)));
-    conn.set_nodelay(true);
-    Client::builder(hyper_util::rt::TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .pool_max_idle_per_host(64)
-        .build(conn)
-}
-
 /// Entry point.
 pub struct Proxy;
 
@@ -328,11 +309,7 @@ impl Proxy {
     pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
         let (checks_stop, _) = watch::channel(false);
         let shared = Arc::new(Shared {
-            snapshot: RwLock::new(Arc::new(Snapshot {
-                cfg: cfg.clone(),
-                services: BTreeMap::new(),
-                clients: BTreeMap::new(),
-            })),
+            snapshot: RwLock::new(Arc::new(Snapshot { cfg: cfg.clone(), services: BTreeMap::new() })),
             draining: Mutex::new(Vec::new()),
             generation: Mutex::new(()),
             members: RwLock::new(Members::default()),

@@ -1,0 +1,253 @@
+//! Upstream HTTP/1.1 connections: each backend keeps a small stack of idle
+//! connections (most recently used first), and a request takes one or opens a new one.
+//!
+//! A connection goes back on the stack once its response body has been read to the
+//! end; one whose response was cut short, or that was upgraded (101), is closed instead.
+//! A connection found closed when taken is dropped, and a request that a reused
+//! connection refused before writing anything (it closed in the meantime) is tried on
+//! another one, so a backend closing idle keep-alive connections costs no error.
+
+use crate::Body;
+use crate::backend::{Backend, InFlight};
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+/// Idle connections kept per backend.
+const MAX_IDLE: usize = 64;
+/// An idle connection older than this is closed rather than reused.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A backend's idle connections, oldest first.
+#[derive(Default)]
+pub(crate) struct Pool {
+    idle: Mutex<Vec<(SendRequest<Body>, Instant)>>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool").field("idle", &self.idle.lock().map(|v| v.len()).unwrap_or(0)).finish()
+    }
+}
+
+impl Pool {
+    fn take(&self) -> Option<SendRequest<Body>> {
+        let mut idle = self.idle.lock().unwrap();
+        while let Some((sr, at)) = idle.pop() {
+            if !sr.is_closed() && at.elapsed() < IDLE_TIMEOUT {
+                return Some(sr);
+            }
+        }
+        None
+    }
+
+    fn put(&self, sr: SendRequest<Body>) {
+        if sr.is_closed() {
+            return;
+        }
+        let now = Instant::now();
+        let mut idle = self.idle.lock().unwrap();
+        // The oldest are at the front: drop those that expired or overflow the stack.
+        let stale = idle.iter().take_while(|(_, at)| now.duration_since(*at) >= IDLE_TIMEOUT).count();
+        let over = (idle.len() + 1).saturating_sub(MAX_IDLE);
+        idle.drain(..stale.max(over));
+        idle.push((sr, now));
+    }
+}
+
+/// Why a request got no response head from a backend.
+pub(crate) enum SendError {
+    /// No connection could be made: nothing was sent, and the request comes back.
+    Connect(std::io::Error, Box<Request<Body>>),
+    /// The connection failed after the request was (or may have been) written.
+    Lost(hyper::Error),
+}
+
+async fn connect(b: &Backend, timeout: Duration) -> std::io::Result<SendRequest<Body>> {
+    let stream = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(b.addr)).await {
+        Ok(s) => s?,
+        Err(_) => return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout")),
+    };
+    let _ = stream.set_nodelay(true);
+    let (sr, conn) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(std::io::Error::other)?;
+    let addr = b.addr;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(backend = %addr, "upstream connection: {e}");
+        }
+    });
+    Ok(sr)
+}
+
+/// Sends `req` on an idle connection to `b` or a new one (made within `connect_timeout`);
+/// the response comes with its connection, to be given back by [`PooledBody`].
+pub(crate) async fn send(
+    b: &Backend,
+    connect_timeout: Duration,
+    mut req: Request<Body>,
+) -> Result<(Response<Incoming>, SendRequest<Body>), SendError> {
+    loop {
+        let (mut sr, reused) = match b.pool.take() {
+            Some(sr) => (sr, true),
+            None => match connect(b, connect_timeout).await {
+                Ok(sr) => (sr, false),
+                Err(e) => return Err(SendError::Connect(e, Box::new(req))),
+            },
+        };
+        if let Err(e) = sr.ready().await {
+            if reused {
+                continue;
+            }
+            return Err(SendError::Lost(e));
+        }
+        match sr.try_send_request(req).await {
+            Ok(resp) => return Ok((resp, sr)),
+            Err(mut e) => match e.take_message() {
+                // Refused before a byte was written: the idle connection had closed.
+                Some(r) if reused => req = r,
+                _ => return Err(SendError::Lost(e.into_error())),
+            },
+        }
+    }
+}
+
+/// A backend's response body: keeps the backend's in-flight count up until it has been
+/// sent on, and gives the connection back to the pool once it was read to the end.
+pub(crate) struct PooledBody {
+    inner: Incoming,
+    conn: Option<(SendRequest<Body>, Arc<Backend>)>,
+    done: bool,
+    _in_flight: InFlight,
+}
+
+impl PooledBody {
+    pub(crate) fn new(inner: Incoming, sr: SendRequest<Body>, b: Arc<Backend>, in_flight: InFlight) -> PooledBody {
+        PooledBody { inner, conn: Some((sr, b)), done: false, _in_flight: in_flight }
+    }
+}
+
+impl hyper::body::Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(None) = r {
+            self.done = true;
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        if (self.done || self.inner.is_end_stream())
+            && let Some((sr, b)) = self.conn.take()
+        {
+            b.pool.put(sr);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Balance, ServiceConfig};
+    use http_body_util::{BodyExt, Empty, Full};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn cfg() -> ServiceConfig {
+        ServiceConfig {
+            backends: vec![],
+            members: None,
+            balance: Balance::RoundRobin,
+            hash_on: None,
+            sticky_cookie: None,
+            cache: None,
+            health: None,
+            passive_failures: 5,
+            eject_base_ms: 10,
+            eject_max_ms: 40,
+            retries: 2,
+            retry_budget_percent: 20,
+            connect_timeout_ms: 100,
+            request_timeout_ms: 100,
+            slow_start_ms: 0,
+            max_in_flight_per_backend: 0,
+            queue_timeout_ms: 0,
+            send_proxy_protocol: false,
+            close_on_leave: false,
+        }
+    }
+
+    /// A backend answering "ok"; counts the connections it accepted. With `close`, each
+    /// response says `Connection: close`.
+    async fn backend(close: bool) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let n = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                n.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |_req| async move {
+                        let mut r = Response::new(Full::new(Bytes::from_static(b"ok")));
+                        if close {
+                            r.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+                        }
+                        Ok::<_, std::convert::Infallible>(r)
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), svc).await;
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    async fn get(b: &Arc<Backend>) -> Bytes {
+        let req = Request::builder()
+            .uri("/")
+            .header(http::header::HOST, "x")
+            .body(Empty::new().map_err(|n| match n {}).boxed())
+            .unwrap();
+        let (resp, sr) = send(b, Duration::from_secs(1), req).await.ok().expect("response");
+        let body = PooledBody::new(resp.into_body(), sr, b.clone(), b.start_request());
+        body.collect().await.unwrap().to_bytes()
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_reused_once_its_response_was_read() {
+        let (addr, accepted) = backend(false).await;
+        let b = Backend::new(addr, 1, None, &cfg());
+        for _ in 0..5 {
+            assert_eq!(get(&b).await, "ok");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_backend_closes_is_not_reused() {
+        let (addr, accepted) = backend(true).await;
+        let b = Backend::new(addr, 1, None, &cfg());
+        for _ in 0..3 {
+            assert_eq!(get(&b).await, "ok");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+}
