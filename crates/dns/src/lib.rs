@@ -11,7 +11,8 @@
 //! | [`serial`] | SOA serials that follow content and persist across restarts |
 //! | [`tsig`] | TSIG hmac-sha256 signing and verification on wire bytes |
 //! | [`rrl`] | response rate limiting per source prefix |
-//! | [`server`] | UDP worker threads on SO_REUSEPORT sockets, TCP (answers and AXFR/IXFR), NOTIFY |
+//! | [`server`] | startup, the table rebuilt on member changes, TCP (answers and AXFR/IXFR), NOTIFY |
+//! | [`udp`] | UDP worker threads on SO_REUSEPORT sockets, queries read and answered in batches (recvmmsg/sendmmsg) |
 //!
 //! Why not hickory-server's `Catalog`: its request path decodes the whole message into owned
 //! records and builds the response record by record, allocating per query; drover's table
@@ -26,6 +27,7 @@ pub mod serial;
 pub mod server;
 pub mod table;
 pub mod tsig;
+pub mod udp;
 pub mod wire;
 pub mod zone;
 

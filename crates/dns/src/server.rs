@@ -4,7 +4,6 @@
 
 use crate::config::DnsConfig;
 use crate::pool::{self, Members};
-use crate::rrl::{Rrl, Verdict};
 use crate::serial::{self, Serials};
 use crate::table::{Builder, Picker, Reply, Table, ZoneData};
 use crate::wire::{self, Bad};
@@ -26,7 +25,7 @@ pub enum DnsError {
     Zone(#[from] crate::zone::ZoneError),
 }
 
-/// The current table; workers check `generation` per packet (one atomic load) and take
+/// The current table; UDP workers check `generation` per batch (one atomic load) and take
 /// the lock only when it moved.
 pub struct Shared {
     current: Mutex<Arc<Table>>,
@@ -34,8 +33,11 @@ pub struct Shared {
 }
 
 impl Shared {
-    fn load(&self) -> Arc<Table> {
+    pub(crate) fn load(&self) -> Arc<Table> {
         self.current.lock().expect("never poisoned: no panics under it").clone()
+    }
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
     fn store(&self, t: Table) {
         *self.current.lock().expect("never poisoned") = Arc::new(t);
@@ -154,7 +156,7 @@ impl NameServer {
             let (rate, slip) = (cfg.rrl_responses_per_sec, cfg.rrl_slip);
             std::thread::Builder::new()
                 .name(format!("dns-udp-{i}"))
-                .spawn(move || udp_worker(sock, shared, stop, rate, slip))
+                .spawn(move || crate::udp::worker(sock, shared, stop, rate, slip))
                 .expect("spawning a thread");
         }
         let mut tasks = Vec::new();
@@ -181,50 +183,8 @@ impl NameServer {
     }
 }
 
-fn udp_worker(sock: UdpSocket, shared: Arc<Shared>, stop: Arc<AtomicBool>, rate: u32, slip: u32) {
-    let mut buf = vec![0u8; 65535];
-    let mut out = Vec::with_capacity(4096);
-    let mut table = shared.load();
-    let mut generation = shared.generation.load(Ordering::Acquire);
-    let mut picker = Picker::default();
-    let mut rrl = (rate > 0).then(|| Rrl::new(rate, slip));
-    while !stop.load(Ordering::Relaxed) {
-        let (n, src) = match sock.recv_from(&mut buf) {
-            Ok(x) => x,
-            Err(_) => continue, // the read timeout, or an ICMP error from an earlier send
-        };
-        let g = shared.generation.load(Ordering::Acquire);
-        if g != generation {
-            table = shared.load();
-            generation = g;
-        }
-        let pkt = &buf[..n];
-        match wire::parse_query(pkt) {
-            Ok(q) => {
-                if !matches!(table.respond(pkt, &q, src.ip(), true, &mut picker, &mut out), Reply::Send) {
-                    continue;
-                }
-                if let Some(r) = rrl.as_mut() {
-                    match r.check(src.ip()) {
-                        Verdict::Answer => {}
-                        Verdict::Drop => continue,
-                        Verdict::Slip => {
-                            table.header_only(pkt, &q, 0, &mut out);
-                            let f = wire::get_u16(&out, 2) | wire::FLAG_TC | wire::FLAG_AA;
-                            wire::set_u16(&mut out, 2, f);
-                        }
-                    }
-                }
-            }
-            Err(Bad::Drop) => continue,
-            Err(Bad::FormErr { id, flags }) => formerr(id, flags, &mut out),
-        }
-        let _ = sock.send_to(&out, src);
-    }
-}
-
 /// RFC 1035 §4.1.1 FORMERR: the header alone (the question could not be read).
-fn formerr(id: u16, flags: u16, out: &mut Vec<u8>) {
+pub(crate) fn formerr(id: u16, flags: u16, out: &mut Vec<u8>) {
     out.clear();
     out.extend_from_slice(&id.to_be_bytes());
     out.extend_from_slice(
