@@ -36,4 +36,4 @@ python3 -c "import aiosmtpd" 2>/dev/null || python3 -m pip install -q aiosmtpd
 export DROVER_NAGIOS_PLUGINS=/usr/lib/nagios/plugins
 # Integration tests start real server and agent processes; two at a time keeps the
 # 2-core machine from starving their timers.
-cargo test --workspace --all-targets --locked -- --test-threads="${DROVER_TEST_THREADS:-4}"
+cargo test --workspace --all-targets --locked --no-fail-fast -- --test-threads="${DROVER_TEST_THREADS:-4}"

@@ -98,6 +98,8 @@ pub struct Feed {
     members: watch::Receiver<Members>,
     status: watch::Receiver<FeedStatus>,
     tasks: Vec<JoinHandle<()>>,
+    /// (state file, server) for the final write when the feed is dropped.
+    persist_to: Option<(PathBuf, String)>,
 }
 
 impl Feed {
@@ -119,6 +121,14 @@ impl Drop for Feed {
     fn drop(&mut self) {
         for t in &self.tasks {
             t.abort();
+        }
+        // A change inside the write debounce window would otherwise be lost on a clean
+        // stop, and the next start would serve an older view than this one did.
+        if let Some((path, server)) = &self.persist_to {
+            let members = self.members.borrow().clone();
+            if let Err(e) = write_state(path, server, &members) {
+                tracing::error!(error = %e, "could not save the members to the state file on stop");
+            }
         }
     }
 }
@@ -180,7 +190,8 @@ pub fn start(opts: FeedOptions) -> Result<Feed, FeedError> {
     }
     let link = Link { url, auth, tls };
     tasks.push(tokio::spawn(follow(link, (*initial).clone(), members_tx, status_tx)));
-    Ok(Feed { members: members_rx, status: status_rx, tasks })
+    let persist_to = opts.state_file.clone().map(|p| (p, opts.server.clone()));
+    Ok(Feed { members: members_rx, status: status_rx, tasks, persist_to })
 }
 
 struct Link {
@@ -412,6 +423,22 @@ mod tests {
         .unwrap();
         assert!(feed.members().borrow().is_empty());
         assert!(path.with_extension("corrupt").exists(), "the unreadable file is kept for a person");
+    }
+
+    #[tokio::test]
+    async fn dropping_the_feed_saves_the_latest_view_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("members.json");
+        let feed = start(FeedOptions {
+            server: "127.0.0.1:9".into(),
+            token: None,
+            ca_file: None,
+            state_file: Some(path.clone()),
+        })
+        .unwrap();
+        assert_eq!(load_state(&path).unwrap(), None, "nothing to save yet");
+        drop(feed);
+        assert_eq!(load_state(&path).unwrap(), Some(Members::default()), "written on drop, not after a debounce");
     }
 
     #[test]
