@@ -84,21 +84,14 @@ async fn wait_for<T>(ws: &mut Ws, mut pick: impl FnMut(AgentMessage) -> Option<T
     }
 }
 
-/// The next successful report's status. A probe error now and then is a slow probe on
-/// a loaded test machine, so errors are skipped, but not many in a row.
+/// The next successful report's status. Error reports are skipped: a member that was
+/// stopped (fenced) has queued one per probe interval for as long as it was down, and a
+/// probe can fail now and then on a loaded machine; `WAIT` bounds the whole wait.
 async fn next_status(ws: &mut Ws) -> DbStatus {
-    let mut errors = 0;
     wait_for(ws, |m| match m {
-        AgentMessage::DbReport { cluster, status, error } => {
+        AgentMessage::DbReport { cluster, status, .. } => {
             assert_eq!(cluster, "main");
-            match status {
-                Some(status) => Some(serde_json::from_value(status).expect("status is a DbStatus")),
-                None => {
-                    errors += 1;
-                    assert!(errors < 10, "probes keep failing: {error:?}");
-                    None
-                }
-            }
+            status.map(|status| serde_json::from_value(status).expect("status is a DbStatus"))
         }
         _ => None,
     })

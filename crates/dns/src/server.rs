@@ -62,6 +62,43 @@ impl Drop for NameServer {
     }
 }
 
+/// Binds the UDP sockets and the TCP listener on one address. With port 0 the kernel
+/// picks the UDP port, which another program may hold for TCP: then it tries again.
+fn bind_all(listen: SocketAddr, workers: usize) -> Result<(Vec<UdpSocket>, tokio::net::TcpListener), DnsError> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match bind_once(listen, workers) {
+            Err(DnsError::Bind { source, .. })
+                if listen.port() == 0 && source.kind() == std::io::ErrorKind::AddrInUse && attempt < 20 => {}
+            other => return other,
+        }
+    }
+}
+
+fn bind_once(listen: SocketAddr, workers: usize) -> Result<(Vec<UdpSocket>, tokio::net::TcpListener), DnsError> {
+    let first = bind_udp(listen).map_err(|source| DnsError::Bind { addr: listen, source })?;
+    let local_addr = first.local_addr().map_err(|source| DnsError::Bind { addr: listen, source })?;
+    let mut sockets = vec![first];
+    for _ in 1..workers {
+        sockets.push(bind_udp(local_addr).map_err(|source| DnsError::Bind { addr: local_addr, source })?);
+    }
+    let tcp = {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let s = Socket::new(Domain::for_address(local_addr), Type::STREAM, Some(Protocol::TCP))
+            .and_then(|s| {
+                s.set_reuse_address(true)?;
+                s.bind(&local_addr.into())?;
+                s.listen(1024)?;
+                s.set_nonblocking(true)?;
+                Ok(s)
+            })
+            .map_err(|source| DnsError::Bind { addr: local_addr, source })?;
+        tokio::net::TcpListener::from_std(s.into()).map_err(|source| DnsError::Bind { addr: local_addr, source })?
+    };
+    Ok((sockets, tcp))
+}
+
 /// Compiles the table for `members`, assigning serials; returns the zones whose serial moved.
 fn compile(
     cfg: &DnsConfig,
@@ -131,25 +168,8 @@ impl NameServer {
         let shared = Arc::new(Shared { current: Mutex::new(Arc::new(table)), generation: AtomicU64::new(0) });
         let stop = Arc::new(AtomicBool::new(false));
 
-        let first = bind_udp(listen).map_err(|source| DnsError::Bind { addr: listen, source })?;
-        let local_addr = first.local_addr().map_err(|source| DnsError::Bind { addr: listen, source })?;
-        let mut sockets = vec![first];
-        for _ in 1..cfg.udp_workers {
-            sockets.push(bind_udp(local_addr).map_err(|source| DnsError::Bind { addr: local_addr, source })?);
-        }
-        let tcp = {
-            use socket2::{Domain, Protocol, Socket, Type};
-            let s = Socket::new(Domain::for_address(local_addr), Type::STREAM, Some(Protocol::TCP))
-                .and_then(|s| {
-                    s.set_reuse_address(true)?;
-                    s.bind(&local_addr.into())?;
-                    s.listen(1024)?;
-                    s.set_nonblocking(true)?;
-                    Ok(s)
-                })
-                .map_err(|source| DnsError::Bind { addr: local_addr, source })?;
-            tokio::net::TcpListener::from_std(s.into()).map_err(|source| DnsError::Bind { addr: local_addr, source })?
-        };
+        let (sockets, tcp) = bind_all(listen, cfg.udp_workers)?;
+        let local_addr = tcp.local_addr().map_err(|source| DnsError::Bind { addr: listen, source })?;
         for (i, sock) in sockets.into_iter().enumerate() {
             let shared = shared.clone();
             let stop = stop.clone();
