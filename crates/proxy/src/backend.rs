@@ -649,10 +649,11 @@ fn rendezvous<'a>(peers: &[&'a Arc<Backend>], key: u64, now: Instant, slow: Dura
 /// value, takes the largest and subtracts the total from it, which spreads a heavy
 /// member's turns evenly instead of in bursts.
 fn smooth_weighted<'a>(peers: &[&'a Arc<Backend>], now: Instant, slow: Duration) -> Option<&'a Arc<Backend>> {
-    let weights: Vec<i64> = peers.iter().map(|p| p.effective_weight(now, slow) as i64).collect();
-    let total: i64 = weights.iter().sum();
+    let mut total = 0i64;
     let mut best: Option<&'a Arc<Backend>> = None;
-    for (p, &w) in peers.iter().zip(&weights) {
+    for p in peers {
+        let w = p.effective_weight(now, slow) as i64;
+        total += w;
         let cur = p.current_weight.fetch_add(w, Ordering::SeqCst) + w;
         if best.is_none_or(|b| cur > b.current_weight.load(Ordering::SeqCst)) {
             best = Some(p);
