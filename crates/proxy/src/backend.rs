@@ -670,27 +670,7 @@ mod tests {
     use super::*;
 
     fn svc(weights: &[u32]) -> Service {
-        let cfg = ServiceConfig {
-            backends: vec![],
-            members: None,
-            balance: Balance::RoundRobin,
-            hash_on: None,
-            sticky_cookie: None,
-            cache: None,
-            health: None,
-            passive_failures: 5,
-            eject_base_ms: 10,
-            eject_max_ms: 40,
-            retries: 2,
-            retry_budget_percent: 20,
-            connect_timeout_ms: 100,
-            request_timeout_ms: 100,
-            slow_start_ms: 0,
-            max_in_flight_per_backend: 0,
-            queue_timeout_ms: 0,
-            send_proxy_protocol: false,
-            close_on_leave: false,
-        };
+        let cfg = ServiceConfig::for_tests();
         let bs = weights
             .iter()
             .enumerate()

@@ -496,6 +496,18 @@ pub struct HealthConfig {
     pub fall: u32,
 }
 
+impl ServiceConfig {
+    /// A service for unit tests: no backends, no active checks, short timeouts and
+    /// ejections.
+    #[cfg(test)]
+    pub(crate) fn for_tests() -> ServiceConfig {
+        let mut c: ServiceConfig = parse_toml(Path::new("test"), "backends = []").expect("the defaults parse");
+        (c.eject_base_ms, c.eject_max_ms) = (10, 40);
+        (c.connect_timeout_ms, c.request_timeout_ms, c.queue_timeout_ms) = (100, 100, 0);
+        c
+    }
+}
+
 impl HealthConfig {
     /// The inclusive status range; valid after [`ProxyConfig::parse`].
     pub fn expect_range(&self) -> (u16, u16) {

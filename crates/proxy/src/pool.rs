@@ -167,32 +167,12 @@ impl Drop for PooledBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Balance, ServiceConfig};
+    use crate::config::ServiceConfig;
     use http_body_util::{BodyExt, Empty, Full};
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn cfg() -> ServiceConfig {
-        ServiceConfig {
-            backends: vec![],
-            members: None,
-            balance: Balance::RoundRobin,
-            hash_on: None,
-            sticky_cookie: None,
-            cache: None,
-            health: None,
-            passive_failures: 5,
-            eject_base_ms: 10,
-            eject_max_ms: 40,
-            retries: 2,
-            retry_budget_percent: 20,
-            connect_timeout_ms: 100,
-            request_timeout_ms: 100,
-            slow_start_ms: 0,
-            max_in_flight_per_backend: 0,
-            queue_timeout_ms: 0,
-            send_proxy_protocol: false,
-            close_on_leave: false,
-        }
+        ServiceConfig::for_tests()
     }
 
     /// A backend answering "ok"; counts the connections it accepted. With `close`, each
