@@ -11,13 +11,15 @@
 #   BENCH_CLIENTS=4        dnsperf -c (source ports, so SO_REUSEPORT spreads them)
 #   BENCH_OUTSTANDING=200  dnsperf -q
 #   BENCH_PORT=28353       port both servers use in turn
-#   BENCH_MAX_IDLE_WAIT=1800   longest wait for other builds (rustc) to finish
+#   BENCH_MAX_IDLE_WAIT=1800   longest wait for other builds (rustc) and other load to finish
+#   BENCH_MAX_BUSY=10      a run starts only when the CPUs were busier than this (percent) in
+#                          none of the 3 s before it (other work on a 2-core box skews the ratio)
 #   BENCH_KEEP=1           keep the temp dir (configs, logs, raw dnsperf output)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 : "${BENCH_SECONDS:=10}" "${BENCH_WORKERS:=1 2}" "${BENCH_CLIENTS:=4}" "${BENCH_OUTSTANDING:=200}"
-: "${BENCH_PORT:=28353}" "${BENCH_MAX_IDLE_WAIT:=1800}"
+: "${BENCH_PORT:=28353}" "${BENCH_MAX_IDLE_WAIT:=1800}" "${BENCH_MAX_BUSY:=10}"
 
 log() { printf '[bench/dns] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -39,12 +41,21 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Percent of CPU time not idle over the next 3 s, from /proc/stat.
+cpu_busy() {
+    local a b c d e f g t1 i1
+    read -r _ a b c d e f g _ < /proc/stat; t1=$((a + b + c + d + e + f + g)); i1=$((d + e))
+    sleep 3
+    read -r _ a b c d e f g _ < /proc/stat
+    echo $(( 100 - 100 * (d + e - i1) / (a + b + c + d + e + f + g - t1) ))
+}
+
 wait_idle() {
-    local waited=0
-    while (( $(pgrep -c rustc || true) > 0 )); do
-        (( waited == 0 )) && log "waiting for other builds (rustc) to finish"
-        (( waited >= BENCH_MAX_IDLE_WAIT )) && die "rustc still running after ${BENCH_MAX_IDLE_WAIT}s"
-        sleep 5; waited=$((waited + 5))
+    local start=$SECONDS logged=
+    while (( $(pgrep -c rustc || true) > 0 )) || (( $(cpu_busy) > BENCH_MAX_BUSY )); do
+        [[ -z $logged ]] && { log "waiting for other builds (rustc) and load to finish"; logged=1; }
+        (( SECONDS - start >= BENCH_MAX_IDLE_WAIT )) && die "machine still busy after ${BENCH_MAX_IDLE_WAIT}s"
+        sleep 2
     done
 }
 

@@ -22,8 +22,8 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// Datagrams per system call. Knot reads in batches too; past a few dozen the gain is gone
-/// (a batch rarely fills at the rates one core answers) while the buffers grow.
+/// Datagrams per system call at most. Knot 3.2 batches too (10 at a time, as strace shows);
+/// under dnsperf (200 queries outstanding) drover's batches averaged about 18 queries.
 pub const BATCH: usize = 32;
 /// The largest UDP payload: a query is never cut short, as with the single read before.
 const SLOT: usize = 65535;
