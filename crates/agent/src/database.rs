@@ -57,8 +57,8 @@
 //! agent started beside a running primary (bootstrap, server not up yet, a cluster the
 //! server does not manage) never fences it. Once armed, the watchdog stays armed for
 //! the life of the process: a writable primary whose lease has lapsed is fenced on every
-//! probe until the server grants a new lease. The one exception: a successful `Promote`
-//! or `MakeWritable` order disarms it until the next lease, since an earlier lease (which
+//! probe until the server grants a new lease. The one exception: a `Promote` or
+//! `MakeWritable` order disarms it (from the moment it starts) until the next lease, since an earlier lease (which
 //! lapsed while the member was a replica or read-only) would otherwise fence the primary
 //! the server has just made; the server should lease a new leader as soon as its leader
 //! record is written, which closes that unguarded window.
@@ -350,6 +350,13 @@ impl Db {
             return Err(stale(term, known));
         }
         tracing::info!(step = step_name(step), term, "running database order");
+        if matches!(step, Step::Promote { .. } | Step::MakeWritable { .. }) {
+            // Disarmed before, not after: the member turns writable part-way through the
+            // order, and a probe in that window must not fence it for a lease that lapsed
+            // while it was a replica (seen on a loaded machine: the new primary fenced
+            // mid-promotion).
+            self.disarm_after_becoming_writable(term);
+        }
         let mut vars = BTreeMap::from([
             ("member".to_string(), self.local.name.clone()),
             ("cluster".to_string(), self.cluster.clone()),
@@ -404,9 +411,6 @@ impl Db {
         match &outcome {
             Ok(detail) => tracing::info!(step = step_name(step), term, "database order done: {detail}"),
             Err(e) => tracing::warn!(step = step_name(step), term, "database order failed: {e}"),
-        }
-        if outcome.is_ok() && matches!(step, Step::Promote { .. } | Step::MakeWritable { .. }) {
-            self.disarm_after_becoming_writable(term);
         }
         outcome.map_err(|e| describe_error(&e))
     }
