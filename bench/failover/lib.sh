@@ -12,38 +12,14 @@ HAPROXY=${HAPROXY:-/usr/sbin/haproxy}
 PG_OS_USER=postgres
 PIDS=()
 
-log() { printf '%s %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() {
-    log "error: $*"
-    exit 1
-}
-
-# True while PID exists and is not a zombie.
-alive() {
-    local s
-    s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-    s=${s##*) }
-    [[ ${s:0:1} != Z ]]
-}
-
-# PID and all its descendants, parents first.
-tree_pids() {
-    local c
-    echo "$1"
-    for c in $(pgrep -P "$1" 2>/dev/null); do tree_pids "$c"; done
-}
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 
 # Records a background process for cleanup. disown: no "Killed" job notice when it is
 # killed later (bash still reaps it; alive() treats a zombie as gone anyway).
 started() {
     PIDS+=("$1")
     disown "$1" 2>/dev/null || true
-}
-
-forget_pid() {
-    local keep=() p
-    for p in "${PIDS[@]}"; do [[ $p == "$1" ]] || keep+=("$p"); done
-    PIDS=("${keep[@]}")
 }
 
 # SIGKILL PID and its descendants at once (deepest first).
@@ -116,8 +92,6 @@ cleanup() {
     fi
     exit "$rc"
 }
-
-port_free() { [[ -z $(ss -Htln "sport = :$1" 2>/dev/null) ]]; }
 
 # Waits until every port given is free (max 15 s): a previous run's listeners are gone.
 wait_ports_free() {

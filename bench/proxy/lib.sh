@@ -15,27 +15,8 @@ CLK_TCK=$(getconf CLK_TCK)
 PIDS=()
 declare -A BACKEND_PID=()
 
-log() { printf '%s %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() {
-    log "error: $*"
-    exit 1
-}
-
-# True while PID exists and is not a zombie.
-alive() {
-    local s
-    s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-    s=${s##*) }
-    [[ ${s:0:1} != Z ]]
-}
-
-# Drops a reaped PID from PIDS, so cleanup never signals a number the system may have
-# handed to someone else's process since.
-forget_pid() {
-    local keep=() p
-    for p in "${PIDS[@]}"; do [[ $p == "$1" ]] || keep+=("$p"); done
-    PIDS=("${keep[@]}")
-}
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 
 # Reaps a child that has exited or is being killed (`wait` returns at once then).
 reap() {
@@ -80,8 +61,6 @@ cleanup() {
     exit "$rc"
 }
 
-port_free() { [[ -z $(ss -Htln "sport = :$1" 2>/dev/null) ]]; }
-
 check_ports() {
     local p
     for p in "${BACKEND_PORTS[@]}" "$PROXY_PORT" "$ADMIN_PORT"; do
@@ -97,13 +76,6 @@ wait_port() {
         sleep 0.1
     done
     return 1
-}
-
-# PID and all its descendants.
-tree_pids() {
-    local c
-    echo "$1"
-    for c in $(pgrep -P "$1" 2>/dev/null); do tree_pids "$c"; done
 }
 
 # utime+stime in clock ticks of PID and its descendants (every thread is included in a
