@@ -464,3 +464,22 @@ fn descendants(root: i32) -> Vec<i32> {
     }
     out
 }
+
+/// A writer that inserts increasing ids into `table (id bigint)` on `target` over one
+/// connection until a statement fails, and returns every id whose commit was
+/// acknowledged — the ground truth failover tests compare a new primary against.
+pub async fn acked_writer(target: &PgTarget, table: &str, timeout: Duration) -> tokio::task::JoinHandle<Vec<i64>> {
+    let client = target.connect(timeout).await.expect("the writer connects");
+    let sql = format!("INSERT INTO {table} (id) VALUES ($1)");
+    tokio::spawn(async move {
+        let insert = client.prepare(&sql).await.expect("the insert prepares");
+        let mut acked = Vec::new();
+        for id in 1i64.. {
+            match client.execute(&insert, &[&id]).await {
+                Ok(_) => acked.push(id),
+                Err(_) => break,
+            }
+        }
+        acked
+    })
+}

@@ -5,7 +5,7 @@
 use drover_db::decide::{ClusterSpec, Decision, LeaderRecord, MemberSpec, Mode, Observer, Step, decide, reconcile};
 use drover_db::ops;
 use drover_db::probe::{Role, probe};
-use drover_db::testing::{PgCluster, PgClusterOptions};
+use drover_db::testing::{PgCluster, PgClusterOptions, acked_writer};
 use std::time::{Duration, Instant};
 
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -58,18 +58,7 @@ async fn kill9_of_the_sync_primary_fails_over_without_losing_an_acknowledged_wri
     assert_eq!(decide(&spec, observer.observations(), &leader, now_ms()), Decision::Healthy);
 
     // A writer that records every id whose commit was acknowledged.
-    let writer_client = c.member("pg0").target().connect(OP_TIMEOUT).await.unwrap();
-    let writer = tokio::spawn(async move {
-        let insert = writer_client.prepare("INSERT INTO t (id) VALUES ($1)").await.unwrap();
-        let mut acked = Vec::new();
-        for id in 1i64.. {
-            match writer_client.execute(&insert, &[&id]).await {
-                Ok(_) => acked.push(id),
-                Err(_) => break,
-            }
-        }
-        acked
-    });
+    let writer = acked_writer(&c.member("pg0").target(), "t", OP_TIMEOUT).await;
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     observe(&c, &mut observer, &[], now_ms()).await;
 

@@ -4,7 +4,7 @@
 use drover_db::decide::{ClusterSpec, LeaderRecord, MemberSpec, Mode, Observer, Step, plan_switchover};
 use drover_db::ops;
 use drover_db::probe::{Role, probe};
-use drover_db::testing::{PgCluster, PgClusterOptions};
+use drover_db::testing::{PgCluster, PgClusterOptions, acked_writer};
 use std::time::{Duration, Instant};
 
 const T: Duration = Duration::from_secs(30);
@@ -29,18 +29,7 @@ async fn switchover_under_load_loses_no_acknowledged_write_and_everyone_follows_
     let mut leader = LeaderRecord { member: "pg0".into(), term: 1, sync_standbys: vec![] };
     c.psql("pg0", "CREATE TABLE t (id bigint primary key)").unwrap();
 
-    let writer_client = c.member("pg0").target().connect(T).await.unwrap();
-    let writer = tokio::spawn(async move {
-        let insert = writer_client.prepare("INSERT INTO t (id) VALUES ($1)").await.unwrap();
-        let mut acked = Vec::new();
-        for id in 1i64.. {
-            match writer_client.execute(&insert, &[&id]).await {
-                Ok(_) => acked.push(id),
-                Err(_) => break,
-            }
-        }
-        acked
-    });
+    let writer = acked_writer(&c.member("pg0").target(), "t", T).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
 
     let mut observer = Observer::new(c.members().iter().map(|m| m.name.as_str()), 0);
