@@ -63,6 +63,11 @@
 //! the server has just made; the server should lease a new leader as soon as its leader
 //! record is written, which closes that unguarded window.
 //!
+//! **Replication timeouts.** After the first good probe (and again after the server was
+//! unreachable) the agent keeps `wal_receiver_timeout` and `wal_sender_timeout` at
+//! `replication_timeout_ms` ([`drover_db::ops::ensure_replication_timeouts`]), so a
+//! replica notices a partitioned or frozen primary in seconds, not PostgreSQL's minute.
+//!
 //! The highest term and the lease live in memory only: a restarted agent accepts any
 //! term until it sees one and does not self-fence until its first lease.
 
@@ -100,6 +105,8 @@ pub(crate) struct Db {
     local: LocalPg,
     hooks: Option<Hooks>,
     probe_interval: Duration,
+    /// `[postgres] replication_timeout_ms`; 0 leaves the server's own.
+    replication_timeout_ms: u64,
     /// Zero of the agent's monotonic millisecond clock (leases are counted in it).
     epoch: Instant,
     terms: Mutex<Terms>,
@@ -180,6 +187,7 @@ impl Db {
             local,
             hooks,
             probe_interval: Duration::from_millis(cfg.probe_interval_ms),
+            replication_timeout_ms: cfg.replication_timeout_ms,
             epoch: Instant::now(),
             terms: Mutex::new(Terms::default()),
             orders,
@@ -473,6 +481,17 @@ impl Db {
             dbname: self.local.target.dbname.clone(),
             password: None,
         };
+        // The server may send a rejoin again before it has seen the first one's effect
+        // (its view of this member is a report old); a replica already streaming from
+        // the new primary is left running instead of being stopped and rewound twice.
+        let want = format!("{}:{}", upstream.host, upstream.port);
+        if let Ok(st) = probe::probe(&self.local.target, Duration::from_secs(1)).await
+            && st.role == Role::Replica
+            && st.wal_receiver_streaming
+            && st.upstream.as_deref() == Some(want.as_str())
+        {
+            return Ok(format!("already a replica streaming from {primary} at {want}"));
+        }
         let r = ops::rejoin_as_replica(&self.local, &source, upstream, REJOIN_TIMEOUT).await?;
         let rewind = if r.rewound { "rewound" } else { "no rewind needed" };
         Ok(format!("rejoined as a replica of {primary} at {}:{} ({rewind})", upstream.host, upstream.port))
@@ -524,6 +543,9 @@ pub(crate) async fn run(shared: Arc<Shared>, db: Arc<Db>) {
     tokio::pin!(stop);
     // A self-fence was reported critical and awaits its OK.
     let mut self_fenced = false;
+    // The replication timeouts were checked since the server last answered; a restart
+    // (or a rebuilt data dir) may bring other values back, so a failed probe resets it.
+    let mut timeouts_checked = db.replication_timeout_ms == 0;
     loop {
         let lease_due = db.lease_deadline();
         let probe = tokio::select! {
@@ -542,6 +564,24 @@ pub(crate) async fn run(shared: Arc<Shared>, db: Arc<Db>) {
             () = &mut stop => return,
             r = probe::probe(&db.local.target, timeout) => r,
         };
+        match &probed {
+            Ok(_) if !timeouts_checked => {
+                let ms = db.replication_timeout_ms;
+                match drover_db::ops::ensure_replication_timeouts(&db.local.target, ms, timeout).await {
+                    Ok(changed) => {
+                        timeouts_checked = true;
+                        if changed {
+                            tracing::info!(member = %db.local.name, ms, "set wal_receiver_timeout and wal_sender_timeout");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(member = %db.local.name, "replication timeouts not set (next probe retries): {e}")
+                    }
+                }
+            }
+            Err(_) if db.replication_timeout_ms != 0 => timeouts_checked = false,
+            _ => {}
+        }
         if let Ok(status) = &probed {
             let lease = db.terms().lease;
             // `lease_verdict` demotes a writable primary without any lease; the agent

@@ -132,6 +132,7 @@ async fn start_agent(server: SocketAddr, cluster: &PgCluster, member: &str) -> d
         start_options: local.start_options.clone(),
         log_file: local.log_file.clone(),
         probe_interval_ms: PROBE_MS,
+        replication_timeout_ms: 4_000,
         hooks: None,
     };
     let cfg = AgentConfig {
@@ -186,6 +187,14 @@ async fn each_agent_reports_its_local_servers_role_every_interval() {
         next_status(ws).await;
     }
     assert!(started.elapsed() < Duration::from_secs(5), "10 reports took {:?}", started.elapsed());
+
+    // Both servers run with the agent's replication timeouts (PostgreSQL's default is
+    // 60 s, which would keep a partitioned primary's replicas "streaming" for a minute).
+    for m in ["pg0", "pg1"] {
+        let sql = "SELECT string_agg(setting, ',' ORDER BY name) FROM pg_settings \
+                   WHERE name IN ('wal_receiver_timeout', 'wal_sender_timeout')";
+        assert_eq!(psql(&cluster, m, sql).await.unwrap(), "4000,4000", "{m}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,6 +10,7 @@
 //! port = 5432                            # a member's `pg_port` label overrides it
 //! max_lag_on_failover_bytes = 16777216   # async: never promote a replica further behind
 //! max_replica_lag_bytes = 16777216       # read endpoint: replicas further behind are out
+//! read_fallback_to_primary = false       # read endpoint (`db-read`): the primary when no replica is in
 //! dead_grace_ms = 3000                   # every death signal must hold this long
 //! lease_ttl_ms = 1000                    # the primary fences itself when its lease lapses
 //!
@@ -19,6 +20,7 @@
 //! data_dir = "/var/lib/postgresql/15/main"
 //! port = 5432
 //! run_as = "postgres"                    # when the agent runs as root
+//! replication_timeout_ms = 4000          # wal_receiver/sender_timeout kept on the server; 0 = leave
 //! ```
 
 use crate::resource::FieldError;
@@ -55,6 +57,9 @@ fn d_bin_dir() -> PathBuf {
 fn d_probe_interval_ms() -> u64 {
     500
 }
+fn d_replication_timeout_ms() -> u64 {
+    4_000
+}
 fn d_hook_timeout_secs() -> u64 {
     60
 }
@@ -90,6 +95,9 @@ pub struct DatabaseSpec {
     pub max_lag_on_failover_bytes: u64,
     #[serde(default = "d_lag")]
     pub max_replica_lag_bytes: u64,
+    /// The read endpoint (`db-read`) uses the primary while no replica is in rotation.
+    #[serde(default)]
+    pub read_fallback_to_primary: bool,
     #[serde(default = "d_dead_grace_ms")]
     pub dead_grace_ms: u64,
     #[serde(default = "d_status_max_age_ms")]
@@ -174,6 +182,11 @@ pub struct PostgresAgentConfig {
     pub log_file: Option<PathBuf>,
     #[serde(default = "d_probe_interval_ms")]
     pub probe_interval_ms: u64,
+    /// `wal_receiver_timeout` and `wal_sender_timeout` the agent keeps on its server, so
+    /// replicas notice a partitioned or frozen primary within this (PostgreSQL's
+    /// default, 60 s, would hold a failover that long); 0 leaves them alone.
+    #[serde(default = "d_replication_timeout_ms")]
+    pub replication_timeout_ms: u64,
     #[serde(default)]
     pub hooks: Option<DbHooksConfig>,
 }
@@ -186,6 +199,12 @@ impl PostgresAgentConfig {
         }
         if self.probe_interval_ms < 50 {
             return Err(FieldError::new("postgres.probe_interval_ms", "must be at least 50"));
+        }
+        if self.replication_timeout_ms != 0 && self.replication_timeout_ms < 1_000 {
+            return Err(FieldError::new(
+                "postgres.replication_timeout_ms",
+                "must be 0 (leave PostgreSQL's setting) or at least 1000",
+            ));
         }
         Ok(())
     }

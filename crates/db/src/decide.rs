@@ -62,6 +62,8 @@ pub struct ClusterSpec {
     pub max_lag_on_failover_bytes: u64,
     /// Read endpoint: a replica further behind than this is out of rotation (`db-replica` not OK).
     pub max_replica_lag_bytes: u64,
+    /// Read endpoint: when no replica is in rotation, `db-read` is OK on the primary.
+    pub read_fallback_to_primary: bool,
     /// In priority order: ties between candidates go to the earlier one.
     pub members: Vec<MemberSpec>,
     /// How long every death signal must hold before a failover.
@@ -648,10 +650,14 @@ pub struct RoleCheck {
 
 pub const CHECK_PRIMARY: &str = "db-primary";
 pub const CHECK_REPLICA: &str = "db-replica";
+pub const CHECK_READ: &str = "db-read";
 
 /// The role checks the proxy and DNS route by: `db-primary` OK only on the leader while
 /// it is a writable primary; `db-replica` OK on replicas streaming within
-/// `max_replica_lag_bytes` (lag as the primary sees it, else the replica's replay lag).
+/// `max_replica_lag_bytes` (lag as the primary sees it, else the replica's replay lag);
+/// `db-read` (the read endpoint's) OK where `db-replica` is, or — with
+/// `read_fallback_to_primary` and no replica in rotation — on the primary alone, so
+/// reads go on while every replica is down or too far behind.
 pub fn role_checks(spec: &ClusterSpec, obs: &Observations, leader: &LeaderRecord, now_ms: u64) -> Vec<RoleCheck> {
     let primary_status = obs.get(&leader.member).and_then(|o| current_status(o, spec, now_ms));
     let mut out = Vec::new();
@@ -686,6 +692,27 @@ pub fn role_checks(spec: &ClusterSpec, obs: &Observations, leader: &LeaderRecord
         };
         out.push(RoleCheck { member: m.name.clone(), check: CHECK_REPLICA, ok, output });
     }
+    let replica_in_rotation = out.iter().any(|c| c.check == CHECK_REPLICA && c.ok);
+    let find = |member: &str, check: &str| out.iter().find(|c| c.member == member && c.check == check);
+    let mut reads = Vec::with_capacity(spec.members.len());
+    for m in &spec.members {
+        let (Some(primary), Some(replica)) = (find(&m.name, CHECK_PRIMARY), find(&m.name, CHECK_REPLICA)) else {
+            continue;
+        };
+        let (ok, output) = if replica.ok {
+            (true, replica.output.clone())
+        } else if primary.ok && spec.read_fallback_to_primary && !replica_in_rotation {
+            (true, "the primary serves reads: no replica is in rotation".to_string())
+        } else if primary.ok && spec.read_fallback_to_primary {
+            (false, "the primary: replicas serve reads".to_string())
+        } else if primary.ok {
+            (false, "the primary (read_fallback_to_primary is off)".to_string())
+        } else {
+            (false, replica.output.clone())
+        };
+        reads.push(RoleCheck { member: m.name.clone(), check: CHECK_READ, ok, output });
+    }
+    out.extend(reads);
     out
 }
 
@@ -720,6 +747,7 @@ mod tests {
             mode,
             max_lag_on_failover_bytes: MB,
             max_replica_lag_bytes: MB,
+            read_fallback_to_primary: false,
             members: (0..3).map(|i| MemberSpec { name: format!("pg{i}"), addr: format!("10.0.0.{i}:5432") }).collect(),
             dead_grace_ms: GRACE,
             status_max_age_ms: MAX_AGE,
@@ -1207,6 +1235,26 @@ mod tests {
         assert!(check(&checks, "pg1", CHECK_REPLICA).ok);
         let pg2 = check(&checks, "pg2", CHECK_REPLICA);
         assert!(!pg2.ok && pg2.output.contains("over the"), "{pg2:?}");
+    }
+
+    #[test]
+    fn db_read_follows_db_replica_and_falls_back_to_the_primary_only_when_configured_and_no_replica_is_in() {
+        let mut o = healthy();
+        let in_rotation = |checks: &[RoleCheck]| -> Vec<String> {
+            checks.iter().filter(|c| c.check == CHECK_READ && c.ok).map(|c| c.member.clone()).collect()
+        };
+        let mut fallback = spec(Mode::Async);
+        fallback.read_fallback_to_primary = true;
+        assert_eq!(in_rotation(&role_checks(&fallback, o.observations(), &leader(&[]), 1_500)), ["pg1", "pg2"]);
+        // Both replicas stop streaming: only the fallback sends reads to the primary.
+        for r in ["pg1", "pg2"] {
+            o.agent_report(r, Ok(replica(5_000, false)), 1_000);
+        }
+        assert_eq!(in_rotation(&role_checks(&fallback, o.observations(), &leader(&[]), 1_500)), ["pg0"]);
+        let strict = role_checks(&spec(Mode::Async), o.observations(), &leader(&[]), 1_500);
+        assert!(in_rotation(&strict).is_empty(), "{strict:?}");
+        let pg0 = check(&strict, "pg0", CHECK_READ);
+        assert!(pg0.output.contains("read_fallback_to_primary is off"), "{pg0:?}");
     }
 
     #[test]

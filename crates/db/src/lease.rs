@@ -126,6 +126,7 @@ mod tests {
             mode: Mode::Sync,
             max_lag_on_failover_bytes: 0,
             max_replica_lag_bytes: 0,
+            read_fallback_to_primary: false,
             members: vec![],
             dead_grace_ms: 5_000,
             status_max_age_ms: 3_000,

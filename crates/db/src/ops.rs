@@ -86,6 +86,7 @@ pub enum Op {
     Rejoin,
     SetSynchronousStandbyNames,
     CatchUp,
+    TuneTimeouts,
     Start,
     Stop,
     Hook,
@@ -101,6 +102,7 @@ impl std::fmt::Display for Op {
             Op::Rejoin => "rejoin as replica",
             Op::SetSynchronousStandbyNames => "set synchronous_standby_names",
             Op::CatchUp => "wait for catch-up",
+            Op::TuneTimeouts => "set replication timeouts",
             Op::Start => "start",
             Op::Stop => "stop",
             Op::Hook => "hook",
@@ -445,6 +447,39 @@ pub async fn set_synchronous_standby_names(target: &PgTarget, value: &str, timeo
     within(op, "synchronous_standby_names", timeout, async {
         let client = connect(op, target, timeout).await?;
         alter_and_reload(&client, op, &[("synchronous_standby_names", Some(value))]).await
+    })
+    .await
+}
+
+/// Sets `wal_receiver_timeout` and `wal_sender_timeout` to `ms` (ALTER SYSTEM, reload)
+/// unless both already have it; true when something changed.
+///
+/// Why drover manages them: failover rule 1 waits for the replicas to say their WAL
+/// receiver stopped, and a primary that is partitioned away or frozen (not crashed)
+/// sends no reset, so at PostgreSQL's 60 s default its replicas report "streaming" for
+/// a minute. A receiver also pings its primary after half the timeout of silence, so a
+/// short value costs a little traffic on an idle cluster and nothing on a busy one. The
+/// sender side bounds how long a sync primary waits on a standby that vanished.
+pub async fn ensure_replication_timeouts(target: &PgTarget, ms: u64, timeout: Duration) -> Result<bool, OpError> {
+    let op = Op::TuneTimeouts;
+    within(op, "wal_receiver_timeout", timeout, async {
+        let client = connect(op, target, timeout).await?;
+        let rows = client
+            .query("SELECT setting FROM pg_settings WHERE name IN ('wal_receiver_timeout', 'wal_sender_timeout')", &[])
+            .await
+            .map_err(sql_err(op, "read settings"))?;
+        let want = ms.to_string();
+        if rows.len() == 2 && rows.iter().all(|r| r.get::<_, &str>(0) == want) {
+            return Ok(false);
+        }
+        let value = format!("{ms}ms");
+        alter_and_reload(
+            &client,
+            op,
+            &[("wal_receiver_timeout", Some(value.as_str())), ("wal_sender_timeout", Some(value.as_str()))],
+        )
+        .await?;
+        Ok(true)
     })
     .await
 }

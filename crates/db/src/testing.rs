@@ -16,8 +16,13 @@
 //!   `pg_rewind` refuses to run, so a killed primary can rejoin.
 //! - `cluster_name` doubles as the walreceiver's `application_name`, which is what
 //!   `synchronous_standby_names` and `pg_stat_replication` name standbys by.
-//! - Authentication is `trust` on 127.0.0.1 and the unix socket only, for the superuser
-//!   `postgres` and the replication user [`REPLICATION_USER`].
+//! - Authentication is `trust` on the unix socket and on `samenet` (the subnets the
+//!   server's own interfaces are on: loopback, or a test's network namespace link), for
+//!   the superuser `postgres` and the replication user [`REPLICATION_USER`].
+//! - A member may live on another address, in a network namespace
+//!   ([`PgClusterOptions::hosts`]), so tests can cut it off the network. The harness's
+//!   own SQL ([`PgCluster::psql`]) goes over the shared unix socket directory, which no
+//!   partition cuts: the test can always see what each server really does.
 
 use crate::ops::{LocalPg, Upstream, run_as_command};
 use crate::probe::PgTarget;
@@ -62,6 +67,16 @@ pub struct PgClusterOptions {
     /// Extra `postgresql.conf` lines for every member.
     pub extra_conf: Vec<String>,
     pub bin_dir: PathBuf,
+    /// Where each member (`pg0` first) listens and runs; empty: all on 127.0.0.1 here.
+    pub hosts: Vec<MemberHost>,
+}
+
+/// A member's address and, when it runs in a network namespace, the namespace's name
+/// (made by the test, with `addr` on one of its interfaces).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberHost {
+    pub addr: String,
+    pub netns: Option<String>,
 }
 
 impl Default for PgClusterOptions {
@@ -72,6 +87,7 @@ impl Default for PgClusterOptions {
             synchronous_commit: None,
             extra_conf: Vec::new(),
             bin_dir: PathBuf::from(DEFAULT_BIN_DIR),
+            hosts: Vec::new(),
         }
     }
 }
@@ -84,24 +100,28 @@ pub struct PgMember {
     pub data_dir: PathBuf,
     pub log_file: PathBuf,
     pub socket_dir: PathBuf,
+    /// The address it listens on (TCP).
+    pub host: String,
+    pub netns: Option<String>,
 }
 
 impl PgMember {
-    /// Superuser connection over loopback TCP (what probes and operations use).
+    /// Superuser connection over TCP (what probes and operations use).
     pub fn target(&self) -> PgTarget {
-        PgTarget::new("127.0.0.1", self.port, SUPERUSER)
+        PgTarget::new(self.host.clone(), self.port, SUPERUSER)
     }
 
     /// What a replica of this member puts in `primary_conninfo`.
     pub fn upstream(&self) -> Upstream {
-        Upstream { host: "127.0.0.1".into(), port: self.port, user: REPLICATION_USER.into(), password: None }
+        Upstream { host: self.host.clone(), port: self.port, user: REPLICATION_USER.into(), password: None }
     }
 
     /// The `postgres` command-line options that make this member itself (see module docs).
     pub fn start_options(&self) -> String {
         format!(
-            "-c port={} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c cluster_name={}",
+            "-c port={} -c listen_addresses={} -c unix_socket_directories={} -c cluster_name={}",
             self.port,
+            self.host,
             self.socket_dir.display(),
             self.name
         )
@@ -130,10 +150,16 @@ impl PgCluster {
             chown_to_postgres(root.path())?;
             chown_to_postgres(&socket_dir)?;
         }
+        if !opts.hosts.is_empty() && opts.hosts.len() != opts.replicas + 1 {
+            return Err(HarnessError::new("options", "`hosts` needs one entry per member, pg0 first"));
+        }
         let members: Vec<PgMember> = (0..=opts.replicas)
             .map(|i| {
                 let name = format!("pg{i}");
+                let host = opts.hosts.get(i).cloned();
                 Ok(PgMember {
+                    host: host.as_ref().map_or_else(|| "127.0.0.1".to_string(), |h| h.addr.clone()),
+                    netns: host.and_then(|h| h.netns),
                     port: free_port()?,
                     data_dir: root.path().join(&name),
                     log_file: root.path().join(format!("{name}.log")),
@@ -206,7 +232,7 @@ impl PgCluster {
     pub fn start_member(&self, name: &str) -> Result<(), HarnessError> {
         let m = self.member(name);
         let out = self
-            .as_postgres("pg_ctl")
+            .as_postgres_in(m.netns.as_deref(), "pg_ctl")
             .arg("-D")
             .arg(&m.data_dir)
             .arg("-l")
@@ -266,16 +292,41 @@ impl PgCluster {
         Ok(())
     }
 
+    /// SIGSTOP the postmaster and every process under it: a hung machine, not a dead
+    /// one. Its sockets stay open and nothing is reset, so peers notice only by timeouts.
+    pub fn freeze(&self, name: &str) -> Result<(), HarnessError> {
+        self.signal_all(name, nix::sys::signal::Signal::SIGSTOP)
+    }
+
+    /// SIGCONT after [`Self::freeze`].
+    pub fn thaw(&self, name: &str) -> Result<(), HarnessError> {
+        self.signal_all(name, nix::sys::signal::Signal::SIGCONT)
+    }
+
+    fn signal_all(&self, name: &str, sig: nix::sys::signal::Signal) -> Result<(), HarnessError> {
+        let pid = postmaster_pid(&self.member(name).data_dir)
+            .ok_or_else(|| HarnessError::new(format!("{sig} {name}"), "no postmaster.pid"))?;
+        let mut pids = descendants(pid);
+        pids.insert(0, pid);
+        for p in pids {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), sig);
+        }
+        Ok(())
+    }
+
     /// Whether the member's postmaster is alive.
     pub fn is_running(&self, name: &str) -> bool {
         postmaster_pid(&self.member(name).data_dir).is_some_and(alive)
     }
 
-    /// Runs SQL as the superuser through `psql` and returns its unaligned, tuples-only output.
+    /// Runs SQL as the superuser through `psql` and returns its unaligned, tuples-only
+    /// output. It goes over the unix socket, so it reaches a member cut off the network.
     pub fn psql(&self, name: &str, sql: &str) -> Result<String, HarnessError> {
         let m = self.member(name);
         let out = Command::new(self.bin_dir.join("psql"))
-            .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-U", SUPERUSER, "-d"])
+            .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-U", SUPERUSER, "-h"])
+            .arg(&m.socket_dir)
+            .arg("-d")
             .arg("postgres")
             .arg("-p")
             .arg(m.port.to_string())
@@ -362,7 +413,7 @@ impl PgCluster {
         conf.extend(opts.extra_conf.iter().cloned());
         append(&m.data_dir.join("postgresql.conf"), &format!("\n# drover-db test harness\n{}\n", conf.join("\n")))?;
         let hba = "local all all trust\nlocal replication all trust\n\
-                   host all all 127.0.0.1/32 trust\nhost replication all 127.0.0.1/32 trust\n";
+                   host all all samenet trust\nhost replication all samenet trust\n";
         std::fs::write(m.data_dir.join("pg_hba.conf"), hba).map_err(|e| HarnessError::new("pg_hba.conf", e.to_string()))
     }
 
@@ -371,7 +422,7 @@ impl PgCluster {
         let src = self.member(from);
         let out = self
             .as_postgres("pg_basebackup")
-            .args(["-h", "127.0.0.1", "-U", REPLICATION_USER, "-p", &src.port.to_string(), "-D"])
+            .args(["-h", &src.host, "-U", REPLICATION_USER, "-p", &src.port.to_string(), "-D"])
             .arg(&m.data_dir)
             .args(["-R", "-X", "stream", "-c", "fast", "--no-sync"])
             .output()
@@ -380,6 +431,17 @@ impl PgCluster {
             return Err(HarnessError::new(format!("pg_basebackup {name}"), String::from_utf8_lossy(&out.stderr)));
         }
         Ok(())
+    }
+
+    /// [`Self::as_postgres`], inside the member's network namespace when it has one, so
+    /// the server it starts lives there (its children inherit the namespace).
+    fn as_postgres_in(&self, netns: Option<&str>, tool: &str) -> Command {
+        let inner = self.as_postgres(tool);
+        let Some(ns) = netns else { return inner };
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns]).arg(inner.get_program()).args(inner.get_args());
+        cmd.current_dir(self.root.path());
+        cmd
     }
 
     fn as_postgres(&self, tool: &str) -> Command {

@@ -38,6 +38,7 @@ async fn kill9_of_the_sync_primary_fails_over_without_losing_an_acknowledged_wri
         mode: Mode::Sync,
         max_lag_on_failover_bytes: 1 << 20,
         max_replica_lag_bytes: 1 << 20,
+        read_fallback_to_primary: false,
         members: c
             .members()
             .iter()

@@ -17,6 +17,7 @@ async fn switchover_under_load_loses_no_acknowledged_write_and_everyone_follows_
         mode: Mode::Async,
         max_lag_on_failover_bytes: 16 << 20,
         max_replica_lag_bytes: 16 << 20,
+        read_fallback_to_primary: false,
         members: c
             .members()
             .iter()

@@ -2,11 +2,14 @@
 //! replicas), a drover agent beside each with `[postgres]`, a real server with
 //! `[databases.main]`, and a proxy fed by the server whose write endpoint follows
 //! `db-primary` (`close_on_leave`), driven by `psql` as an application would be.
+//! A fed name server answers the endpoints' names. The partition test puts each member
+//! (its PostgreSQL and its agent) on its own test host, a network namespace on a bridge,
+//! and cuts the primary's link.
 
 mod common;
 
 use common::{Proc, Server, free_port, wait_for};
-use drover_db::testing::{PgCluster, PgClusterOptions};
+use drover_db::testing::{MemberHost, PgCluster, PgClusterOptions};
 use std::collections::BTreeSet;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,7 +25,104 @@ replication_user = "replicator"
 dead_grace_ms = 2000
 lease_ttl_ms = 500
 status_max_age_ms = 2000
+read_fallback_to_primary = true
 "#;
+
+const DNS_CONFIG: &str = r#"
+[[zones]]
+origin = "db.test."
+soa = { mname = "ns1", rname = "hostmaster" }
+records = [{ name = "ns1", type = "A", data = "192.0.2.1" }]
+
+[[pools]]
+name = "write.main.db.test."
+subscription = "pg"
+checks = ["db-primary"]
+when_none_healthy = "none"
+
+[[pools]]
+name = "read.main.db.test."
+subscription = "pg"
+checks = ["db-read"]
+when_none_healthy = "none"
+"#;
+
+fn dig_a(port: u16, name: &str) -> Vec<String> {
+    let out = Command::new("dig")
+        .args(["@127.0.0.1", "-p", &port.to_string(), "+norec", "+time=1", "+tries=1", "+short", name, "A"])
+        .output()
+        .expect("dig is installed (scripts/test.sh)");
+    let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
+    v.sort();
+    v
+}
+
+/// Test hosts: a bridge on this side (server, proxy, name server and test) and one
+/// network namespace per member with a veth on the bridge. Removed on drop, also when
+/// the test fails.
+struct Hosts {
+    id: u32,
+    bridge: String,
+    netns: Vec<String>,
+    links: Vec<String>,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("ip (iproute2) is installed");
+    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+impl Hosts {
+    fn build(n: usize) -> Hosts {
+        let id = std::process::id() % 200 + 20;
+        let mut h = Hosts { id, bridge: format!("drb{id}"), netns: vec![], links: vec![] };
+        ip(&["link", "add", &h.bridge, "type", "bridge"]);
+        ip(&["addr", "add", &format!("{}/24", h.gateway()), "dev", &h.bridge]);
+        ip(&["link", "set", &h.bridge, "up"]);
+        for i in 0..n {
+            let ns = format!("drover-pg-{}-{i}", std::process::id());
+            ip(&["netns", "add", &ns]);
+            h.netns.push(ns.clone());
+            let (host_if, ns_if) = (format!("drv{id}h{i}"), format!("drv{id}n{i}"));
+            ip(&["link", "add", &host_if, "type", "veth", "peer", "name", &ns_if]);
+            h.links.push(host_if.clone());
+            ip(&["link", "set", &ns_if, "netns", &ns]);
+            ip(&["link", "set", &host_if, "master", &h.bridge]);
+            ip(&["link", "set", &host_if, "up"]);
+            ip(&["-n", &ns, "addr", "add", &format!("{}/24", h.addr(i)), "dev", &ns_if]);
+            ip(&["-n", &ns, "link", "set", &ns_if, "up"]);
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        }
+        h
+    }
+
+    /// This side's address on the bridge.
+    fn gateway(&self) -> String {
+        format!("10.160.{}.1", self.id)
+    }
+
+    fn addr(&self, i: usize) -> String {
+        format!("10.160.{}.{}", self.id, 10 + i)
+    }
+
+    /// Host `i` loses its only link: nothing in or out, and no reset for anyone.
+    fn cut(&self, i: usize) {
+        ip(&["link", "set", &self.links[i], "down"]);
+    }
+
+    fn heal(&self, i: usize) {
+        ip(&["link", "set", &self.links[i], "up"]);
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for n in &self.netns {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+        let _ = Command::new("ip").args(["link", "del", &self.bridge]).status();
+    }
+}
 
 /// One statement through the proxy's write endpoint, as a client would send it.
 fn psql(port: u16, sql: &str) -> Result<String, String> {
@@ -39,31 +139,52 @@ fn psql(port: u16, sql: &str) -> Result<String, String> {
     }
 }
 
-fn proxy_config(port: u16) -> String {
-    format!(
-        "[[listeners]]\nname = \"write\"\nbind = \"127.0.0.1:{port}\"\nprotocol = \"tcp\"\nservice = \"primary\"\n\n\
-         [services.primary]\nmembers = {{ subscription = \"pg\", port = 5432, checks = [\"db-primary\"], port_label = \"pg_port\" }}\n\
-         close_on_leave = true\nretries = 0\n"
-    )
+fn proxy_config(write_port: u16, read_port: u16) -> String {
+    let mut out = String::new();
+    for (name, port, check) in [("write", write_port, "db-primary"), ("read", read_port, "db-read")] {
+        out += &format!(
+            "[[listeners]]\nname = \"{name}\"\nbind = \"127.0.0.1:{port}\"\nprotocol = \"tcp\"\nservice = \"{name}\"\n\n\
+             [services.{name}]\nmembers = {{ subscription = \"pg\", port = 5432, checks = [\"{check}\"], port_label = \"pg_port\" }}\n\
+             close_on_leave = true\nretries = 0\n\n"
+        );
+    }
+    out
 }
 
-/// A cluster under drover: PostgreSQL, an agent per member, a server, a fed proxy.
+/// A cluster under drover: PostgreSQL, an agent per member, a server, a fed proxy
+/// (write and read endpoints) and a fed name server (their names). Field order is drop
+/// order: drover processes before PostgreSQL, test hosts last.
 struct Fixture {
-    c: PgCluster,
-    srv: Server,
     _agents: Vec<Proc>,
     _proxy: Proc,
+    _dns: Proc,
+    srv: Server,
+    c: PgCluster,
     write_port: u16,
+    read_port: u16,
+    dns_port: u16,
     _dir: tempfile::TempDir,
 }
 
 fn fixture() -> Fixture {
+    fixture_on(None)
+}
+
+/// With `hosts`, each member and its agent run in their own namespace and the server
+/// listens on the bridge; otherwise everything is on loopback.
+fn fixture_on(hosts: Option<&Hosts>) -> Fixture {
     let c = PgCluster::start(PgClusterOptions {
         synchronous_standby_names: Some("FIRST 1 (pg1, pg2)".into()),
+        hosts: hosts
+            .map(|h| (0..3).map(|i| MemberHost { addr: h.addr(i), netns: Some(h.netns[i].clone()) }).collect())
+            .unwrap_or_default(),
         ..Default::default()
     })
     .expect("a PostgreSQL 15 cluster (scripts/test.sh installs postgresql-15)");
-    let srv = Server::start(&[("db.toml", DB_CONFIG)]);
+    let srv = match hosts {
+        Some(h) => Server::start_on(&h.gateway(), &[("db.toml", DB_CONFIG)]),
+        None => Server::start(&[("db.toml", DB_CONFIG)]),
+    };
     let ka = ["--keepalive-interval-secs", "1", "--keepalive-warning-secs", "3", "--keepalive-critical-secs", "5"];
     let mut agents = Vec::new();
     for m in c.members() {
@@ -71,7 +192,8 @@ fn fixture() -> Fixture {
         std::fs::write(
             &cfg,
             format!(
-                "[postgres]\ncluster = \"main\"\nport = {}\ndata_dir = {:?}\nrun_as = \"postgres\"\nstart_options = {:?}\nlog_file = {:?}\nprobe_interval_ms = 200\n",
+                "[postgres]\ncluster = \"main\"\nhost = {:?}\nport = {}\ndata_dir = {:?}\nrun_as = \"postgres\"\nstart_options = {:?}\nlog_file = {:?}\nprobe_interval_ms = 200\n",
+                m.host,
                 m.port,
                 m.data_dir.display().to_string(),
                 m.start_options(),
@@ -80,14 +202,34 @@ fn fixture() -> Fixture {
         )
         .unwrap();
         let label = format!("pg_port={}", m.port);
-        let mut extra = vec!["--config", cfg.to_str().unwrap(), "--address", "127.0.0.1", "--label", &label];
+        let mut extra = vec!["--config", cfg.to_str().unwrap(), "--address", &m.host, "--label", &label];
         extra.extend(ka);
-        agents.push(srv.agent(&m.name, "pg", &extra));
+        let agent = match &m.netns {
+            None => srv.agent(&m.name, "pg", &extra),
+            Some(ns) => {
+                let log = srv.dir.path().join(format!("agent-{}.log", m.name));
+                let out = std::fs::File::create(&log).unwrap();
+                let ws = srv.ws_url();
+                let child = Command::new("ip")
+                    .args(["netns", "exec", ns, common::drover_bin(), "agent", "--server", &ws, "--name", &m.name])
+                    .args(["--token", common::AGENT, "--api-listen", "", "--subscriptions", "pg"])
+                    .args(&extra)
+                    .env("RUST_LOG", "info")
+                    .stdin(std::process::Stdio::null())
+                    .stdout(out.try_clone().unwrap())
+                    .stderr(out)
+                    .spawn()
+                    .unwrap();
+                // `ip netns exec` execs the agent, so this pid is the agent's.
+                Proc { child, log }
+            }
+        };
+        agents.push(agent);
     }
-    let write_port = free_port();
+    let (write_port, read_port) = (free_port(), free_port());
     let dir = tempfile::tempdir().unwrap();
     let pcfg = dir.path().join("proxy.toml");
-    std::fs::write(&pcfg, proxy_config(write_port)).unwrap();
+    std::fs::write(&pcfg, proxy_config(write_port, read_port)).unwrap();
     let url = srv.url();
     let state = dir.path().join("members.json");
     let proxy = Proc::spawn(
@@ -104,24 +246,46 @@ fn fixture() -> Fixture {
         ],
         dir.path().join("proxy.log"),
     );
+    let dns_port = free_port();
+    let dcfg = dir.path().join("dns.toml");
+    std::fs::write(&dcfg, DNS_CONFIG).unwrap();
+    let dns_state = dir.path().join("dns-members.json");
+    let dns_listen = format!("127.0.0.1:{dns_port}");
+    let dns = Proc::spawn(
+        &[
+            "dns",
+            "--config",
+            dcfg.to_str().unwrap(),
+            "--listen",
+            &dns_listen,
+            "--server",
+            &url,
+            "--token",
+            common::AGENT,
+            "--state-file",
+            dns_state.to_str().unwrap(),
+        ],
+        dir.path().join("dns.log"),
+    );
     wait_for(Duration::from_secs(30), "pg0 leads and the write endpoint reaches it", || {
         let (_, v) = srv.get("/api/v1/databases/main");
         (v["leader"]["member"] == "pg0" && psql(write_port, "SELECT 1").ok()? == "1").then_some(())
     });
     psql(write_port, "CREATE TABLE t (id bigint PRIMARY KEY)").unwrap();
-    Fixture { c, srv, _agents: agents, _proxy: proxy, write_port, _dir: dir }
+    Fixture { _agents: agents, _proxy: proxy, _dns: dns, srv, c, write_port, read_port, dns_port, _dir: dir }
 }
 
 /// An application writing through the endpoint, recording each acknowledged id.
 struct Writer {
-    acked: Arc<Mutex<Vec<(u64, Instant)>>>,
+    /// (id, when its INSERT was sent, when it was acknowledged).
+    acked: Arc<Mutex<Vec<(u64, Instant, Instant)>>>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Writer {
     fn start(write_port: u16) -> Writer {
-        let acked = Arc::new(Mutex::new(Vec::<(u64, Instant)>::new()));
+        let acked = Arc::new(Mutex::new(Vec::<(u64, Instant, Instant)>::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let (acked, stop) = (acked.clone(), stop.clone());
@@ -129,8 +293,9 @@ impl Writer {
                 let mut id = 0u64;
                 while !stop.load(Ordering::SeqCst) {
                     id += 1;
+                    let sent = Instant::now();
                     if psql(write_port, &format!("INSERT INTO t VALUES ({id})")).is_ok() {
-                        acked.lock().unwrap().push((id, Instant::now()));
+                        acked.lock().unwrap().push((id, sent, Instant::now()));
                     } else {
                         std::thread::sleep(Duration::from_millis(20));
                     }
@@ -141,7 +306,13 @@ impl Writer {
     }
 
     fn acked_since(&self, t: Instant) -> usize {
-        self.acked.lock().unwrap().iter().filter(|(_, at)| *at > t).count()
+        self.acked.lock().unwrap().iter().filter(|(_, _, at)| *at > t).count()
+    }
+
+    /// When the first write sent after `t` was acknowledged (one sent before `t` may be
+    /// acknowledged just after it, by the server that was about to fail).
+    fn first_ack_of_a_write_sent_after(&self, t: Instant) -> Option<Instant> {
+        self.acked.lock().unwrap().iter().find(|(_, sent, _)| *sent > t).map(|(_, _, at)| *at)
     }
 
     /// Stops writing; every acknowledged id.
@@ -150,7 +321,24 @@ impl Writer {
         if let Some(t) = self.thread.take() {
             t.join().unwrap();
         }
-        self.acked.lock().unwrap().iter().map(|(id, _)| *id).collect()
+        self.acked.lock().unwrap().iter().map(|(id, _, _)| *id).collect()
+    }
+}
+
+impl Drop for Writer {
+    // A failed test must not leave the thread writing for the rest of the binary's tests.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Sets the flag when dropped, also while a panic unwinds, so a scoped thread that
+/// watches it ends and the scope can report the panic instead of waiting forever.
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
     }
 }
 
@@ -172,7 +360,7 @@ fn kill9_of_the_primary_moves_writes_to_a_replica_loses_no_acknowledged_write_an
     let killed = Instant::now();
     c.kill9("pg0").unwrap();
     let resumed = wait_for(Duration::from_secs(60), "writes acknowledged again after the kill", || {
-        writer.acked.lock().unwrap().iter().find(|(_, at)| *at > killed).map(|(_, at)| *at)
+        writer.first_ack_of_a_write_sent_after(killed)
     });
     let outage = resumed.duration_since(killed);
     wait_for(t, "a few writes on the new primary", || (writer.acked_since(killed) >= 10).then_some(()));
@@ -224,4 +412,161 @@ fn switchover_moves_the_primary_to_the_named_replica_with_no_lost_write() {
     assert!(lost.is_empty(), "a switchover lost acknowledged writes: {lost:?}");
     c.wait_streaming("pg0", "pg2", Duration::from_secs(60))
         .unwrap_or_else(|e| panic!("pg0 does not follow pg2: {e}\n{}", c.log_tail("pg0", 20)));
+}
+
+#[test]
+fn a_frozen_primary_is_replaced_within_seconds_and_never_writable_again_when_it_wakes() {
+    let f = fixture();
+    let (c, srv) = (&f.c, &f.srv);
+    let t = Duration::from_secs(30);
+    wait_for(t, "replication timeouts set by the agents", || {
+        let sql = "SELECT setting FROM pg_settings WHERE name = 'wal_receiver_timeout'";
+        c.members().iter().all(|m| c.psql(&m.name, sql).is_ok_and(|v| v == "4000")).then_some(())
+    });
+    let writer = Writer::start(f.write_port);
+    wait_for(t, "writes flowing", || {
+        (writer.acked_since(Instant::now() - Duration::from_secs(3600)) >= 20).then_some(())
+    });
+
+    // pg0 hangs (its agent does not): connections to it stay open and go silent.
+    let frozen = Instant::now();
+    c.freeze("pg0").unwrap();
+    let resumed = wait_for(Duration::from_secs(60), "writes acknowledged again after the freeze", || {
+        writer.first_ack_of_a_write_sent_after(frozen)
+    });
+    eprintln!("frozen primary -> writes acknowledged again through the proxy after {:?}", resumed - frozen);
+    // The replicas' WAL receivers give up after replication_timeout_ms (4 s), then
+    // dead_grace_ms (2 s) holds: well under PostgreSQL's own 60 s receiver timeout.
+    assert!(resumed - frozen < Duration::from_secs(20), "took {:?}", resumed - frozen);
+    let (_, v) = srv.get("/api/v1/databases/main");
+    let new = v["leader"]["member"].as_str().unwrap().to_string();
+    assert!(new == "pg1" || new == "pg2", "a replica leads now: {v}");
+    wait_for(t, "a few writes on the new primary", || (writer.acked_since(resumed) >= 10).then_some(()));
+
+    // It wakes up: whatever it was doing, it never takes writes again as a primary.
+    c.thaw("pg0").unwrap();
+    let woke = Instant::now();
+    while woke.elapsed() < Duration::from_secs(10) {
+        let w = writable_members(c);
+        assert_eq!(w, std::slice::from_ref(&new), "only the new primary accepts writes after pg0 wakes");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let acked = writer.finish();
+    let lost = lost_writes(c, &new, &acked);
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    c.wait_streaming("pg0", &new, Duration::from_secs(90))
+        .unwrap_or_else(|e| panic!("pg0 did not rejoin as a replica of {new}: {e}\n{}", c.log_tail("pg0", 30)));
+}
+
+/// Which members accept writes right now, asked over each server's unix socket (which no
+/// partition cuts), so this is the truth, not what any endpoint shows. A server that does
+/// not answer accepts nothing.
+fn writable_members(c: &PgCluster) -> Vec<String> {
+    let sql = "SELECT NOT pg_is_in_recovery() AND current_setting('default_transaction_read_only') = 'off'";
+    c.members().iter().filter(|m| c.psql(&m.name, sql).is_ok_and(|v| v == "t")).map(|m| m.name.clone()).collect()
+}
+
+#[test]
+fn a_partitioned_primary_fences_itself_its_clients_are_cut_off_and_there_are_never_two_writable_primaries() {
+    let hosts = Hosts::build(3);
+    let f = fixture_on(Some(&hosts));
+    let (c, srv) = (&f.c, &f.srv);
+    let t = Duration::from_secs(30);
+    let name_of = |addr: &str| (0..3).find(|&i| hosts.addr(i) == addr).map(|i| format!("pg{i}"));
+
+    // Before: the names and endpoints point where they should.
+    wait_for(t, "write.main.db.test names pg0", || {
+        (dig_a(f.dns_port, "write.main.db.test") == [hosts.addr(0)]).then_some(())
+    });
+    wait_for(t, "read.main.db.test names both replicas", || {
+        (dig_a(f.dns_port, "read.main.db.test") == [hosts.addr(1), hosts.addr(2)]).then_some(())
+    });
+    assert_eq!(psql(f.read_port, "SELECT pg_is_in_recovery()").unwrap(), "t", "the read endpoint reaches a replica");
+    wait_for(t, "replication timeouts set by the agents", || {
+        let sql = "SELECT setting FROM pg_settings WHERE name = 'wal_receiver_timeout'";
+        c.members().iter().all(|m| c.psql(&m.name, sql).is_ok_and(|v| v == "4000")).then_some(())
+    });
+
+    // A client session held open through the write endpoint, on pg0.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let held = drover_db::probe::PgTarget::new("127.0.0.1", f.write_port, "postgres");
+    let held = rt.block_on(held.connect(Duration::from_secs(5))).expect("a session through the write endpoint");
+    let who = rt.block_on(held.simple_query("SELECT current_setting('cluster_name')")).unwrap();
+    assert!(format!("{who:?}").contains("pg0"), "{who:?}");
+
+    let writer = Writer::start(f.write_port);
+    wait_for(t, "writes flowing", || {
+        (writer.acked_since(Instant::now() - Duration::from_secs(3600)) >= 20).then_some(())
+    });
+
+    // Watch every server's own answer for the rest of the test.
+    let stop = AtomicBool::new(false);
+    let (watch, outage) = std::thread::scope(|s| {
+        let watcher = s.spawn(|| {
+            let mut worst: Vec<String> = vec![];
+            let mut samples = 0u32;
+            while !stop.load(Ordering::SeqCst) {
+                let w = writable_members(c);
+                if w.len() > worst.len() {
+                    worst = w;
+                }
+                samples += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            (worst, samples)
+        });
+
+        let _stop_watcher = SetOnDrop(&stop);
+        let cut = Instant::now();
+        hosts.cut(0);
+
+        // pg0, alone, loses its lease and fences itself well before anyone is promoted.
+        wait_for(Duration::from_secs(15), "pg0 stops accepting writes", || {
+            (!writable_members(c).contains(&"pg0".to_string())).then_some(())
+        });
+        let fenced = cut.elapsed();
+        let resumed = wait_for(Duration::from_secs(60), "writes acknowledged again through the endpoint", || {
+            writer.first_ack_of_a_write_sent_after(cut)
+        });
+        eprintln!(
+            "partition of the primary: pg0 fenced itself after {fenced:?}, writes back after {:?}",
+            resumed - cut
+        );
+        let (_, v) = srv.get("/api/v1/databases/main");
+        let new = v["leader"]["member"].as_str().unwrap().to_string();
+        assert!(new == "pg1" || new == "pg2", "a replica leads now: {v}");
+        let new_addr = c.member(&new).host.clone();
+
+        // The held session was on pg0: the proxy cut it (an error, not a hang, and never
+        // an answer from the cut-off primary).
+        let r =
+            rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), held.simple_query("SELECT 1")).await });
+        assert!(matches!(r, Ok(Err(_))), "the held session was not closed: {r:?}");
+
+        // The names moved: the write name to the new primary, the read name to the replica left.
+        wait_for(t, "write.main.db.test names the new primary", || {
+            (dig_a(f.dns_port, "write.main.db.test") == [new_addr.clone()]).then_some(())
+        });
+        let other = if new == "pg1" { "pg2" } else { "pg1" };
+        wait_for(t, "read.main.db.test names the other replica", || {
+            let a = dig_a(f.dns_port, "read.main.db.test");
+            (a.len() == 1 && name_of(&a[0]).as_deref() == Some(other)).then_some(())
+        });
+
+        wait_for(t, "a few writes on the new primary", || (writer.acked_since(resumed) >= 10).then_some(()));
+        let acked = writer.finish();
+        let lost = lost_writes(c, &new, &acked);
+        assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+
+        // The partition heals: pg0 comes back only as a replica of the new primary.
+        hosts.heal(0);
+        c.wait_streaming("pg0", &new, Duration::from_secs(90))
+            .unwrap_or_else(|e| panic!("pg0 did not rejoin as a replica of {new}: {e}\n{}", c.log_tail("pg0", 30)));
+        stop.store(true, Ordering::SeqCst);
+        (watcher.join().unwrap(), resumed - cut)
+    });
+    let (worst, samples) = watch;
+    assert!(samples > 20, "the watcher sampled only {samples} times");
+    assert!(worst.len() <= 1, "two writable primaries at once: {worst:?} (outage {outage:?})");
+    assert_eq!(c.psql("pg0", "SELECT pg_is_in_recovery()").unwrap(), "t");
 }

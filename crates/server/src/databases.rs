@@ -120,6 +120,11 @@ const TICK: Duration = Duration::from_millis(250);
 const DIRECT_PROBE_TIMEOUT: Duration = Duration::from_millis(800);
 const ORDER_TIMEOUT: Duration = Duration::from_secs(15);
 const REJOIN_TIMEOUT: Duration = Duration::from_secs(120);
+/// After reconcile steps, how long before the next reconciliation may start.
+const RECONCILE_SETTLE: Duration = Duration::from_secs(1);
+/// How long a failover waits for the old primary's agent to confirm a fence, when the
+/// agent is still reporting; a silent one is not waited for.
+const FENCE_WAIT: Duration = Duration::from_secs(3);
 /// Re-published even without a change, so a role check never looks stale.
 const ROLE_REFRESH_MS: i64 = 30_000;
 
@@ -178,6 +183,11 @@ impl Orderer {
         if !self.sessions.send(member, frame) {
             self.state.databases.forget_order(id);
             tracing::warn!(cluster = %self.spec.name, member, "order not sent: the agent is not connected");
+            return false;
+        }
+        if timeout.is_zero() {
+            self.state.databases.forget_order(id);
+            tracing::info!(cluster = %self.spec.name, member, "order sent; not waiting for an answer");
             return false;
         }
         match tokio::time::timeout(timeout, rx).await {
@@ -260,6 +270,7 @@ impl Cluster {
             },
             max_lag_on_failover_bytes: self.spec.max_lag_on_failover_bytes,
             max_replica_lag_bytes: self.spec.max_replica_lag_bytes,
+            read_fallback_to_primary: self.spec.read_fallback_to_primary,
             members: self
                 .spec
                 .members
@@ -466,11 +477,23 @@ impl Cluster {
                 Step::FenceProxy { member } => {
                     self.publish(member, decide::CHECK_PRIMARY, false, format!("fenced at term {term}"), true);
                     self.publish(member, decide::CHECK_REPLICA, false, format!("fenced at term {term}"), true);
+                    self.publish(member, decide::CHECK_READ, false, format!("fenced at term {term}"), true);
                     true
                 }
                 Step::FenceAgent { member } => {
-                    // Best effort: a gone agent fences itself when its lease lapses.
-                    let _ = self.order(member, term, step, Duration::from_secs(3)).await;
+                    // Best effort: a gone agent fences itself when its lease lapses. One
+                    // that has gone silent (a partition leaves its connection looking
+                    // open) cannot answer, so waiting for it would only delay the promotion.
+                    let t = now();
+                    let silent = match self.observer.observations().get(member).map(|o| &o.agent) {
+                        Some(decide::AgentView::Up { at_ms, .. }) => {
+                            t.saturating_sub(*at_ms) > self.spec.status_max_age_ms
+                        }
+                        Some(decide::AgentView::LocalDown { .. }) => false,
+                        _ => true,
+                    };
+                    let wait = if silent { Duration::ZERO } else { FENCE_WAIT };
+                    let _ = self.order(member, term, step, wait).await;
                     true
                 }
                 Step::PublishRoles { primary, replicas } => {
@@ -593,6 +616,9 @@ impl Cluster {
                     break;
                 }
             }
+            // The observations that asked for these steps predate them; let the agents'
+            // next reports (sent right after each order) arrive before judging again.
+            tokio::time::sleep(RECONCILE_SETTLE).await;
             busy.store(false, Ordering::SeqCst);
         });
     }
