@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Proc, Server, free_port, wait_for};
+use common::{Proc, Server, dig_short, free_port, ip, wait_for};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -18,16 +18,6 @@ name = "web.example.test."
 subscription = "web"
 when_none_healthy = "none"
 "#;
-
-fn dig_short(addr: &str, port: u16, name: &str, rtype: &str) -> Vec<String> {
-    let out = Command::new("dig")
-        .args([&format!("@{addr}"), "-p", &port.to_string(), "+norec", "+time=1", "+tries=1", "+short", name, rtype])
-        .output()
-        .expect("dig is installed (scripts/test.sh)");
-    let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
-    v.sort();
-    v
-}
 
 fn dns_proc(dir: &std::path::Path, extra: &[&str]) -> (Proc, u16) {
     let port = free_port();
@@ -93,11 +83,6 @@ impl Drop for Netns {
             let _ = Command::new("ip").args(["netns", "del", n]).status();
         }
     }
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("ip (iproute2) is installed");
-    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]

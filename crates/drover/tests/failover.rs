@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{Proc, Server, free_port, wait_for};
+use common::{Proc, Server, dig_short, free_port, ip, wait_for};
 use drover_db::testing::{MemberHost, PgCluster, PgClusterOptions};
 use std::collections::BTreeSet;
 use std::process::Command;
@@ -48,13 +48,7 @@ when_none_healthy = "none"
 "#;
 
 fn dig_a(port: u16, name: &str) -> Vec<String> {
-    let out = Command::new("dig")
-        .args(["@127.0.0.1", "-p", &port.to_string(), "+norec", "+time=1", "+tries=1", "+short", name, "A"])
-        .output()
-        .expect("dig is installed (scripts/test.sh)");
-    let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
-    v.sort();
-    v
+    dig_short("127.0.0.1", port, name, "A")
 }
 
 /// Test hosts: a bridge on this side (server, proxy, name server and test) and one
@@ -65,11 +59,6 @@ struct Hosts {
     bridge: String,
     netns: Vec<String>,
     links: Vec<String>,
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("ip (iproute2) is installed");
-    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 impl Hosts {

@@ -281,3 +281,20 @@ impl Server {
 pub fn status(ev: &Value) -> i64 {
     ev["status"].as_i64().unwrap_or(-1)
 }
+
+/// `dig +short` against `addr:port`, lines sorted (answers are shuffled).
+pub fn dig_short(addr: &str, port: u16, name: &str, rtype: &str) -> Vec<String> {
+    let out = Command::new("dig")
+        .args([&format!("@{addr}"), "-p", &port.to_string(), "+norec", "+time=1", "+tries=1", "+short", name, rtype])
+        .output()
+        .expect("dig is installed (scripts/test.sh)");
+    let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
+    v.sort();
+    v
+}
+
+/// `ip ARGS` (iproute2), for tests that build network namespaces; panics on failure.
+pub fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("ip (iproute2) is installed");
+    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
