@@ -153,7 +153,14 @@ struct Fixture {
     read_port: u16,
     dns_port: u16,
     _dir: tempfile::TempDir,
+    /// Held for the fixture's life, released after everything above is gone.
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
+
+/// One cluster at a time: four of them (twelve PostgreSQL servers with their agents
+/// and writers) at once starved a 2-core CI machine into timeouts that are not the
+/// behaviour under test.
+static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn fixture() -> Fixture {
     fixture_on(None)
@@ -162,6 +169,8 @@ fn fixture() -> Fixture {
 /// With `hosts`, each member and its agent run in their own namespace and the server
 /// listens on the bridge; otherwise everything is on loopback.
 fn fixture_on(hosts: Option<&Hosts>) -> Fixture {
+    // A failed test poisons the lock; the next one may still run.
+    let serial = ONE_CLUSTER_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let c = PgCluster::start(PgClusterOptions {
         synchronous_standby_names: Some("FIRST 1 (pg1, pg2)".into()),
         hosts: hosts
@@ -261,7 +270,18 @@ fn fixture_on(hosts: Option<&Hosts>) -> Fixture {
         (v["leader"]["member"] == "pg0" && psql(write_port, "SELECT 1").ok()? == "1").then_some(())
     });
     psql(write_port, "CREATE TABLE t (id bigint PRIMARY KEY)").unwrap();
-    Fixture { _agents: agents, _proxy: proxy, _dns: dns, srv, c, write_port, read_port, dns_port, _dir: dir }
+    Fixture {
+        _agents: agents,
+        _proxy: proxy,
+        _dns: dns,
+        srv,
+        c,
+        write_port,
+        read_port,
+        dns_port,
+        _dir: dir,
+        _serial: serial,
+    }
 }
 
 /// An application writing through the endpoint, recording each acknowledged id.
