@@ -122,6 +122,8 @@ const ORDER_TIMEOUT: Duration = Duration::from_secs(15);
 const REJOIN_TIMEOUT: Duration = Duration::from_secs(120);
 /// After reconcile steps, how long before the next reconciliation may start.
 const RECONCILE_SETTLE: Duration = Duration::from_secs(1);
+/// How long after a failed rejoin before the member is tried again.
+const REJOIN_RETRY: Duration = Duration::from_secs(60);
 /// How long a failover waits for the old primary's agent to confirm a fence, when the
 /// agent is still reporting; a silent one is not waited for.
 const FENCE_WAIT: Duration = Duration::from_secs(3);
@@ -130,6 +132,39 @@ const ROLE_REFRESH_MS: i64 = 30_000;
 
 fn leader_key(cluster: &str) -> String {
     format!("/drover/databases/{cluster}/leader")
+}
+
+/// Drops the steps for members whose last rejoin failed less than `REJOIN_RETRY` ago:
+/// the rejoin, the event announcing it (which follows it) and the proxy fence before it
+/// (the member is fenced already). Each try would stop the server again and raise an
+/// event, and a failed pg_rewind fails the same way on every tick.
+fn without_backed_off_rejoins(steps: Vec<Step>, failed: &HashMap<String, std::time::Instant>) -> Vec<Step> {
+    if failed.is_empty() {
+        return steps;
+    }
+    let backed_off = |s: &Step| match s {
+        Step::Rejoin { member, .. } => failed.contains_key(member),
+        _ => false,
+    };
+    let mut out = Vec::with_capacity(steps.len());
+    let mut i = 0;
+    while i < steps.len() {
+        let fence_then_rejoin = matches!(&steps[i], Step::FenceProxy { member } if failed.contains_key(member))
+            && steps.get(i + 1).is_some_and(backed_off);
+        if fence_then_rejoin {
+            i += 1;
+        }
+        if backed_off(&steps[i]) {
+            i += 1;
+            if matches!(steps.get(i), Some(Step::RecordEvent { .. })) {
+                i += 1;
+            }
+            continue;
+        }
+        out.push(steps[i].clone());
+        i += 1;
+    }
+    out
 }
 
 fn now() -> u64 {
@@ -231,6 +266,10 @@ struct Cluster {
     lease_to: Arc<Mutex<Option<LeaderRecord>>>,
     /// A background reconciliation (rejoin, repoint) is running.
     reconciling: Arc<std::sync::atomic::AtomicBool>,
+    /// Members whose last rejoin failed, and when: not retried before
+    /// `REJOIN_RETRY` (a failed pg_rewind fails the same way every tick, and each try
+    /// stops the server and raises an event).
+    rejoin_failed: Arc<Mutex<HashMap<String, std::time::Instant>>>,
     observer: Observer,
     /// The `at_ms` of the last report fed to the observer, per member.
     fed: HashMap<String, i64>,
@@ -250,6 +289,7 @@ impl Cluster {
             orders,
             lease_to: Arc::new(Mutex::new(None)),
             reconciling: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            rejoin_failed: Arc::new(Mutex::new(HashMap::new())),
             observer,
             fed: HashMap::new(),
             published: HashMap::new(),
@@ -395,7 +435,11 @@ impl Cluster {
             }
             Decision::Healthy => {
                 self.note(String::new());
-                let steps = decide::reconcile(&spec, &obs, &leader, t);
+                let steps = {
+                    let mut failed = self.rejoin_failed.lock().expect("rejoin lock");
+                    failed.retain(|_, at| at.elapsed() < REJOIN_RETRY);
+                    without_backed_off_rejoins(decide::reconcile(&spec, &obs, &leader, t), &failed)
+                };
                 if !steps.is_empty() && !self.reconciling.swap(true, Ordering::SeqCst) {
                     self.reconcile(steps, leader.term);
                 }
@@ -593,7 +637,7 @@ impl Cluster {
                 self.publish(member, decide::CHECK_PRIMARY, false, format!("fenced at term {term}"), true);
             }
         }
-        let (orders, busy) = (self.orders.clone(), self.reconciling.clone());
+        let (orders, busy, rejoin_failed) = (self.orders.clone(), self.reconciling.clone(), self.rejoin_failed.clone());
         tokio::spawn(async move {
             for step in steps {
                 tracing::info!(cluster = %orders.spec.name, ?step, "reconcile step");
@@ -606,7 +650,15 @@ impl Cluster {
                     Step::Rejoin { member, .. } => {
                         let ok = orders.order(member, term, &step, REJOIN_TIMEOUT).await;
                         if !ok {
-                            orders.event(Status::Critical, format!("{member} could not rejoin; it stays fenced"));
+                            let retry = REJOIN_RETRY.as_secs();
+                            orders.event(
+                                Status::Critical,
+                                format!("{member} could not rejoin; it stays fenced (next try in {retry} s)"),
+                            );
+                            rejoin_failed
+                                .lock()
+                                .expect("rejoin lock")
+                                .insert(member.clone(), std::time::Instant::now());
                         }
                         ok
                     }
@@ -685,4 +737,30 @@ fn lease_frame(spec: &DatabaseSpec, leader: &LeaderRecord) -> String {
         ttl_ms: spec.lease_ttl_ms,
     })
     .expect("leases serialize")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rejoin(member: &str) -> Vec<Step> {
+        vec![
+            Step::FenceProxy { member: member.into() },
+            Step::Rejoin { member: member.into(), primary: "pg1".into() },
+            Step::RecordEvent { message: format!("{member} rejoins") },
+        ]
+    }
+
+    #[test]
+    fn a_member_whose_rejoin_failed_is_left_alone_until_the_retry_while_others_are_still_reconciled() {
+        let mut steps = rejoin("pg0");
+        steps.push(Step::Repoint { member: "pg2".into(), primary: "pg1".into() });
+        steps.extend(rejoin("pg3"));
+        assert_eq!(without_backed_off_rejoins(steps.clone(), &HashMap::new()), steps, "nothing failed: all kept");
+
+        let failed = HashMap::from([("pg0".to_string(), std::time::Instant::now())]);
+        let mut want = vec![Step::Repoint { member: "pg2".into(), primary: "pg1".into() }];
+        want.extend(rejoin("pg3"));
+        assert_eq!(without_backed_off_rejoins(steps, &failed), want);
+    }
 }
