@@ -63,8 +63,8 @@
 //! the server has just made; the server should lease a new leader as soon as its leader
 //! record is written, which closes that unguarded window.
 //!
-//! **Replication timeouts.** After the first good probe (and again after the server was
-//! unreachable) the agent keeps `wal_receiver_timeout` and `wal_sender_timeout` at
+//! **Replication timeouts.** After the first good probe (and again after the local
+//! PostgreSQL was unreachable, since a restart may bring other values back) the agent keeps `wal_receiver_timeout` and `wal_sender_timeout` at
 //! `replication_timeout_ms` ([`drover_db::ops::ensure_replication_timeouts`]), so a
 //! replica notices a partitioned or frozen primary in seconds, not PostgreSQL's minute.
 //!
