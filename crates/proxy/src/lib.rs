@@ -6,7 +6,8 @@
 //! | [`config`] | the TOML file, validated once at load with `file:line:col: field` errors |
 //! | [`backend`] | backend state: active checks (`rise`/`fall`), passive ejection, balancing, retry budget |
 //! | `http` | the HTTP reverse proxy (HTTP/1.1 and h2c downstream, pooled HTTP/1.1 upstream) and its retry rule |
-//! | `pool` | upstream HTTP/1.1 connections: a stack of idle ones per backend, given back once a response was read |
+//! | `fast` | the HTTP/1.1 fast path: one task per plain connection, heads parsed in place, pooled upstream sockets; hands anything else to `http` |
+//! | `pool` | upstream HTTP/1.1 connections (hyper's, and plain sockets for `fast`): a stack of idle ones per backend, given back once a response was read |
 //! | `tls` | TLS termination for https listeners: rustls (ring), SNI certificate choice, ALPN h2/http1.1 |
 //! | `tcp` | the L4 listener: one backend per connection, bytes copied both ways |
 //! | `admin` | the loopback endpoint: `GET /backends` and `GET /health` (JSON), `GET /metrics` (Prometheus text) |
@@ -31,6 +32,7 @@ pub mod backend;
 mod cache;
 pub mod config;
 pub mod error;
+mod fast;
 mod http;
 mod pool;
 mod proxy_protocol;
