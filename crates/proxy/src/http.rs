@@ -117,7 +117,15 @@ pub(crate) async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let (shared, name) = (shared.clone(), name.clone());
+                // Re-registered on the worker that will own the connection.
+                let stream = match stream.into_std() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::debug!(%peer, "accepted connection: {e}");
+                        continue;
+                    }
+                };
+                let (conn_shared, name) = (shared.clone(), name.clone());
                 let service = move |client: SocketAddr, shared: Arc<Shared>, name: Arc<str>| {
                     hyper::service::service_fn(move |req| handle(shared.clone(), name.clone(), client, flags, req))
                 };
@@ -125,8 +133,12 @@ pub(crate) async fn serve(
                 // so a slow client cannot stall accepts.
                 let (builder, watcher, tls) = (builder.clone(), graceful.watcher(), tls.clone());
                 let fast_stop = fast_stop.subscribe();
-                tokio::spawn(async move {
-                    let mut stream = stream;
+                shared.workers.spawn(async move {
+                    let shared = conn_shared;
+                    let mut stream = match tokio::net::TcpStream::from_std(stream) {
+                        Ok(s) => s,
+                        Err(e) => return tracing::debug!(%peer, "accepted connection: {e}"),
+                    };
                     let mut client = peer;
                     if flags.accept_proxy_protocol {
                         let limit = crate::proxy_protocol::HEADER_TIMEOUT;

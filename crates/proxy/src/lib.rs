@@ -7,6 +7,7 @@
 //! | [`backend`] | backend state: active checks (`rise`/`fall`), passive ejection, balancing, retry budget |
 //! | `http` | the HTTP reverse proxy (HTTP/1.1 and h2c downstream, pooled HTTP/1.1 upstream) and its retry rule |
 //! | `fast` | the HTTP/1.1 fast path: one task per plain connection, heads parsed in place, pooled upstream sockets; hands anything else to `http` |
+//! | `workers` | threads with a single-threaded runtime each that HTTP connections are handed to and stay on |
 //! | `pool` | upstream HTTP/1.1 connections (hyper's, and plain sockets for `fast`): a stack of idle ones per backend, given back once a response was read |
 //! | `tls` | TLS termination for https listeners: rustls (ring), SNI certificate choice, ALPN h2/http1.1 |
 //! | `tcp` | the L4 listener: one backend per connection, bytes copied both ways |
@@ -39,6 +40,7 @@ mod proxy_protocol;
 pub mod spec;
 mod tcp;
 mod tls;
+mod workers;
 
 use crate::backend::{Backend, ControlVerdict, Service};
 use crate::config::{ListenerConfig, MembersConfig, Protocol, ProxyConfig};
@@ -89,6 +91,8 @@ pub(crate) struct Shared {
     /// Where health checks of backends added by a reload run, so `reload` may be
     /// called from any thread.
     runtime: tokio::runtime::Handle,
+    /// Where HTTP connections run.
+    pub(crate) workers: workers::Workers,
 }
 
 impl Shared {
@@ -310,6 +314,9 @@ impl Proxy {
     /// Binds every listener (and the admin endpoint) and starts serving.
     pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
         let (checks_stop, _) = watch::channel(false);
+        // As many connection workers as the runtime has (TOKIO_WORKER_THREADS for the binary).
+        let n = tokio::runtime::Handle::current().metrics().num_workers();
+        let workers = workers::Workers::start(n).map_err(ProxyError::Workers)?;
         let shared = Arc::new(Shared {
             snapshot: RwLock::new(Arc::new(Snapshot { cfg: cfg.clone(), services: BTreeMap::new() })),
             draining: Mutex::new(Vec::new()),
@@ -319,6 +326,7 @@ impl Proxy {
             caches: cache::Registry::default(),
             checks_stop,
             runtime: tokio::runtime::Handle::current(),
+            workers,
         });
         let snap = shared.build(cfg.clone(), None);
         *shared.snapshot.write().unwrap() = Arc::new(snap);
@@ -541,5 +549,6 @@ impl RunningProxy {
             let _ = t.await;
         }
         let _ = self.shared.checks_stop.send(true);
+        self.shared.workers.stop();
     }
 }
