@@ -27,17 +27,18 @@
 //! anything `httparse` rejects (hyper then answers the error). Responses already sent
 //! were complete, so hyper starts at a request boundary.
 
-use crate::Shared;
 use crate::backend::{Affinity, Backend, EWMA_FAILURE_PENALTY, InFlight, Service, Unavailable};
 use crate::config::{Balance, HashOn};
 use crate::error::ForwardError;
 use crate::http::{ConnFlags, REPLAY_BODY_LIMIT, find_route, is_idempotent_method, write_request_id};
+use crate::{Shared, Snapshot};
 use bytes::{Buf, Bytes, BytesMut};
 use std::collections::HashSet;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -363,6 +364,9 @@ struct Conn<'a> {
     closing: bool,
     /// True once the listener drains: no new request, and the one in flight is the last.
     shutdown: watch::Receiver<bool>,
+    /// The config generation the last request used, kept while it is current (taken
+    /// out for the length of a request).
+    snapshot: Option<(u64, Arc<Snapshot>)>,
 }
 
 /// Serves `down` until it closes or needs hyper. `client` is the peer, or the address
@@ -396,6 +400,7 @@ pub(crate) async fn serve(
         .into_bytes(),
         closing: false,
         shutdown,
+        snapshot: None,
     };
     loop {
         match c.read_head().await {
@@ -524,7 +529,11 @@ impl Conn<'_> {
         self.host.extend(bare.chars().map(|c| c.to_ascii_lowercase()));
         let path_at = h.target.start..h.target.start + target.iter().position(|&c| c == b'?').unwrap_or(target.len());
         let path = std::str::from_utf8(&buf[path_at.clone()]).unwrap_or("/");
-        let snap = self.shared.snapshot();
+        let generation = self.shared.snapshot_gen();
+        let snap = match self.snapshot.take() {
+            Some((g, snap)) if g == generation => snap,
+            _ => self.shared.snapshot(),
+        };
         let route = find_route(&snap.cfg.routes, self.listener, &self.host, path, |name, want| {
             h.headers.iter().any(|(n, v)| eq(&buf[n.clone()], name) && buf[v.clone()] == *want.as_bytes())
         });
@@ -567,6 +576,7 @@ impl Conn<'_> {
             }
         };
         self.rbuf.advance(end);
+        self.snapshot = Some((generation, snap));
         self.shared.count_response(self.listener, o.service.as_deref().unwrap_or("-"), o.status, o.tries, None);
         if let Some((method, path)) = logged {
             tracing::info!(

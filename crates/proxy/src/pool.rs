@@ -35,18 +35,24 @@ const STREAM_SLOTS: usize = 8;
 #[derive(Default)]
 pub(crate) struct Pool {
     idle: Mutex<Vec<(SendRequest<Body>, Instant)>>,
-    streams: [Mutex<Vec<(tokio::net::TcpStream, Instant)>>; STREAM_SLOTS],
+    streams: [Slot; STREAM_SLOTS],
 }
 
+/// A cache line each, so two workers taking and returning sockets do not write to
+/// the same line.
+#[derive(Default)]
+#[repr(align(128))]
+struct Slot(Mutex<Vec<(tokio::net::TcpStream, Instant)>>);
+
 fn stream_slot(pool: &Pool) -> &Mutex<Vec<(tokio::net::TcpStream, Instant)>> {
-    &pool.streams[crate::workers::current() % STREAM_SLOTS]
+    &pool.streams[crate::workers::current() % STREAM_SLOTS].0
 }
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pool")
             .field("idle", &self.idle.lock().map(|v| v.len()).unwrap_or(0))
-            .field("streams", &self.streams.iter().map(|s| s.lock().map(|v| v.len()).unwrap_or(0)).sum::<usize>())
+            .field("streams", &self.streams.iter().map(|s| s.0.lock().map(|v| v.len()).unwrap_or(0)).sum::<usize>())
             .finish()
     }
 }
