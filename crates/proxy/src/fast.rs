@@ -716,7 +716,7 @@ impl Conn<'_> {
                 Err(_) => Err(Failed::Timeout),
             };
             if let Some(started) = started {
-                let ok = matches!(&r, Ok(_) if self.resp.status < 500);
+                let ok = r.is_ok() && self.resp.status < 500;
                 b.observe_latency(if ok { started.elapsed() } else { started.elapsed().max(EWMA_FAILURE_PENALTY) });
             }
             let err = match r {
