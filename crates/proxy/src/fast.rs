@@ -876,11 +876,18 @@ impl Conn<'_> {
         out.extend_from_slice(b"\r\n");
         let head_len = self.resp.len;
         self.ubuf.advance(head_len);
+        // The backend's part ends with the last byte read from it: the in-flight count
+        // drops then, before that byte is written on, so that a client that has its
+        // answer sees the backend idle (or drained), as with hyper's path.
+        let mut guard = Some(guard);
         let complete = match framing {
-            Framing::None => self.down.write_all(&self.out).await.ok().map(|()| true),
-            Framing::Length(n) => self.relay_length(&mut up, n).await,
-            Framing::Chunked => self.relay_chunked(&mut up).await,
-            Framing::UntilClose => self.relay_until_close(&mut up).await,
+            Framing::None => {
+                guard = None;
+                self.down.write_all(&self.out).await.ok().map(|()| true)
+            }
+            Framing::Length(n) => self.relay_length(&mut up, n, &mut guard).await,
+            Framing::Chunked => self.relay_chunked(&mut up, &mut guard).await,
+            Framing::UntilClose => self.relay_until_close(&mut up, &mut guard).await,
         };
         drop(guard);
         match complete {
@@ -900,9 +907,12 @@ impl Conn<'_> {
 
     /// `Some(true)` when done, `Some(false)` when the backend broke off, `None` when
     /// the client did. `out` holds the response head on entry.
-    async fn relay_length(&mut self, up: &mut TcpStream, n: u64) -> Option<bool> {
+    async fn relay_length(&mut self, up: &mut TcpStream, n: u64, guard: &mut Option<InFlight>) -> Option<bool> {
         let mut left = n;
         let first = (self.ubuf.len() as u64).min(left) as usize;
+        if first as u64 == left {
+            guard.take();
+        }
         if first <= COALESCE {
             self.out.extend_from_slice(&self.ubuf[..first]);
             self.down.write_all(&self.out).await.ok()?;
@@ -920,6 +930,9 @@ impl Conn<'_> {
                 Ok(_) => {}
             }
             let take = (self.ubuf.len() as u64).min(left) as usize;
+            if take as u64 == left {
+                guard.take();
+            }
             self.down.write_all(&self.ubuf[..take]).await.ok()?;
             self.ubuf.advance(take);
             left -= take as u64;
@@ -927,9 +940,12 @@ impl Conn<'_> {
         Some(true)
     }
 
-    async fn relay_chunked(&mut self, up: &mut TcpStream) -> Option<bool> {
+    async fn relay_chunked(&mut self, up: &mut TcpStream, guard: &mut Option<InFlight>) -> Option<bool> {
         let mut dec = Chunked::default();
         let Some(n) = dec.feed(&self.ubuf) else { return Some(false) };
+        if dec.done() {
+            guard.take();
+        }
         if n <= COALESCE {
             self.out.extend_from_slice(&self.ubuf[..n]);
             self.down.write_all(&self.out).await.ok()?;
@@ -946,6 +962,9 @@ impl Conn<'_> {
                 Ok(_) => {}
             }
             let Some(n) = dec.feed(&self.ubuf) else { return Some(false) };
+            if dec.done() {
+                guard.take();
+            }
             self.down.write_all(&self.ubuf[..n]).await.ok()?;
             self.ubuf.advance(n);
         }
@@ -954,7 +973,7 @@ impl Conn<'_> {
 
     /// A body that ends when the backend closes goes on chunked, so the client
     /// connection stays open.
-    async fn relay_until_close(&mut self, up: &mut TcpStream) -> Option<bool> {
+    async fn relay_until_close(&mut self, up: &mut TcpStream, guard: &mut Option<InFlight>) -> Option<bool> {
         loop {
             if !self.ubuf.is_empty() {
                 let _ = write!(self.out, "{:x}\r\n", self.ubuf.len());
@@ -973,6 +992,7 @@ impl Conn<'_> {
                 Err(_) => return Some(false),
             }
         }
+        guard.take();
         self.down.write_all(b"0\r\n\r\n").await.ok()?;
         Some(true)
     }
