@@ -57,6 +57,17 @@ pub struct Backend {
     control: Mutex<Option<ControlVerdict>>,
     in_flight: AtomicU64,
     served: AtomicU64,
+    /// `health`'s verdict and ejection end and the control plane's verdict, mirrored
+    /// where `available` can read them without taking a lock: a lock is a write, and
+    /// with requests on several threads every write moves the cache line between cores.
+    active_ok: AtomicBool,
+    control_ok: AtomicBool,
+    /// Nanoseconds since [`epoch`] until which the backend is ejected; 0 = not ejected.
+    ejected_until_ns: AtomicU64,
+    /// A passive failure streak is running (so a success has one to reset).
+    failing: AtomicBool,
+    /// The service limits in-flight requests, so a finished one may wake a queued one.
+    limited: AtomicBool,
     current_weight: AtomicI64,
     /// The current service generation's "a slot was freed" signal.
     released: Mutex<Arc<tokio::sync::Notify>>,
@@ -120,9 +131,19 @@ pub struct InFlight(Arc<Backend>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
-        // Wakes one request queued for a backend below its limit.
-        self.0.released.lock().unwrap().notify_one();
+        // Wakes one request queued for a backend below its limit (only a limited
+        // service queues; a reload that adds a limit is covered by the queue's 50 ms cap).
+        if self.0.limited.load(Ordering::Relaxed) {
+            self.0.released.lock().unwrap().notify_one();
+        }
     }
+}
+
+/// The clock origin of [`Backend`]'s atomic ejection deadline.
+fn since_epoch_ns(t: Instant) -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    t.saturating_duration_since(epoch).as_nanos() as u64
 }
 
 /// Why no backend was handed out.
@@ -164,6 +185,11 @@ impl Backend {
             control: Mutex::new(None),
             in_flight: AtomicU64::new(0),
             served: AtomicU64::new(0),
+            active_ok: AtomicBool::new(svc.health.is_none()),
+            control_ok: AtomicBool::new(true),
+            ejected_until_ns: AtomicU64::new(0),
+            failing: AtomicBool::new(false),
+            limited: AtomicBool::new(false),
             current_weight: AtomicI64::new(0),
             released: Mutex::new(Arc::new(tokio::sync::Notify::new())),
             left: tokio::sync::watch::Sender::new(0),
@@ -217,10 +243,12 @@ impl Backend {
     /// Takes a (possibly reloaded) service's settings, keeping health state.
     pub fn apply(&self, svc: &ServiceConfig) {
         *self.passive.lock().unwrap() = passive_of(svc);
+        self.limited.store(svc.max_in_flight_per_backend > 0, Ordering::Relaxed);
         let mut check = self.check.lock().unwrap();
         if svc.health.is_none() {
             // Nothing will ever mark it healthy again, so trust it.
             self.health.lock().unwrap().active_ok = true;
+            self.active_ok.store(true, Ordering::SeqCst);
         }
         *check = svc.health.clone();
     }
@@ -238,6 +266,7 @@ impl Backend {
             tracing::info!(backend = %self.addr, entity = %verdict.entity, healthy = verdict.healthy,
                 reason = %verdict.reason, "control plane verdict");
         }
+        self.control_ok.store(verdict.healthy, Ordering::SeqCst);
         *c = Some(verdict);
     }
 
@@ -264,11 +293,11 @@ impl Backend {
     }
 
     pub fn available(&self, now: Instant) -> bool {
-        if self.is_removed() || self.control.lock().unwrap().as_ref().is_some_and(|c| !c.healthy) {
+        if self.is_removed() || !self.control_ok.load(Ordering::SeqCst) || !self.active_ok.load(Ordering::SeqCst) {
             return false;
         }
-        let h = self.health.lock().unwrap();
-        h.active_ok && h.ejected_until.is_none_or(|t| now >= t)
+        let until = self.ejected_until_ns.load(Ordering::SeqCst);
+        until == 0 || since_epoch_ns(now) >= until
     }
 
     pub fn start_request(self: &Arc<Self>) -> InFlight {
@@ -278,8 +307,11 @@ impl Backend {
 
     pub fn record_success(&self) {
         self.served.fetch_add(1, Ordering::Relaxed);
-        let mut h = self.health.lock().unwrap();
-        h.passive_streak = 0;
+        if self.failing.load(Ordering::Relaxed) {
+            let mut h = self.health.lock().unwrap();
+            h.passive_streak = 0;
+            self.failing.store(false, Ordering::Relaxed);
+        }
     }
 
     /// A connect failure, a reset or a 5xx; ejects after `passive_failures` in a row.
@@ -287,6 +319,7 @@ impl Backend {
         let p = *self.passive.lock().unwrap();
         let mut h = self.health.lock().unwrap();
         h.passive_streak += 1;
+        self.failing.store(true, Ordering::Relaxed);
         h.last_passive_error = reason.to_string();
         let now = Instant::now();
         let ejected = h.ejected_until.is_some_and(|t| now < t);
@@ -295,6 +328,7 @@ impl Backend {
             let dur = p.base.saturating_mul(factor).min(p.max);
             h.ejections += 1;
             h.ejected_until = Some(now + dur);
+            self.ejected_until_ns.store(since_epoch_ns(now + dur).max(1), Ordering::SeqCst);
             self.mark_left();
             h.passive_streak = 0;
             tracing::warn!(backend = %self.addr, ?dur, reason, "ejected after consecutive failures");
@@ -346,6 +380,7 @@ impl Backend {
                 h.last_check_error.clear();
                 if !h.active_ok && h.ok_streak >= cfg.rise {
                     h.active_ok = true;
+                    self.active_ok.store(true, Ordering::SeqCst);
                     h.healthy_since = Some(Instant::now());
                     tracing::info!(backend = %self.addr, "healthy: {} checks passed", cfg.rise);
                 }
@@ -356,6 +391,7 @@ impl Backend {
                 h.last_check_error = e;
                 if h.active_ok && h.fail_streak >= cfg.fall {
                     h.active_ok = false;
+                    self.active_ok.store(false, Ordering::SeqCst);
                     self.mark_left();
                     tracing::warn!(backend = %self.addr, error = %h.last_check_error, "unhealthy: {} checks failed", cfg.fall);
                 }
@@ -852,6 +888,7 @@ mod tests {
             assert_eq!(port_of(&s.pick_for(&none, pin).unwrap()), 2, "pinned, even when busier");
         }
         s.backends[2].health.lock().unwrap().active_ok = false;
+        s.backends[2].active_ok.store(false, Ordering::SeqCst);
         assert_ne!(port_of(&s.pick_for(&none, pin).unwrap()), 2, "out of rotation: balanced as usual");
         let unknown = Affinity { key: None, pin: Some(12345) };
         assert_ne!(port_of(&s.pick_for(&none, unknown).unwrap()), 2);

@@ -13,6 +13,8 @@ pub enum ProxyError {
     Bind { name: String, addr: SocketAddr, source: std::io::Error },
     #[error("listener `{name}`: TLS: {message}")]
     Tls { name: String, message: String },
+    #[error("cannot start the connection worker threads: {0}")]
+    Workers(std::io::Error),
     /// Listeners are bound once; changing them needs a restart.
     #[error("reload: {0}")]
     Reload(String),

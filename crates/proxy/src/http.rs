@@ -4,6 +4,12 @@
 //! prefix and header all match. Downstream speaks HTTP/1.1 or h2c; upstream is pooled
 //! HTTP/1.1.
 //!
+//! A plain (non-TLS) connection starts on the fast path in `crate::fast`, which handles
+//! ordinary HTTP/1.1 requests itself by the rules below, and hands the connection to
+//! the hyper server here, at a request boundary, for anything else (its module doc
+//! lists what). TLS connections and `redirect_https` listeners are hyper's from the
+//! start. Everything below holds on both paths.
+//!
 //! # When a request is sent again
 //!
 //! A request is sent to at most `1 + retries` backends, never the same one twice, and
@@ -51,7 +57,7 @@
 
 use crate::backend::{Affinity, Backend, EWMA_FAILURE_PENALTY, InFlight, Service, Unavailable};
 use crate::cache::{self, Cache, RequestRules, Scope};
-use crate::config::{Balance, StickyCookieConfig};
+use crate::config::{Balance, RouteConfig, StickyCookieConfig};
 use crate::error::ForwardError;
 use crate::pool::{self, PooledBody, SendError};
 use crate::{Body, Shared, StopRx};
@@ -75,7 +81,7 @@ use std::time::{Duration, Instant};
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Largest declared body buffered so a request can be resent after a connect failure.
-const REPLAY_BODY_LIMIT: u64 = 64 * 1024;
+pub(crate) const REPLAY_BODY_LIMIT: u64 = 64 * 1024;
 
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
@@ -84,8 +90,10 @@ pub(crate) async fn serve(
     mut stop: StopRx,
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let builder = Arc::new(hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()));
     let graceful = GracefulShutdown::new();
+    // Fast-path connections hold a receiver; the sender's `closed` says they have all ended.
+    let (fast_stop, _) = tokio::sync::watch::channel(false);
     // Read once: a reload that changes this listener's settings starts a new task for it.
     let flags = {
         let snap = shared.snapshot();
@@ -109,25 +117,28 @@ pub(crate) async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let (shared, name) = (shared.clone(), name.clone());
-                let service = move |client: SocketAddr| {
+                // Re-registered on the worker that will own the connection.
+                let stream = match stream.into_std() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::debug!(%peer, "accepted connection: {e}");
+                        continue;
+                    }
+                };
+                let (conn_shared, name) = (shared.clone(), name.clone());
+                let service = move |client: SocketAddr, shared: Arc<Shared>, name: Arc<str>| {
                     hyper::service::service_fn(move |req| handle(shared.clone(), name.clone(), client, flags, req))
                 };
-                if tls.is_none() && !flags.accept_proxy_protocol {
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service(peer)).into_owned();
-                    let fut = graceful.watch(conn);
-                    tokio::spawn(async move {
-                        if let Err(e) = fut.await {
-                            tracing::debug!(%peer, "downstream connection: {e}");
-                        }
-                    });
-                    continue;
-                }
                 // The PROXY header and the TLS handshake are read in the connection's task
                 // so a slow client cannot stall accepts.
                 let (builder, watcher, tls) = (builder.clone(), graceful.watcher(), tls.clone());
-                tokio::spawn(async move {
-                    let mut stream = stream;
+                let fast_stop = fast_stop.subscribe();
+                shared.workers.spawn(async move {
+                    let shared = conn_shared;
+                    let mut stream = match tokio::net::TcpStream::from_std(stream) {
+                        Ok(s) => s,
+                        Err(e) => return tracing::debug!(%peer, "accepted connection: {e}"),
+                    };
                     let mut client = peer;
                     if flags.accept_proxy_protocol {
                         let limit = crate::proxy_protocol::HEADER_TIMEOUT;
@@ -138,18 +149,31 @@ pub(crate) async fn serve(
                         }
                     }
                     let Some(acceptor) = tls else {
-                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service(client));
+                        // Plain HTTP: the fast path, unless every request is redirected.
+                        let io = if flags.redirect_https {
+                            drop(fast_stop);
+                            crate::fast::Prefixed::new(stream)
+                        } else {
+                            match crate::fast::serve(stream, client, flags, &shared, &name, fast_stop).await {
+                                crate::fast::Ended::Closed => return,
+                                crate::fast::Ended::Fallback(io) => io,
+                            }
+                        };
+                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service(client, shared, name));
                         if let Err(e) = watcher.watch(conn.into_owned()).await {
                             tracing::debug!(%peer, "downstream connection: {e}");
                         }
                         return;
                     };
+                    drop(fast_stop);
                     let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => return tracing::debug!(%peer, "TLS handshake: {e}"),
                         Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
                     };
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service(client)).into_owned();
+                    let conn = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service(client, shared, name))
+                        .into_owned();
                     if let Err(e) = watcher.watch(conn).await {
                         tracing::debug!(%peer, "downstream connection: {e}");
                     }
@@ -159,7 +183,9 @@ pub(crate) async fn serve(
         }
     };
     drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+    let _ = fast_stop.send(true);
+    let all_done = async { tokio::join!(graceful.shutdown(), fast_stop.closed()) };
+    if tokio::time::timeout(drain, all_done).await.is_err() {
         tracing::warn!(listener = %name, ?drain, "drain timeout: cutting the remaining connections");
     }
 }
@@ -173,8 +199,8 @@ fn text(status: StatusCode, msg: String) -> Response<Body> {
 
 /// What a connection's listener asks of each of its requests.
 #[derive(Debug, Clone, Copy)]
-struct ConnFlags {
-    https: bool,
+pub(crate) struct ConnFlags {
+    pub(crate) https: bool,
     redirect_https: bool,
     accept_proxy_protocol: bool,
 }
@@ -219,15 +245,26 @@ fn push_hex(out: &mut [u8; 48], len: &mut usize, v: u64, width: usize) {
 /// `{:012x}{:04x}{:08x}` of the time in ms, the low 16 bits of the pid and a counter,
 /// written without a format string or a `getpid` per request.
 fn request_id() -> HeaderValue {
+    let (mut buf, mut len) = ([0u8; 48], 0);
+    request_id_into(&mut buf, &mut len);
+    HeaderValue::from_bytes(&buf[..len]).expect("hex digits are a valid header value")
+}
+
+fn request_id_into(buf: &mut [u8; 48], len: &mut usize) {
     static N: AtomicU64 = AtomicU64::new(0);
     static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let pid = *PID.get_or_init(std::process::id) & 0xffff;
+    push_hex(buf, len, t.as_millis() as u64, 12);
+    push_hex(buf, len, u64::from(pid), 4);
+    push_hex(buf, len, N.fetch_add(1, Ordering::Relaxed), 8);
+}
+
+/// [`request_id`] appended to `out`.
+pub(crate) fn write_request_id(out: &mut Vec<u8>) {
     let (mut buf, mut len) = ([0u8; 48], 0);
-    push_hex(&mut buf, &mut len, t.as_millis() as u64, 12);
-    push_hex(&mut buf, &mut len, u64::from(pid), 4);
-    push_hex(&mut buf, &mut len, N.fetch_add(1, Ordering::Relaxed), 8);
-    HeaderValue::from_bytes(&buf[..len]).expect("hex digits are a valid header value")
+    request_id_into(&mut buf, &mut len);
+    out.extend_from_slice(&buf[..len]);
 }
 
 /// Host without port, lowercased; from the URI (h2, absolute-form) or the Host header.
@@ -288,6 +325,28 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
 
 fn is_idempotent(m: &Method) -> bool {
     matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
+}
+
+/// [`is_idempotent`] of a method token as it came off the wire.
+pub(crate) fn is_idempotent_method(m: &[u8]) -> bool {
+    matches!(m, b"GET" | b"HEAD" | b"OPTIONS" | b"PUT" | b"DELETE" | b"TRACE")
+}
+
+/// The first route (in file order) of `listener` whose host, path prefix and header
+/// match; `has_header(name, value)` says whether the request carries that header value.
+pub(crate) fn find_route<'a>(
+    routes: &'a [RouteConfig],
+    listener: &str,
+    host: &str,
+    path: &str,
+    has_header: impl Fn(&str, &str) -> bool,
+) -> Option<&'a RouteConfig> {
+    routes.iter().find(|r| {
+        r.listener == listener
+            && r.host.as_deref().is_none_or(|p| host_matches(p, host))
+            && path.starts_with(&r.path_prefix)
+            && r.header.as_ref().is_none_or(|hm| has_header(&hm.name, &hm.value))
+    })
 }
 
 enum ReqBody {
@@ -383,13 +442,8 @@ async fn route_and_forward(
     let snap = shared.snapshot();
     let host = request_host(&req);
     let path = req.uri().path();
-    let route = snap.cfg.routes.iter().find(|r| {
-        r.listener == listener
-            && r.host.as_deref().is_none_or(|p| host_matches(p, &host))
-            && path.starts_with(&r.path_prefix)
-            && r.header.as_ref().is_none_or(|hm| {
-                req.headers().get_all(hm.name.as_str()).iter().any(|v| v.as_bytes() == hm.value.as_bytes())
-            })
+    let route = find_route(&snap.cfg.routes, listener, &host, path, |name, value| {
+        req.headers().get_all(name).iter().any(|v| v.as_bytes() == value.as_bytes())
     });
     let Some(route) = route else { return Err(ForwardError::NoRoute { host, path: path.to_string() }) };
     let Some(svc) = snap.services.get(&route.service) else {

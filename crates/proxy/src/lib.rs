@@ -6,7 +6,9 @@
 //! | [`config`] | the TOML file, validated once at load with `file:line:col: field` errors |
 //! | [`backend`] | backend state: active checks (`rise`/`fall`), passive ejection, balancing, retry budget |
 //! | `http` | the HTTP reverse proxy (HTTP/1.1 and h2c downstream, pooled HTTP/1.1 upstream) and its retry rule |
-//! | `pool` | upstream HTTP/1.1 connections: a stack of idle ones per backend, given back once a response was read |
+//! | `fast` | the HTTP/1.1 fast path: one task per plain connection, heads parsed in place, pooled upstream sockets; hands anything else to `http` |
+//! | `workers` | threads with a single-threaded runtime each that HTTP connections are handed to and stay on |
+//! | `pool` | upstream HTTP/1.1 connections (hyper's, and plain sockets for `fast`): a stack of idle ones per backend, given back once a response was read |
 //! | `tls` | TLS termination for https listeners: rustls (ring), SNI certificate choice, ALPN h2/http1.1 |
 //! | `tcp` | the L4 listener: one backend per connection, bytes copied both ways |
 //! | `admin` | the loopback endpoint: `GET /backends` and `GET /health` (JSON), `GET /metrics` (Prometheus text) |
@@ -31,12 +33,14 @@ pub mod backend;
 mod cache;
 pub mod config;
 pub mod error;
+mod fast;
 mod http;
 mod pool;
 mod proxy_protocol;
 pub mod spec;
 mod tcp;
 mod tls;
+mod workers;
 
 use crate::backend::{Backend, ControlVerdict, Service};
 use crate::config::{ListenerConfig, MembersConfig, Protocol, ProxyConfig};
@@ -53,6 +57,12 @@ pub(crate) type Body = http_body_util::combinators::BoxBody<bytes::Bytes, hyper:
 
 /// HTTP counters for `/metrics`: responses by listener, service and status; resends
 /// and cache outcomes by service.
+const COUNTER_SHARDS: usize = 8;
+
+#[derive(Default)]
+#[repr(align(128))]
+struct CounterShard(Mutex<Counters>);
+
 #[derive(Default)]
 pub(crate) struct Counters {
     responses: BTreeMap<String, BTreeMap<String, BTreeMap<u16, u64>>>,
@@ -80,13 +90,19 @@ pub(crate) struct Shared {
     draining: Mutex<Vec<(String, Arc<Backend>)>>,
     /// Stops health-check tasks.
     checks_stop: watch::Sender<bool>,
-    /// HTTP traffic counters, kept across reloads.
-    counters: Mutex<Counters>,
+    /// HTTP traffic counters, kept across reloads; one shard per connection worker
+    /// (`workers`), summed when read, so workers do not write to one lock.
+    counters: [CounterShard; COUNTER_SHARDS],
+    /// Bumped after each swap of `snapshot`, so a connection can keep its copy of the
+    /// snapshot until it changes instead of taking the lock per request.
+    snapshot_gen: std::sync::atomic::AtomicU64,
     /// Response caches by route or service, kept across generations.
     pub(crate) caches: cache::Registry,
     /// Where health checks of backends added by a reload run, so `reload` may be
     /// called from any thread.
     runtime: tokio::runtime::Handle,
+    /// Where HTTP connections run.
+    pub(crate) workers: workers::Workers,
 }
 
 impl Shared {
@@ -157,6 +173,12 @@ impl Shared {
         }
         drop(draining);
         *self.snapshot.write().unwrap() = Arc::new(next);
+        self.snapshot_gen.fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The current snapshot's generation, to compare with a kept copy's.
+    pub(crate) fn snapshot_gen(&self) -> u64 {
+        self.snapshot_gen.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Counts one HTTP response; the maps are keyed by name so the common case (a
@@ -175,7 +197,7 @@ impl Shared {
             }
             m.get_mut(k).expect("just inserted")
         }
-        let mut c = self.counters.lock().unwrap();
+        let mut c = self.counters[workers::current() % COUNTER_SHARDS].0.lock().unwrap();
         *slot(slot(&mut c.responses, listener), service).entry(status).or_default() += 1;
         if tries > 1 {
             *slot(&mut c.resends, service) += u64::from(tries - 1);
@@ -214,7 +236,26 @@ impl Shared {
                 let _ = writeln!(out, "{name}{{service=\"{svc}\",backend=\"{addr}\",state=\"{state}\"}} {v}");
             }
         }
-        let c = self.counters.lock().unwrap();
+        let mut c = Counters::default();
+        for shard in &self.counters {
+            let s = shard.0.lock().unwrap();
+            for (l, by_service) in &s.responses {
+                for (svc, by_code) in by_service {
+                    let to = c.responses.entry(l.clone()).or_default().entry(svc.clone()).or_default();
+                    for (code, n) in by_code {
+                        *to.entry(*code).or_default() += n;
+                    }
+                }
+            }
+            for (svc, n) in &s.resends {
+                *c.resends.entry(svc.clone()).or_default() += n;
+            }
+            for (svc, by_outcome) in &s.cache {
+                for (outcome, n) in by_outcome {
+                    *c.cache.entry(svc.clone()).or_default().entry(outcome).or_default() += n;
+                }
+            }
+        }
         let _ = writeln!(
             out,
             "# HELP drover_proxy_responses_total HTTP responses sent, by listener, service and status\n# TYPE drover_proxy_responses_total counter"
@@ -308,15 +349,20 @@ impl Proxy {
     /// Binds every listener (and the admin endpoint) and starts serving.
     pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
         let (checks_stop, _) = watch::channel(false);
+        // As many connection workers as the runtime has (TOKIO_WORKER_THREADS for the binary).
+        let n = tokio::runtime::Handle::current().metrics().num_workers();
+        let workers = workers::Workers::start(n).map_err(ProxyError::Workers)?;
         let shared = Arc::new(Shared {
             snapshot: RwLock::new(Arc::new(Snapshot { cfg: cfg.clone(), services: BTreeMap::new() })),
             draining: Mutex::new(Vec::new()),
             generation: Mutex::new(()),
             members: RwLock::new(Members::default()),
-            counters: Mutex::new(Counters::default()),
+            counters: Default::default(),
+            snapshot_gen: Default::default(),
             caches: cache::Registry::default(),
             checks_stop,
             runtime: tokio::runtime::Handle::current(),
+            workers,
         });
         let snap = shared.build(cfg.clone(), None);
         *shared.snapshot.write().unwrap() = Arc::new(snap);
@@ -539,5 +585,6 @@ impl RunningProxy {
             let _ = t.await;
         }
         let _ = self.shared.checks_stop.send(true);
+        self.shared.workers.stop();
     }
 }

@@ -24,15 +24,36 @@ const MAX_IDLE: usize = 64;
 /// An idle connection older than this is closed rather than reused.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A backend's idle connections, oldest first.
+/// Connection workers with a stack of plain sockets of their own (more share them).
+const STREAM_SLOTS: usize = 8;
+
+/// A backend's idle connections, oldest first: hyper's for requests hyper serves, plain
+/// sockets for the fast path (`crate::fast`), which speaks HTTP/1.1 on them itself. The
+/// sockets are kept per connection worker (`crate::workers`): a socket is registered
+/// with the event loop of the worker that opened it, so another worker using it would
+/// be woken across threads.
 #[derive(Default)]
 pub(crate) struct Pool {
     idle: Mutex<Vec<(SendRequest<Body>, Instant)>>,
+    streams: [Slot; STREAM_SLOTS],
+}
+
+/// A cache line each, so two workers taking and returning sockets do not write to
+/// the same line.
+#[derive(Default)]
+#[repr(align(128))]
+struct Slot(Mutex<Vec<(tokio::net::TcpStream, Instant)>>);
+
+fn stream_slot(pool: &Pool) -> &Mutex<Vec<(tokio::net::TcpStream, Instant)>> {
+    &pool.streams[crate::workers::current() % STREAM_SLOTS].0
 }
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pool").field("idle", &self.idle.lock().map(|v| v.len()).unwrap_or(0)).finish()
+        f.debug_struct("Pool")
+            .field("idle", &self.idle.lock().map(|v| v.len()).unwrap_or(0))
+            .field("streams", &self.streams.iter().map(|s| s.0.lock().map(|v| v.len()).unwrap_or(0)).sum::<usize>())
+            .finish()
     }
 }
 
@@ -58,6 +79,31 @@ impl Pool {
         let over = (idle.len() + 1).saturating_sub(MAX_IDLE);
         idle.drain(..stale.max(over));
         idle.push((sr, now));
+    }
+
+    /// The most recently used idle socket that is still open. A socket the backend
+    /// closed (or wrote to unasked) shows as readable; that costs no system call to
+    /// see, as the runtime already knows the socket's readiness.
+    pub(crate) fn take_stream(&self) -> Option<tokio::net::TcpStream> {
+        let mut idle = stream_slot(self).lock().unwrap();
+        while let Some((s, at)) = idle.pop() {
+            let mut probe = [0u8; 1];
+            let open = matches!(s.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+            if open && at.elapsed() < IDLE_TIMEOUT {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    /// Keeps a socket whose last response was read to its end.
+    pub(crate) fn put_stream(&self, s: tokio::net::TcpStream) {
+        let now = Instant::now();
+        let mut idle = stream_slot(self).lock().unwrap();
+        let stale = idle.iter().take_while(|(_, at)| now.duration_since(*at) >= IDLE_TIMEOUT).count();
+        let over = (idle.len() + 1).saturating_sub(MAX_IDLE);
+        idle.drain(..stale.max(over));
+        idle.push((s, now));
     }
 }
 

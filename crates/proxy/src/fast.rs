@@ -1,0 +1,1100 @@
+//! The HTTP/1.1 fast path: one task per plain-TCP downstream connection does all of
+//! a request's work itself.
+//!
+//! hyper's server and pooled client cost a request three or more task polls and two
+//! channel hops (downstream connection task, handler, upstream connection task), a
+//! `HeaderMap` built and torn down on each side, and a dozen allocations; that was most
+//! of drover's user-space time per request (docs/benchmarks.md). Here the connection's
+//! task reads the request head into a buffer it keeps, parses it with `httparse` in
+//! place, writes the upstream head (forwarding headers added) to an upstream
+//! connection it takes from the backend's idle pool of plain `TcpStream`s, reads the
+//! response head the same way and copies head and body back, then loops for the next
+//! (possibly already pipelined) request. Nothing is spawned and nothing allocated per
+//! request once the buffers have grown to size.
+//!
+//! The semantics are those of the module doc of `http` (retry rules, 503/504, passive
+//! health, queueing, draining, metrics, access log, request id, forwarding headers).
+//! The request body is read whole before the first attempt (it is at most
+//! [`REPLAY_BODY_LIMIT`], so it may be resent after a connect failure); responses of
+//! any length and framing are streamed.
+//!
+//! A request the fast path does not handle hands the connection, at that request's
+//! first byte, to hyper with the bytes already read replayed in front of the socket
+//! ([`Prefixed`]): h2c (the preface is not HTTP/1.1), HTTP/1.0, `CONNECT` and
+//! absolute-form targets, upgrades (WebSocket), `Expect`, `Transfer-Encoding` on a
+//! request or a body larger than [`REPLAY_BODY_LIMIT`] (streamed by hyper), a route or
+//! service with a response cache, a sticky cookie or a header/cookie hash key, and
+//! anything `httparse` rejects (hyper then answers the error). Responses already sent
+//! were complete, so hyper starts at a request boundary.
+
+use crate::backend::{Affinity, Backend, EWMA_FAILURE_PENALTY, InFlight, Service, Unavailable};
+use crate::config::{Balance, HashOn};
+use crate::error::ForwardError;
+use crate::http::{ConnFlags, REPLAY_BODY_LIMIT, find_route, is_idempotent_method, write_request_id};
+use crate::{Shared, Snapshot};
+use bytes::{Buf, Bytes, BytesMut};
+use std::collections::HashSet;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+/// Headers parsed per message; a message with more goes to hyper (request) or is an
+/// error (response).
+const MAX_HEADERS: usize = 96;
+/// A request or response head still incomplete at this size is not ours to handle.
+const MAX_HEAD: usize = 64 * 1024;
+/// Reads ask for at least this much room.
+const READ_CHUNK: usize = 16 * 1024;
+/// A response body chunk this small is copied behind its head so both go in one write.
+const COALESCE: usize = 16 * 1024;
+
+/// How a fast-path connection ended.
+pub(crate) enum Ended {
+    Closed,
+    /// The rest of the connection is hyper's, starting with these bytes.
+    Fallback(Prefixed),
+}
+
+/// A socket with bytes already read from it put back in front.
+pub(crate) struct Prefixed {
+    prefix: Bytes,
+    io: TcpStream,
+}
+
+impl Prefixed {
+    pub(crate) fn new(io: TcpStream) -> Prefixed {
+        Prefixed { prefix: Bytes::new(), io }
+    }
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Offsets of a parsed head's parts in the buffer it was parsed from, so the buffer
+/// can be borrowed again while they are in use.
+#[derive(Default)]
+struct Head {
+    len: usize,
+    /// Request: method. Response: unused.
+    method: Range<usize>,
+    /// Request: target. Response: reason phrase.
+    target: Range<usize>,
+    status: u16,
+    minor: u8,
+    headers: Vec<(Range<usize>, Range<usize>)>,
+}
+
+fn offset(base: &[u8], part: &[u8]) -> Range<usize> {
+    let start = part.as_ptr() as usize - base.as_ptr() as usize;
+    start..start + part.len()
+}
+
+enum Parsed {
+    Complete,
+    Partial,
+    Invalid,
+}
+
+// Uninitialised header slots: the 3 KiB of zeroes `EMPTY_HEADER`s would cost per parse are
+// a measurable share of a small request.
+fn parse_request(buf: &[u8], head: &mut Head) -> Parsed {
+    let mut hs = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    match req.parse_with_uninit_headers(buf, &mut hs) {
+        Ok(httparse::Status::Complete(len)) => {
+            head.len = len;
+            head.method = offset(buf, req.method.unwrap_or_default().as_bytes());
+            head.target = offset(buf, req.path.unwrap_or_default().as_bytes());
+            head.minor = req.version.unwrap_or(0);
+            head.headers.clear();
+            head.headers.extend(req.headers.iter().map(|h| (offset(buf, h.name.as_bytes()), offset(buf, h.value))));
+            Parsed::Complete
+        }
+        Ok(httparse::Status::Partial) => Parsed::Partial,
+        Err(_) => Parsed::Invalid,
+    }
+}
+
+fn parse_response(buf: &[u8], head: &mut Head) -> Parsed {
+    let mut hs = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut resp, buf, &mut hs) {
+        Ok(httparse::Status::Complete(len)) => {
+            head.len = len;
+            head.status = resp.code.unwrap_or(0);
+            head.target = offset(buf, resp.reason.unwrap_or_default().as_bytes());
+            head.minor = resp.version.unwrap_or(0);
+            head.headers.clear();
+            head.headers.extend(resp.headers.iter().map(|h| (offset(buf, h.name.as_bytes()), offset(buf, h.value))));
+            Parsed::Complete
+        }
+        Ok(httparse::Status::Partial) => Parsed::Partial,
+        Err(_) => Parsed::Invalid,
+    }
+}
+
+fn eq(a: &[u8], b: &str) -> bool {
+    a.eq_ignore_ascii_case(b.as_bytes())
+}
+
+/// Comma-separated tokens of a header value, trimmed.
+fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
+    v.split(|&c| c == b',').map(|t| t.trim_ascii()).filter(|t| !t.is_empty())
+}
+
+/// Hop-by-hop headers that never go on, whatever `Connection` names.
+fn hop_by_hop(name: &[u8]) -> bool {
+    [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authenticate",
+    ]
+    .iter()
+    .any(|h| eq(name, h))
+}
+
+/// Whether a `Connection` header in `headers` of `buf` names `name`.
+fn named_by_connection(buf: &[u8], headers: &[(Range<usize>, Range<usize>)], conn: u32, name: &[u8]) -> bool {
+    conn != 0
+        && headers
+            .iter()
+            .filter(|(n, _)| eq(&buf[n.clone()], "connection"))
+            .any(|(_, v)| tokens(&buf[v.clone()]).any(|t| t.eq_ignore_ascii_case(name)))
+}
+
+/// `to_str()` of `http::HeaderValue`: visible ASCII and tabs.
+fn visible_ascii(v: &[u8]) -> bool {
+    v.iter().all(|&c| c == b'\t' || (0x20..0x7f).contains(&c))
+}
+
+fn parse_len(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    v.iter().try_fold(0u64, |n, &d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
+}
+
+/// How a response body is delimited.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+/// Finds the end of a chunked body while its bytes are copied on unchanged.
+#[derive(Default)]
+struct Chunked {
+    state: ChunkState,
+    size: u64,
+    digits: u8,
+}
+
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    #[default]
+    Size,
+    Ext,
+    SizeLf,
+    Data,
+    DataCr,
+    DataLf,
+    TrailerStart,
+    TrailerLine,
+    EndLf,
+    Done,
+}
+
+impl Chunked {
+    /// How many bytes of `buf` belong to the body (all unless its end is in `buf`);
+    /// `None` when the framing is malformed.
+    fn feed(&mut self, buf: &[u8]) -> Option<usize> {
+        use ChunkState as S;
+        let mut i = 0;
+        while i < buf.len() {
+            let c = buf[i];
+            match self.state {
+                S::Size => match c {
+                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
+                        if self.size >> 60 != 0 {
+                            return None;
+                        }
+                        let d = (c as char).to_digit(16).unwrap_or(0);
+                        self.size = self.size * 16 + u64::from(d);
+                        self.digits = self.digits.saturating_add(1);
+                    }
+                    b';' | b' ' | b'\t' if self.digits > 0 => self.state = S::Ext,
+                    b'\r' if self.digits > 0 => self.state = S::SizeLf,
+                    b'\n' if self.digits > 0 => self.end_of_size(),
+                    _ => return None,
+                },
+                S::Ext => match c {
+                    b'\r' => self.state = S::SizeLf,
+                    b'\n' => self.end_of_size(),
+                    _ => {}
+                },
+                S::SizeLf if c == b'\n' => self.end_of_size(),
+                S::Data => {
+                    let take = (buf.len() - i).min(usize::try_from(self.size).unwrap_or(usize::MAX));
+                    self.size -= take as u64;
+                    i += take;
+                    if self.size == 0 {
+                        self.state = S::DataCr;
+                    }
+                    continue;
+                }
+                S::DataCr if c == b'\r' => self.state = S::DataLf,
+                S::DataCr | S::DataLf if c == b'\n' => {
+                    self.state = S::Size;
+                    self.digits = 0;
+                }
+                S::TrailerStart => match c {
+                    b'\r' => self.state = S::EndLf,
+                    b'\n' => self.state = S::Done,
+                    _ => self.state = S::TrailerLine,
+                },
+                S::TrailerLine if c == b'\n' => self.state = S::TrailerStart,
+                S::TrailerLine => {}
+                S::EndLf if c == b'\n' => self.state = S::Done,
+                S::Done => return Some(i),
+                _ => return None,
+            }
+            i += 1;
+            if self.state == S::Done {
+                return Some(i);
+            }
+        }
+        Some(i)
+    }
+
+    fn end_of_size(&mut self) {
+        self.state = if self.size == 0 { ChunkState::TrailerStart } else { ChunkState::Data };
+    }
+
+    fn done(&self) -> bool {
+        self.state == ChunkState::Done
+    }
+}
+
+/// Why an attempt got no response head.
+enum Failed {
+    Connect(std::io::Error),
+    Lost(String),
+    Timeout,
+}
+
+/// What the access log and metrics need about one request.
+struct Outcome {
+    status: u16,
+    service: Option<std::sync::Arc<str>>,
+    backend: Option<SocketAddr>,
+    tries: u32,
+    error: Option<String>,
+}
+
+/// Buffers kept for the connection's life.
+struct Conn<'a> {
+    shared: &'a Shared,
+    listener: &'a str,
+    client: SocketAddr,
+    flags: ConnFlags,
+    down: TcpStream,
+    /// Downstream bytes: the request being handled, then whatever follows it.
+    rbuf: BytesMut,
+    /// Upstream bytes of the response being relayed.
+    ubuf: BytesMut,
+    /// A head (and small body) being built for one write.
+    out: Vec<u8>,
+    req: Head,
+    resp: Head,
+    host: String,
+    id: Vec<u8>,
+    /// The client's address as `X-Forwarded-For` and `Forwarded` write it, formatted once.
+    xff: Vec<u8>,
+    forwarded_for: Vec<u8>,
+    /// The client asked to close after this response, or the listener is draining.
+    closing: bool,
+    /// True once the listener drains: no new request, and the one in flight is the last.
+    shutdown: watch::Receiver<bool>,
+    /// The config generation the last request used, kept while it is current (taken
+    /// out for the length of a request).
+    snapshot: Option<(u64, Arc<Snapshot>)>,
+}
+
+/// Serves `down` until it closes or needs hyper. `client` is the peer, or the address
+/// a PROXY header carried.
+pub(crate) async fn serve(
+    down: TcpStream,
+    client: SocketAddr,
+    flags: ConnFlags,
+    shared: &Shared,
+    listener: &str,
+    shutdown: watch::Receiver<bool>,
+) -> Ended {
+    let mut c = Conn {
+        shared,
+        listener,
+        client,
+        flags,
+        down,
+        rbuf: BytesMut::with_capacity(READ_CHUNK),
+        ubuf: BytesMut::new(),
+        out: Vec::with_capacity(1024),
+        req: Head::default(),
+        resp: Head::default(),
+        host: String::new(),
+        id: Vec::new(),
+        xff: client.ip().to_string().into_bytes(),
+        forwarded_for: match client.ip() {
+            ip @ std::net::IpAddr::V6(_) => format!("for=\"[{ip}]\""),
+            ip => format!("for={ip}"),
+        }
+        .into_bytes(),
+        closing: false,
+        shutdown,
+        snapshot: None,
+    };
+    loop {
+        match c.read_head().await {
+            Next::Request => {}
+            Next::Close => return Ended::Closed,
+            Next::Fallback => return c.fallback(),
+        }
+        c.closing = false;
+        match c.handle().await {
+            Next::Request if !c.closing => {}
+            Next::Request | Next::Close => {
+                let _ = c.down.shutdown().await;
+                return Ended::Closed;
+            }
+            Next::Fallback => return c.fallback(),
+        }
+    }
+}
+
+enum Next {
+    Request,
+    Close,
+    Fallback,
+}
+
+impl Conn<'_> {
+    fn fallback(self) -> Ended {
+        Ended::Fallback(Prefixed { prefix: self.rbuf.freeze(), io: self.down })
+    }
+
+    /// Waits for a complete request head in `rbuf`; while none has begun, a shutdown
+    /// closes the connection.
+    async fn read_head(&mut self) -> Next {
+        loop {
+            if !self.rbuf.is_empty() {
+                match parse_request(&self.rbuf, &mut self.req) {
+                    Parsed::Complete => return Next::Request,
+                    Parsed::Invalid => return Next::Fallback,
+                    Parsed::Partial if self.rbuf.len() > MAX_HEAD => return Next::Fallback,
+                    Parsed::Partial => {}
+                }
+            }
+            if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
+                self.rbuf.reserve(READ_CHUNK);
+            }
+            let r = if self.rbuf.is_empty() {
+                if *self.shutdown.borrow() {
+                    return Next::Close;
+                }
+                tokio::select! {
+                    biased;
+                    r = self.down.read_buf(&mut self.rbuf) => r,
+                    changed = self.shutdown.changed() => match changed {
+                        Ok(()) => continue,
+                        Err(_) => return Next::Close,
+                    },
+                }
+            } else {
+                self.down.read_buf(&mut self.rbuf).await
+            };
+            match r {
+                Ok(0) | Err(_) => return Next::Close,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Reads until `rbuf` holds `n` bytes.
+    async fn fill(&mut self, n: usize) -> bool {
+        while self.rbuf.len() < n {
+            self.rbuf.reserve(n - self.rbuf.len());
+            match self.down.read_buf(&mut self.rbuf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(_) => {}
+            }
+        }
+        true
+    }
+
+    /// One request whose head is parsed in `rbuf`, from routing to the last byte of
+    /// its response.
+    async fn handle(&mut self) -> Next {
+        let start = Instant::now();
+        let buf = &self.rbuf[..];
+        let h = &self.req;
+        let method = &buf[h.method.clone()];
+        let target = &buf[h.target.clone()];
+        if h.minor != 1 || !target.starts_with(b"/") || method == b"CONNECT" {
+            return Next::Fallback;
+        }
+        let (mut body_len, mut host_at, mut id_at, mut conn) = (0u64, None, None, 0u32);
+        for (i, (n, v)) in h.headers.iter().enumerate() {
+            let (n, v) = (&buf[n.clone()], &buf[v.clone()]);
+            if eq(n, "host") {
+                if host_at.is_some() {
+                    return Next::Fallback;
+                }
+                host_at = Some(i);
+            } else if eq(n, "content-length") {
+                match parse_len(v) {
+                    Some(len) if body_len == 0 || len == body_len => body_len = len,
+                    _ => return Next::Fallback,
+                }
+            } else if eq(n, "transfer-encoding") || eq(n, "upgrade") || eq(n, "expect") {
+                return Next::Fallback;
+            } else if eq(n, "connection") {
+                conn += 1;
+                if tokens(v).any(|t| t.eq_ignore_ascii_case(b"close")) {
+                    self.closing = true;
+                }
+            } else if eq(n, "x-request-id") && id_at.is_none() && !v.is_empty() && visible_ascii(v) {
+                id_at = Some(i);
+            }
+        }
+        if body_len > REPLAY_BODY_LIMIT {
+            return Next::Fallback;
+        }
+        // Routing, with hyper's view of the host: no port, lowercase.
+        let raw_host = host_at.map(|i| &buf[h.headers[i].1.clone()]).filter(|v| visible_ascii(v)).unwrap_or_default();
+        let raw_host = std::str::from_utf8(raw_host).unwrap_or_default();
+        let bare = match raw_host.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or_default(),
+            None => raw_host.split(':').next().unwrap_or_default(),
+        };
+        self.host.clear();
+        self.host.extend(bare.chars().map(|c| c.to_ascii_lowercase()));
+        let path_at = h.target.start..h.target.start + target.iter().position(|&c| c == b'?').unwrap_or(target.len());
+        let path = std::str::from_utf8(&buf[path_at.clone()]).unwrap_or("/");
+        let generation = self.shared.snapshot_gen();
+        let snap = match self.snapshot.take() {
+            Some((g, snap)) if g == generation => snap,
+            _ => self.shared.snapshot(),
+        };
+        let route = find_route(&snap.cfg.routes, self.listener, &self.host, path, |name, want| {
+            h.headers.iter().any(|(n, v)| eq(&buf[n.clone()], name) && buf[v.clone()] == *want.as_bytes())
+        });
+        let svc = route.and_then(|r| snap.services.get(&r.service));
+        if let (Some(r), Some(svc)) = (route, svc)
+            && (r.cache.is_some()
+                || svc.cfg.cache.is_some()
+                || svc.cfg.sticky_cookie.is_some()
+                || (svc.cfg.balance == Balance::Hash
+                    && matches!(svc.cfg.hash_on, Some(HashOn::Header(_) | HashOn::Cookie(_)))))
+        {
+            return Next::Fallback;
+        }
+        // Fallback is no longer possible: the request is ours from here.
+        self.id.clear();
+        match id_at {
+            Some(i) => self.id.extend_from_slice(&buf[h.headers[i].1.clone()]),
+            None => write_request_id(&mut self.id),
+        }
+        let end = self.req.len + body_len as usize;
+        if !self.fill(end).await {
+            return Next::Close;
+        }
+        let path = || String::from_utf8_lossy(&self.rbuf[path_at.clone()]).into_owned();
+        let logged = tracing::enabled!(target: "drover_proxy::access", tracing::Level::INFO)
+            .then(|| (String::from_utf8_lossy(&self.rbuf[self.req.method.clone()]).into_owned(), path()));
+        let mut o = Outcome { status: 0, service: None, backend: None, tries: 0, error: None };
+        let next = match (route, svc) {
+            (None, _) => {
+                let e = ForwardError::NoRoute { host: self.host.clone(), path: path() };
+                self.answer_error(&e, &mut o).await
+            }
+            (Some(r), None) => {
+                o.service = Some(std::sync::Arc::from(r.service.as_str()));
+                self.answer_error(&ForwardError::NoHealthyBackend(r.service.clone()), &mut o).await
+            }
+            (Some(_), Some(svc)) => {
+                o.service = Some(svc.label.clone());
+                self.forward(svc, body_len as usize, conn, &mut o).await
+            }
+        };
+        self.rbuf.advance(end);
+        self.snapshot = Some((generation, snap));
+        self.shared.count_response(self.listener, o.service.as_deref().unwrap_or("-"), o.status, o.tries, None);
+        if let Some((method, path)) = logged {
+            tracing::info!(
+                target: "drover_proxy::access",
+                request_id = %String::from_utf8_lossy(&self.id),
+                listener = %self.listener,
+                peer = %self.client,
+                %method,
+                %path,
+                status = o.status,
+                service = o.service.as_deref().unwrap_or("-"),
+                backend = %o.backend.map(|b| b.to_string()).unwrap_or_else(|| "-".into()),
+                tries = o.tries,
+                cache = "-",
+                ms = start.elapsed().as_millis() as u64,
+                error = o.error.as_deref().unwrap_or(""),
+                "access"
+            );
+        }
+        next
+    }
+
+    /// Writes the upstream head (without its final CRLF, which the attempt adds after
+    /// a Host line when the client sent none) into `out`.
+    fn upstream_head(&mut self, conn: u32) {
+        let buf = &self.rbuf[..];
+        let h = &self.req;
+        let out = &mut self.out;
+        out.clear();
+        out.extend_from_slice(&buf[h.method.clone()]);
+        out.push(b' ');
+        out.extend_from_slice(&buf[h.target.clone()]);
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        let (mut host, mut xff, mut fwd) = (None, None, None);
+        for (n, v) in &h.headers {
+            let (n, v) = (&buf[n.clone()], &buf[v.clone()]);
+            if hop_by_hop(n) || named_by_connection(buf, &h.headers, conn, n) {
+                continue;
+            }
+            if eq(n, "x-forwarded-for") {
+                xff = xff.or(Some(v));
+                continue;
+            }
+            if eq(n, "forwarded") {
+                fwd = fwd.or(Some(v));
+                continue;
+            }
+            if eq(n, "x-forwarded-host") || eq(n, "x-forwarded-proto") || eq(n, "x-request-id") {
+                continue;
+            }
+            if eq(n, "host") {
+                host = Some(v);
+            }
+            out.extend_from_slice(n);
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(v);
+            out.extend_from_slice(b"\r\n");
+        }
+        if let Some(host) = host {
+            out.extend_from_slice(b"x-forwarded-host: ");
+            out.extend_from_slice(host);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"x-forwarded-for: ");
+        if let Some(prev) = xff.filter(|v| visible_ascii(v)) {
+            out.extend_from_slice(prev);
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(&self.xff);
+        out.extend_from_slice(b"\r\n");
+        let proto: &[u8] = if self.flags.https { b"https" } else { b"http" };
+        out.extend_from_slice(b"x-forwarded-proto: ");
+        out.extend_from_slice(proto);
+        out.extend_from_slice(b"\r\nforwarded: ");
+        if let Some(prev) = fwd.filter(|v| visible_ascii(v)) {
+            out.extend_from_slice(prev);
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(&self.forwarded_for);
+        out.extend_from_slice(b";proto=");
+        out.extend_from_slice(proto);
+        if let Some(host) = host.filter(|v| visible_ascii(v)) {
+            out.extend_from_slice(b";host=\"");
+            out.extend_from_slice(host);
+            out.push(b'"');
+        }
+        out.extend_from_slice(b"\r\nx-request-id: ");
+        out.extend_from_slice(&self.id);
+        out.extend_from_slice(b"\r\n");
+    }
+
+    /// Sends the request to backends by the retry rules until one answers.
+    async fn forward(&mut self, svc: &Service, body_len: usize, conn: u32, o: &mut Outcome) -> Next {
+        self.upstream_head(conn);
+        let has_host = self.req.headers.iter().any(|(n, _)| eq(&self.rbuf[n.clone()], "host"));
+        let base = self.out.len();
+        let idempotent = is_idempotent_method(&self.rbuf[self.req.method.clone()]);
+        let aff = Affinity {
+            key: match (svc.cfg.balance, &svc.cfg.hash_on) {
+                (Balance::Hash, Some(on)) => crate::affinity::hash_key(on, &http::HeaderMap::new(), self.client.ip()),
+                _ => None,
+            },
+            pin: None,
+        };
+        svc.note_request();
+        let queue_deadline = tokio::time::Instant::now() + Duration::from_millis(svc.cfg.queue_timeout_ms);
+        let mut tried = HashSet::new();
+        let mut resends = 0;
+        let mut last: Option<ForwardError> = None;
+        loop {
+            let (b, guard) = match svc.acquire_queued(&tried, queue_deadline, aff).await {
+                Ok(x) => x,
+                Err(Unavailable::Saturated) => {
+                    return self.answer_error(&ForwardError::Saturated(svc.name.clone()), o).await;
+                }
+                Err(Unavailable::NoneHealthy) => {
+                    let e = last.take().unwrap_or_else(|| ForwardError::NoHealthyBackend(svc.name.clone()));
+                    return self.answer_error(&e, o).await;
+                }
+            };
+            o.backend = Some(b.addr);
+            o.tries += 1;
+            self.out.truncate(base);
+            if !has_host {
+                self.out.extend_from_slice(b"host: ");
+                self.out.extend_from_slice(b.host.as_bytes());
+                self.out.extend_from_slice(b"\r\n");
+            }
+            self.out.extend_from_slice(b"\r\n");
+            let body = self.req.len..self.req.len + body_len;
+            self.out.extend_from_slice(&self.rbuf[body]);
+            let started = (svc.cfg.balance == Balance::P2cEwma).then(Instant::now);
+            let ms = svc.cfg.request_timeout_ms;
+            let connect_timeout = Duration::from_millis(svc.cfg.connect_timeout_ms);
+            let r = match tokio::time::timeout(Duration::from_millis(ms), self.exchange(&b, connect_timeout)).await {
+                Ok(r) => r,
+                Err(_) => Err(Failed::Timeout),
+            };
+            if let Some(started) = started {
+                let ok = r.is_ok() && self.resp.status < 500;
+                b.observe_latency(if ok { started.elapsed() } else { started.elapsed().max(EWMA_FAILURE_PENALTY) });
+            }
+            let err = match r {
+                Ok(up) => return self.relay(up, &b, guard, o).await,
+                Err(Failed::Connect(e)) => {
+                    let reason = crate::backend::connect_reason(&e);
+                    b.record_failure(&reason);
+                    ForwardError::Connect { addr: b.addr, reason }
+                }
+                Err(Failed::Lost(reason)) => {
+                    b.record_failure("connection lost");
+                    ForwardError::Reset { addr: b.addr, reason }
+                }
+                Err(Failed::Timeout) => ForwardError::Timeout { addr: b.addr, ms },
+            };
+            drop(guard);
+            let resend = match &err {
+                ForwardError::Connect { .. } => true,
+                ForwardError::Reset { .. } => idempotent && body_len == 0,
+                _ => false,
+            };
+            tracing::debug!(request_id = %String::from_utf8_lossy(&self.id), backend = %b.addr, resend, "{err}");
+            if !resend || resends >= svc.cfg.retries || !svc.take_retry() {
+                return self.answer_error(&err, o).await;
+            }
+            tried.insert(b.addr);
+            resends += 1;
+            last = Some(err);
+        }
+    }
+
+    /// Writes `out` to a pooled or new connection to `b` and reads the response head
+    /// into `ubuf` / `resp`. A pooled connection that fails the write had closed while
+    /// idle (nothing reached the backend), so a new one is tried.
+    async fn exchange(&mut self, b: &Backend, connect_timeout: Duration) -> Result<TcpStream, Failed> {
+        let mut up = loop {
+            let (mut up, reused) = match b.pool.take_stream() {
+                Some(s) => (s, true),
+                None => (connect(b.addr, connect_timeout).await.map_err(Failed::Connect)?, false),
+            };
+            match up.write_all(&self.out).await {
+                Ok(()) => break up,
+                Err(_) if reused => continue,
+                Err(e) => return Err(Failed::Lost(e.to_string())),
+            }
+        };
+        self.ubuf.clear();
+        loop {
+            if !self.ubuf.is_empty() {
+                match parse_response(&self.ubuf, &mut self.resp) {
+                    // Informational answers (103 Early Hints, a stray 100) are skipped, as hyper does.
+                    Parsed::Complete if (100..200).contains(&self.resp.status) && self.resp.status != 101 => {
+                        self.ubuf.advance(self.resp.len);
+                        continue;
+                    }
+                    Parsed::Complete => return Ok(up),
+                    Parsed::Invalid => return Err(Failed::Lost("invalid response head".into())),
+                    Parsed::Partial if self.ubuf.len() > MAX_HEAD => {
+                        return Err(Failed::Lost("response head too large".into()));
+                    }
+                    Parsed::Partial => {}
+                }
+            }
+            self.ubuf.reserve(READ_CHUNK);
+            match up.read_buf(&mut self.ubuf).await {
+                Ok(0) => return Err(Failed::Lost("connection closed before message completed".into())),
+                Ok(_) => {}
+                Err(e) => return Err(Failed::Lost(e.to_string())),
+            }
+        }
+    }
+
+    /// Sends the response whose head is in `ubuf` on to the client, then gives the
+    /// upstream connection back when the whole response came and nothing followed it.
+    async fn relay(
+        &mut self,
+        mut up: TcpStream,
+        b: &std::sync::Arc<Backend>,
+        guard: InFlight,
+        o: &mut Outcome,
+    ) -> Next {
+        let status = self.resp.status;
+        o.status = status;
+        if status == 101 {
+            // No Upgrade was sent, so a 101 is a broken backend.
+            b.record_failure("connection lost");
+            let e = ForwardError::Reset { addr: b.addr, reason: "101 to a request without Upgrade".into() };
+            return self.answer_error(&e, o).await;
+        }
+        if status >= 500 {
+            b.record_failure(&format!("HTTP {status}"));
+        } else {
+            b.record_success();
+        }
+        let head_req = &self.rbuf[self.req.method.clone()] == b"HEAD";
+        self.closing |= *self.shutdown.borrow();
+        let buf = &self.ubuf[..];
+        let h = &self.resp;
+        let (mut length, mut chunked, mut te, mut reusable, mut conn) = (None, false, false, h.minor == 1, 0u32);
+        for (n, v) in &h.headers {
+            let (n, v) = (&buf[n.clone()], &buf[v.clone()]);
+            if eq(n, "content-length") {
+                match parse_len(v) {
+                    Some(len) if length.is_none_or(|l| l == len) => length = Some(len),
+                    _ => {
+                        b.record_failure("connection lost");
+                        let e = ForwardError::Reset { addr: b.addr, reason: "invalid content-length".into() };
+                        return self.answer_error(&e, o).await;
+                    }
+                }
+            } else if eq(n, "transfer-encoding") {
+                te = true;
+                chunked = tokens(v).last().is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"));
+            } else if eq(n, "connection") {
+                conn += 1;
+                if tokens(v).any(|t| t.eq_ignore_ascii_case(b"close")) {
+                    reusable = false;
+                }
+            }
+        }
+        let framing = if head_req || status == 204 || status == 304 {
+            Framing::None
+        } else if te {
+            if chunked { Framing::Chunked } else { Framing::UntilClose }
+        } else if let Some(n) = length {
+            Framing::Length(n)
+        } else {
+            Framing::UntilClose
+        };
+        if te && length.is_some() || framing == Framing::UntilClose {
+            reusable = false;
+        }
+        let out = &mut self.out;
+        out.clear();
+        let _ = write!(out, "HTTP/1.1 {status} ");
+        out.extend_from_slice(&buf[h.target.clone()]);
+        out.extend_from_slice(b"\r\n");
+        for (n, v) in &h.headers {
+            let (n, v) = (&buf[n.clone()], &buf[v.clone()]);
+            if hop_by_hop(n) || eq(n, "x-request-id") || named_by_connection(buf, &h.headers, conn, n) {
+                continue;
+            }
+            out.extend_from_slice(n);
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(v);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"x-request-id: ");
+        out.extend_from_slice(&self.id);
+        out.extend_from_slice(b"\r\n");
+        if matches!(framing, Framing::Chunked | Framing::UntilClose) {
+            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        }
+        if self.closing {
+            out.extend_from_slice(b"connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        let head_len = self.resp.len;
+        self.ubuf.advance(head_len);
+        // The backend's part ends with the last byte read from it: the in-flight count
+        // drops then, before that byte is written on, so that a client that has its
+        // answer sees the backend idle (or drained), as with hyper's path.
+        let mut guard = Some(guard);
+        let complete = match framing {
+            Framing::None => {
+                guard = None;
+                self.down.write_all(&self.out).await.ok().map(|()| true)
+            }
+            Framing::Length(n) => self.relay_length(&mut up, n, &mut guard).await,
+            Framing::Chunked => self.relay_chunked(&mut up, &mut guard).await,
+            Framing::UntilClose => self.relay_until_close(&mut up, &mut guard).await,
+        };
+        drop(guard);
+        match complete {
+            // The whole response went on.
+            Some(true) => {
+                if reusable && self.ubuf.is_empty() {
+                    b.pool.put_stream(up);
+                }
+                Next::Request
+            }
+            // The backend's side broke mid-body: the client cannot be told but by a close.
+            Some(false) => Next::Close,
+            // The client went away.
+            None => Next::Close,
+        }
+    }
+
+    /// `Some(true)` when done, `Some(false)` when the backend broke off, `None` when
+    /// the client did. `out` holds the response head on entry.
+    async fn relay_length(&mut self, up: &mut TcpStream, n: u64, guard: &mut Option<InFlight>) -> Option<bool> {
+        let mut left = n;
+        let first = (self.ubuf.len() as u64).min(left) as usize;
+        if first as u64 == left {
+            guard.take();
+        }
+        if first <= COALESCE {
+            self.out.extend_from_slice(&self.ubuf[..first]);
+            self.down.write_all(&self.out).await.ok()?;
+        } else {
+            self.down.write_all(&self.out).await.ok()?;
+            self.down.write_all(&self.ubuf[..first]).await.ok()?;
+        }
+        self.ubuf.advance(first);
+        left -= first as u64;
+        while left > 0 {
+            self.ubuf.clear();
+            self.ubuf.reserve(READ_CHUNK);
+            match up.read_buf(&mut self.ubuf).await {
+                Ok(0) | Err(_) => return Some(false),
+                Ok(_) => {}
+            }
+            let take = (self.ubuf.len() as u64).min(left) as usize;
+            if take as u64 == left {
+                guard.take();
+            }
+            self.down.write_all(&self.ubuf[..take]).await.ok()?;
+            self.ubuf.advance(take);
+            left -= take as u64;
+        }
+        Some(true)
+    }
+
+    async fn relay_chunked(&mut self, up: &mut TcpStream, guard: &mut Option<InFlight>) -> Option<bool> {
+        let mut dec = Chunked::default();
+        let Some(n) = dec.feed(&self.ubuf) else { return Some(false) };
+        if dec.done() {
+            guard.take();
+        }
+        if n <= COALESCE {
+            self.out.extend_from_slice(&self.ubuf[..n]);
+            self.down.write_all(&self.out).await.ok()?;
+        } else {
+            self.down.write_all(&self.out).await.ok()?;
+            self.down.write_all(&self.ubuf[..n]).await.ok()?;
+        }
+        self.ubuf.advance(n);
+        while !dec.done() {
+            self.ubuf.clear();
+            self.ubuf.reserve(READ_CHUNK);
+            match up.read_buf(&mut self.ubuf).await {
+                Ok(0) | Err(_) => return Some(false),
+                Ok(_) => {}
+            }
+            let Some(n) = dec.feed(&self.ubuf) else { return Some(false) };
+            if dec.done() {
+                guard.take();
+            }
+            self.down.write_all(&self.ubuf[..n]).await.ok()?;
+            self.ubuf.advance(n);
+        }
+        Some(true)
+    }
+
+    /// A body that ends when the backend closes goes on chunked, so the client
+    /// connection stays open.
+    async fn relay_until_close(&mut self, up: &mut TcpStream, guard: &mut Option<InFlight>) -> Option<bool> {
+        loop {
+            if !self.ubuf.is_empty() {
+                let _ = write!(self.out, "{:x}\r\n", self.ubuf.len());
+                self.out.extend_from_slice(&self.ubuf);
+                self.out.extend_from_slice(b"\r\n");
+                self.ubuf.clear();
+            }
+            if !self.out.is_empty() {
+                self.down.write_all(&self.out).await.ok()?;
+                self.out.clear();
+            }
+            self.ubuf.reserve(READ_CHUNK);
+            match up.read_buf(&mut self.ubuf).await {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(_) => return Some(false),
+            }
+        }
+        guard.take();
+        self.down.write_all(b"0\r\n\r\n").await.ok()?;
+        Some(true)
+    }
+
+    /// The proxy's own answer: `{code} {error}` as text, as the hyper path writes it.
+    async fn answer_error(&mut self, e: &ForwardError, o: &mut Outcome) -> Next {
+        let status = e.status();
+        o.status = status.as_u16();
+        o.error = Some(format!("{:?}: {e}", e.side()));
+        self.closing |= *self.shutdown.borrow();
+        let body = format!("{} {e}\n", status.as_u16());
+        let out = &mut self.out;
+        out.clear();
+        let _ = write!(
+            out,
+            "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nx-request-id: ",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or(""),
+            body.len()
+        );
+        out.extend_from_slice(&self.id);
+        out.extend_from_slice(b"\r\n");
+        if self.closing {
+            out.extend_from_slice(b"connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(body.as_bytes());
+        match self.down.write_all(&self.out).await {
+            Ok(()) => Next::Request,
+            Err(_) => Next::Close,
+        }
+    }
+}
+
+async fn connect(addr: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    let s = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(s) => s?,
+        Err(_) => return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout")),
+    };
+    let _ = s.set_nodelay(true);
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body_of(chunks: &[&[u8]]) -> (Option<usize>, bool) {
+        let mut d = Chunked::default();
+        let mut last = Some(0);
+        for c in chunks {
+            last = d.feed(c);
+            if last.is_none() {
+                break;
+            }
+        }
+        (last, d.done())
+    }
+
+    #[test]
+    fn chunked_framing_ends_after_the_last_chunk_and_trailers() {
+        let msg = b"5\r\nhello\r\n1;ext=1\r\n \r\n0\r\nx-t: 1\r\n\r\nGET / HTTP/1.1";
+        let mut d = Chunked::default();
+        let n = d.feed(msg).unwrap();
+        assert!(d.done());
+        assert_eq!(&msg[n..], b"GET / HTTP/1.1");
+        // Split at every byte: the decoder keeps its place across reads.
+        let mut d = Chunked::default();
+        let body = &msg[..n];
+        for b in body {
+            assert_eq!(d.feed(std::slice::from_ref(b)), Some(1));
+        }
+        assert!(d.done());
+    }
+
+    #[test]
+    fn malformed_chunk_sizes_are_refused() {
+        assert_eq!(body_of(&[b"zz\r\n"]), (None, false));
+        assert_eq!(body_of(&[b"\r\n"]), (None, false));
+        assert_eq!(body_of(&[b"ffffffffffffffffff\r\n"]), (None, false));
+        assert_eq!(body_of(&[b"3\r\nabcX"]), (None, false));
+    }
+
+    #[test]
+    fn request_heads_are_parsed_in_place() {
+        let buf = b"GET /a?b HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n\r\nrest";
+        let mut h = Head::default();
+        assert!(matches!(parse_request(buf, &mut h), Parsed::Complete));
+        assert_eq!(&buf[h.method.clone()], b"GET");
+        assert_eq!(&buf[h.target.clone()], b"/a?b");
+        assert_eq!(h.len, buf.len() - 4);
+        assert_eq!(&buf[h.headers[1].1.clone()], b"1");
+        assert!(matches!(parse_request(b"GET / HTTP/1.1\r\nHo", &mut h), Parsed::Partial));
+        assert!(matches!(parse_request(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", &mut h), Parsed::Invalid));
+    }
+
+    #[test]
+    fn content_lengths_are_plain_digits() {
+        assert_eq!(parse_len(b"0"), Some(0));
+        assert_eq!(parse_len(b"123"), Some(123));
+        assert_eq!(parse_len(b"+1"), None);
+        assert_eq!(parse_len(b""), None);
+        assert_eq!(parse_len(b"99999999999999999999"), None);
+    }
+}

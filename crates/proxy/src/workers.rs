@@ -1,0 +1,72 @@
+//! Threads that run HTTP connections, one single-threaded runtime each, as nginx runs
+//! one event loop per worker process.
+//!
+//! On tokio's multi-threaded runtime a connection's task wakes on whichever worker
+//! polled the I/O driver and may be stolen by another; with two workers that cost
+//! drover 10 % of its requests per CPU-second and a worse p99 than with one
+//! (docs/benchmarks.md). Here each accepted connection is handed to one worker (round
+//! robin) and stays there: its socket is registered with that worker's own epoll, its
+//! wake-ups never cross threads, and the upstream sockets it pools are that worker's
+//! (`pool`). Accepting, health checks, reloads and the admin endpoint stay on the
+//! runtime that started the proxy.
+
+use std::future::Future;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use tokio::sync::oneshot;
+
+pub(crate) struct Workers {
+    handles: Vec<tokio::runtime::Handle>,
+    stops: Mutex<Vec<oneshot::Sender<()>>>,
+    next: AtomicUsize,
+}
+
+thread_local! {
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The connection worker this thread is (0 on any other thread).
+pub(crate) fn current() -> usize {
+    WORKER.with(|w| w.get())
+}
+
+impl Workers {
+    /// `n` worker threads (at least one).
+    pub(crate) fn start(n: usize) -> std::io::Result<Workers> {
+        let n = n.max(1);
+        let (mut handles, mut stops) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for i in 0..n {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let (stop, stopped) = oneshot::channel::<()>();
+            handles.push(rt.handle().clone());
+            stops.push(stop);
+            std::thread::Builder::new().name(format!("drover-proxy-{i}")).spawn(move || {
+                WORKER.with(|w| w.set(i));
+                rt.block_on(async {
+                    let _ = stopped.await;
+                });
+                // Dropping the runtime ends the connections still running on it.
+            })?;
+        }
+        Ok(Workers { handles, stops: Mutex::new(stops), next: AtomicUsize::new(0) })
+    }
+
+    /// Runs `f` on the next worker; it should create its sockets there (`from_std`).
+    pub(crate) fn spawn(&self, f: impl Future<Output = ()> + Send + 'static) {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
+        self.handles[i].spawn(f);
+    }
+
+    /// Stops every worker; connections still open are cut.
+    pub(crate) fn stop(&self) {
+        for s in self.stops.lock().unwrap().drain(..) {
+            let _ = s.send(());
+        }
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

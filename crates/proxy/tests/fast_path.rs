@@ -1,0 +1,470 @@
+//! The HTTP/1.1 fast path over real sockets: framing, keep-alive and pipelining,
+//! the pool of upstream sockets, the retry rules, fallback to hyper at a request
+//! boundary, and draining. Clients and backends here write raw bytes, so the proxy's
+//! exact wire behaviour is what is checked.
+
+mod common;
+
+use common::*;
+use drover_proxy::Proxy;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+fn config(backend: SocketAddr, extra: &str) -> String {
+    format!(
+        r#"
+drain_timeout_secs = 5
+[[listeners]]
+name = "web"
+bind = "127.0.0.1:0"
+protocol = "http"
+[[routes]]
+listener = "web"
+service = "app"
+[services.app]
+backends = [{{ address = "{backend}" }}]
+passive_failures = 0
+{extra}
+"#
+    )
+}
+
+/// One request as a raw backend saw it.
+#[derive(Clone, Debug)]
+struct Seen {
+    head: String,
+    body: Vec<u8>,
+}
+
+/// What a raw backend does with a request.
+enum Reply {
+    /// Write these bytes, keep the connection.
+    Bytes(Vec<u8>),
+    /// Write these bytes, then close.
+    Close(Vec<u8>),
+    /// Close without answering.
+    Reset,
+}
+
+/// A backend speaking HTTP/1.1 by hand: reads a head and a Content-Length or chunked
+/// body, asks `reply`; counts connections and keeps what it saw.
+struct RawBackend {
+    addr: SocketAddr,
+    conns: Arc<AtomicUsize>,
+    seen: Arc<std::sync::Mutex<Vec<Seen>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RawBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// Reads one chunked body from `buf` + `s`; returns it decoded and what follows it.
+async fn read_chunked(s: &mut TcpStream, mut buf: Vec<u8>) -> Option<(Vec<u8>, Vec<u8>)> {
+    let mut body = Vec::new();
+    loop {
+        while find(&buf, b"\r\n").is_none() {
+            let mut more = [0u8; 4096];
+            let n = s.read(&mut more).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            buf.extend_from_slice(&more[..n]);
+        }
+        let line_end = find(&buf, b"\r\n")?;
+        let size_text = String::from_utf8_lossy(&buf[..line_end]).to_string();
+        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+        if size == 0 {
+            // No trailers in these tests: the final CRLF follows.
+            while buf.len() < line_end + 4 {
+                let mut more = [0u8; 64];
+                let n = s.read(&mut more).await.ok()?;
+                if n == 0 {
+                    return None;
+                }
+                buf.extend_from_slice(&more[..n]);
+            }
+            return Some((body, buf[line_end + 4..].to_vec()));
+        }
+        while buf.len() < line_end + 2 + size + 2 {
+            let mut more = [0u8; 65536];
+            let n = s.read(&mut more).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            buf.extend_from_slice(&more[..n]);
+        }
+        body.extend_from_slice(&buf[line_end + 2..line_end + 2 + size]);
+        buf.drain(..line_end + 2 + size + 2);
+    }
+}
+
+/// Reads one message (head and body) from `s` with `buf` already read; returns the
+/// head, the body and the bytes after it. `no_body` for answers to HEAD.
+async fn read_message(s: &mut TcpStream, buf: &mut Vec<u8>, no_body: bool) -> Option<(String, Vec<u8>)> {
+    let end = loop {
+        if let Some(i) = find(buf, b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut more = [0u8; 65536];
+        let n = s.read(&mut more).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&more[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+    let rest = buf.split_off(end);
+    buf.clear();
+    if no_body {
+        *buf = rest;
+        return Some((head, Vec::new()));
+    }
+    if header(&head, "transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        let (body, after) = read_chunked(s, rest).await?;
+        *buf = after;
+        return Some((head, body));
+    }
+    let len: usize = header(&head, "content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let mut rest = rest;
+    while rest.len() < len {
+        let mut more = [0u8; 65536];
+        let n = s.read(&mut more).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        rest.extend_from_slice(&more[..n]);
+    }
+    *buf = rest.split_off(len);
+    Some((head, rest))
+}
+
+impl RawBackend {
+    async fn start(reply: impl Fn(&Seen, usize) -> Reply + Send + Sync + 'static) -> RawBackend {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let reply = Arc::new(reply);
+        let (c2, s2) = (conns.clone(), seen.clone());
+        let task = tokio::spawn(async move {
+            let mut tasks = tokio::task::JoinSet::new();
+            while let Ok((mut s, _)) = l.accept().await {
+                c2.fetch_add(1, Ordering::SeqCst);
+                let (seen, reply) = (s2.clone(), reply.clone());
+                tasks.spawn(async move {
+                    let mut buf = Vec::new();
+                    while let Some((head, body)) = read_message(&mut s, &mut buf, false).await {
+                        let req = Seen { head, body };
+                        let n = {
+                            let mut all = seen.lock().unwrap();
+                            all.push(req.clone());
+                            all.len()
+                        };
+                        match reply(&req, n) {
+                            Reply::Bytes(b) => {
+                                if s.write_all(&b).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Reply::Close(b) => {
+                                let _ = s.write_all(&b).await;
+                                return;
+                            }
+                            Reply::Reset => return,
+                        }
+                    }
+                });
+            }
+        });
+        RawBackend { addr, conns, seen, task }
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+fn ok(body: &str) -> Reply {
+    Reply::Bytes(format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len()).into_bytes())
+}
+
+async fn proxy_for(backend: SocketAddr, extra: &str) -> (drover_proxy::RunningProxy, SocketAddr) {
+    let p = Proxy::start(parse(&config(backend, extra))).await.unwrap();
+    let addr = p.local_addr("web").unwrap();
+    (p, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_answered_in_order_on_one_upstream_connection() {
+    let b = RawBackend::start(|req, _| ok(req.head.lines().next().unwrap_or_default().split(' ').nth(1).unwrap_or("")))
+        .await;
+    let (p, addr) = proxy_for(b.addr, "").await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\nGET /3 HTTP/1.1\r\nHost: a\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    for want in ["/1", "/2", "/3"] {
+        let (head, body) = read_message(&mut s, &mut buf, false).await.expect("a response");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(header(&head, "x-request-id").is_some(), "{head}");
+        assert_eq!(String::from_utf8_lossy(&body), want);
+    }
+    assert_eq!(b.conns.load(Ordering::SeqCst), 1, "the upstream connection was reused");
+    p.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_and_close_delimited_responses_reach_the_client_whole_and_keep_it_alive() {
+    let big: String = (0..20_000).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    let big2 = big.clone();
+    let b = RawBackend::start(move |req, _| {
+        if req.head.starts_with("GET /chunked") {
+            let mut r = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+            for part in [&big2[..7], &big2[7..20_000]] {
+                r.extend_from_slice(format!("{:x};ext=1\r\n{part}\r\n", part.len()).as_bytes());
+            }
+            r.extend_from_slice(b"0\r\n\r\n");
+            Reply::Bytes(r)
+        } else {
+            // No length: the body ends when the backend closes.
+            Reply::Close(format!("HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{big2}").into_bytes())
+        }
+    })
+    .await;
+    let (p, addr) = proxy_for(b.addr, "").await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut buf = Vec::new();
+    for path in ["/chunked", "/until-close", "/chunked"] {
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes()).await.unwrap();
+        let (head, body) = read_message(&mut s, &mut buf, false).await.expect("a response on the same connection");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert_eq!(header(&head, "transfer-encoding"), Some("chunked"), "{head}");
+        assert!(header(&head, "connection").is_none(), "the client connection stays open: {head}");
+        assert_eq!(body.len(), big.len(), "{path}");
+        assert!(body == big.as_bytes(), "{path}: body changed");
+    }
+    p.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_pass_both_ways_and_large_uploads_are_streamed_by_hyper() {
+    let b = RawBackend::start(|req, _| {
+        let body = vec![b'x'; 3 << 20];
+        let mut r = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nx-got: {}\r\n\r\n", body.len(), req.body.len())
+            .into_bytes();
+        r.extend_from_slice(&body);
+        Reply::Bytes(r)
+    })
+    .await;
+    let (p, addr) = proxy_for(b.addr, "").await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut buf = Vec::new();
+    // 60 KiB: read whole by the fast path (replayable); 300 KiB: over the replay
+    // limit, so hyper streams it; both on one client connection.
+    for (n, chunked) in [(60 << 10, false), (300 << 10, false), (200 << 10, true)] {
+        let payload = vec![b'p'; n];
+        let mut req = if chunked {
+            b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec()
+        } else {
+            format!("POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: {n}\r\n\r\n").into_bytes()
+        };
+        if chunked {
+            for part in payload.chunks(50_000) {
+                req.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+                req.extend_from_slice(part);
+                req.extend_from_slice(b"\r\n");
+            }
+            req.extend_from_slice(b"0\r\n\r\n");
+        } else {
+            req.extend_from_slice(&payload);
+        }
+        s.write_all(&req).await.unwrap();
+        let (head, body) = read_message(&mut s, &mut buf, false).await.expect("a response");
+        assert!(head.to_ascii_lowercase().starts_with("http/1.1 200"), "{head}");
+        assert_eq!(header(&head, "x-got"), Some(n.to_string().as_str()), "{head}");
+        assert_eq!(body.len(), 3 << 20);
+    }
+    assert!(b.seen().iter().all(|r| r.body.iter().all(|&c| c == b'p')));
+    p.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_replace_hop_by_hop_ones_and_head_answers_have_no_body() {
+    let b = RawBackend::start(|req, _| {
+        if req.head.starts_with("HEAD") {
+            Reply::Bytes(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nKeep-Alive: timeout=5\r\n\r\n".to_vec())
+        } else {
+            ok("fine")
+        }
+    })
+    .await;
+    let (p, addr) = proxy_for(b.addr, "").await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        b"HEAD /h HTTP/1.1\r\nHost: Shop.example:81\r\nConnection: keep-alive, x-secret\r\nX-Secret: 1\r\nKeep-Alive: 5\r\n\
+          X-Forwarded-For: 192.0.2.7\r\nX-Forwarded-Proto: gopher\r\nForwarded: for=192.0.2.7\r\nX-Request-Id: abc\r\n\r\n\
+          GET /g HTTP/1.1\r\nHost: s\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    let (head, body) = read_message(&mut s, &mut buf, true).await.unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(header(&head, "content-length"), Some("5"), "{head} {:?}", b.seen());
+    assert!(header(&head, "keep-alive").is_none(), "{head}");
+    assert_eq!(header(&head, "x-request-id"), Some("abc"));
+    assert!(body.is_empty());
+    let (head, body) = read_message(&mut s, &mut buf, false).await.unwrap();
+    assert!(head.starts_with("HTTP/1.1 200") && body == b"fine", "{head}");
+    let seen = b.seen();
+    let up = &seen[0].head;
+    assert!(up.starts_with("HEAD /h HTTP/1.1\r\n"), "{up}");
+    assert_eq!(header(up, "host"), Some("Shop.example:81"));
+    assert_eq!(header(up, "x-forwarded-host"), Some("Shop.example:81"));
+    assert_eq!(header(up, "x-forwarded-for"), Some("192.0.2.7, 127.0.0.1"));
+    assert_eq!(header(up, "x-forwarded-proto"), Some("http"));
+    assert_eq!(header(up, "forwarded"), Some("for=192.0.2.7, for=127.0.0.1;proto=http;host=\"Shop.example:81\""));
+    assert_eq!(header(up, "x-request-id"), Some("abc"));
+    for gone in ["connection", "x-secret", "keep-alive"] {
+        assert!(header(up, gone).is_none(), "{gone} was forwarded: {up}");
+    }
+    let id = header(&seen[1].head, "x-request-id").unwrap();
+    assert_eq!(id.len(), 24, "a new id for the request without one: {id}");
+    p.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_the_backend_closed_while_idle_costs_no_error_and_no_replay() {
+    // Every response says keep-alive, but the backend closes each connection 50 ms
+    // after answering: the proxy must not send the next request into a dead socket.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let posts = Arc::new(AtomicUsize::new(0));
+    let posts2 = posts.clone();
+    let server = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let posts = posts2.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                if let Some((head, _)) = read_message(&mut s, &mut buf, false).await {
+                    if head.starts_with("POST") {
+                        posts.fetch_add(1, Ordering::SeqCst);
+                    }
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            });
+        }
+    });
+    let (p, paddr) = proxy_for(addr, "").await;
+    let c = client();
+    for _ in 0..5 {
+        let r = send(&c, "POST", &format!("http://{paddr}/p"), None, "{}").await.unwrap();
+        assert_eq!((r.status, r.body.as_str()), (200, "ok"));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert_eq!(posts.load(Ordering::SeqCst), 5, "each POST reached the backend exactly once");
+    server.abort();
+    p.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_the_backend_reset_mid_request_is_502_and_never_replayed() {
+    let bad = RawBackend::start(|_, _| Reply::Reset).await;
+    let good = RawBackend::start(|_, _| ok("good")).await;
+    let cfg = format!(
+        r#"
+[[listeners]]
+name = "web"
+bind = "127.0.0.1:0"
+protocol = "http"
+[[routes]]
+listener = "web"
+service = "app"
+[services.app]
+backends = [{{ address = "{}" }}, {{ address = "{}" }}]
+passive_failures = 0
+"#,
+        bad.addr, good.addr
+    );
+    let p = Proxy::start(parse(&cfg)).await.unwrap();
+    let addr = p.local_addr("web").unwrap();
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut buf = Vec::new();
+    s.write_all(b"POST /o HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello").await.unwrap();
+    let (head, body) = read_message(&mut s, &mut buf, false).await.unwrap();
+    assert!(head.starts_with("HTTP/1.1 502"), "{head}");
+    assert!(String::from_utf8_lossy(&body).contains("connection lost before the response"), "{head}");
+    assert_eq!(bad.seen().len(), 1);
+    assert!(good.seen().is_empty(), "the POST was replayed");
+    // The same client connection goes on; a GET that meets the reset is resent.
+    s.write_all(b"GET /g HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    let (head, body) = read_message(&mut s, &mut buf, false).await.unwrap();
+    assert!(head.starts_with("HTTP/1.1 200") && body == b"good", "{head}");
+    p.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_falls_back_to_hyper_for_an_upgrade_after_fast_requests() {
+    let b = TestBackend::start("ws").await;
+    let (p, addr) = proxy_for(b.addr, "").await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut buf = Vec::new();
+    s.write_all(b"GET /plain HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let (head, body) = read_message(&mut s, &mut buf, false).await.unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(body.starts_with(b"ws /plain "));
+    s.write_all(b"GET /chat HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n").await.unwrap();
+    let (head, _) = read_message(&mut s, &mut buf, true).await.unwrap();
+    assert!(head.to_ascii_lowercase().starts_with("http/1.1 101"), "{head}");
+    s.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    s.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"ping");
+    p.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_closes_idle_keep_alive_connections_and_finishes_the_request_in_flight() {
+    let b = TestBackend::start("slow").await;
+    let (p, addr) = proxy_for(b.addr, "").await;
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    let mut buf = Vec::new();
+    idle.write_all(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    read_message(&mut idle, &mut buf, false).await.unwrap();
+    let mut busy = TcpStream::connect(addr).await.unwrap();
+    busy.write_all(b"GET /slow?sleep_ms=600 HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    wait_until(Duration::from_secs(2), "the slow request reached the backend", || b.hits() == 2).await;
+    let started = std::time::Instant::now();
+    let stopping = tokio::spawn(p.shutdown(Duration::from_secs(5)));
+    let mut rest = Vec::new();
+    assert_eq!(idle.read_to_end(&mut rest).await.unwrap(), 0, "the idle connection is closed at once");
+    let mut buf = Vec::new();
+    let (head, body) = read_message(&mut busy, &mut buf, false).await.expect("the slow response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(header(&head, "connection"), Some("close"), "{head}");
+    assert!(body.starts_with(b"slow /slow"));
+    stopping.await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(3), "shutdown waited for no idle connection");
+}
