@@ -31,3 +31,13 @@ forget_pid() {
 }
 
 port_free() { [[ -z $(ss -Htln "sport = :$1" 2>/dev/null) ]]; }
+
+# Waits until a TCP port accepts (max $2 s, default 10).
+wait_port() {
+    local port=$1 max=${2:-10} i
+    for i in $(seq $((max * 10))); do
+        if timeout 1 bash -c "exec 3<>/dev/tcp/127.0.0.1/$port" 2>/dev/null; then return 0; fi
+        sleep 0.1
+    done
+    return 1
+}

@@ -148,24 +148,10 @@ EOF
     SYS_DESC="$DROVER_DESC"
 }
 
-# Kills the leader: its postgres only ("pg", the agent stays and reports it down) or its
-# postgres and its agent ("pg+mgr"). Sets KILLED and KILL_TIME.
+# Kills the current leader as `kill_leader` (lib.sh) says; its manager is the agent.
 drover_kill() { # WHAT RUN
     local what=$1 run=$2 leader
     leader=$(drover_leader)
     [[ -n $leader ]] || die "drover: no leader to kill"
-    KILLED=$leader
-    KILL_TIME=$EPOCHREALTIME
-    case $what in
-        pg) kill9_pg "$run/$leader" ;;
-        pg+mgr)
-            kill -KILL "${AGENT_PID[$leader]}" 2>/dev/null || true
-            kill9_pg "$run/$leader"
-            ;;
-        freeze) # the whole node stops answering (SIGSTOP), sockets open: no reset anywhere
-            kill -STOP "${AGENT_PID[$leader]}" 2>/dev/null || true
-            freeze_pg "$run/$leader"
-            ;;
-        *) die "unknown kill $what" ;;
-    esac
+    kill_leader "$what" "$leader" "${AGENT_PID[$leader]}" "$run/$leader"
 }

@@ -105,16 +105,6 @@ wait_ports_free() {
     done
 }
 
-# Waits until a TCP port accepts (max $2 s, default 10).
-wait_port() {
-    local port=$1 max=${2:-10} i
-    for i in $(seq $((max * 10))); do
-        if timeout 1 bash -c "exec 3<>/dev/tcp/127.0.0.1/$port" 2>/dev/null; then return 0; fi
-        sleep 0.1
-    done
-    return 1
-}
-
 # Polls `CMD...` every 0.2 s until it succeeds, at most $1 seconds.
 poll() {
     local max=$1 end
@@ -223,4 +213,25 @@ resumed() { [[ $(analyze "$1" "$2") != no* ]]; }
 lost_ids() {
     awk 'FNR == NR { have[$1] = 1; next } !($1 in have) { n++; if (n <= 5) l = l (l ? "," : "") $1 }
          END { print n + 0, (l ? l : "-") }' "$2" "$1/acked"
+}
+
+# Kills member LEADER of a run: its postgres only ("pg"), its postgres and its manager
+# process ("pg+mgr": drover's agent or Patroni), or freezes both ("freeze": SIGSTOP, the
+# node stops answering with its sockets open, so nothing is reset). Sets KILLED and KILL_TIME.
+kill_leader() { # WHAT LEADER MANAGER_PID DATA_DIR
+    local what=$1 leader=$2 mgr=$3 data=$4
+    KILLED=$leader
+    KILL_TIME=$EPOCHREALTIME
+    case $what in
+        pg) kill9_pg "$data" ;;
+        pg+mgr)
+            kill -KILL "$mgr" 2>/dev/null || true
+            kill9_pg "$data"
+            ;;
+        freeze)
+            kill -STOP "$mgr" 2>/dev/null || true
+            freeze_pg "$data"
+            ;;
+        *) die "unknown kill $what" ;;
+    esac
 }

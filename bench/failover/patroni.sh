@@ -190,26 +190,12 @@ patroni_setup() { # PROFILE RUN
     SYS_DESC="Patroni $(patroni --version 2>/dev/null | awk '{print $2}'), etcd $(etcd --version 2>/dev/null | awk '/^etcd Version/ {print $3}'), $("$HAPROXY" -v 2>/dev/null | awk 'NR == 1 {print $1, $3}')"
 }
 
-# Kills the leader: its postgres only ("pg") or its postgres and its patroni ("pg+mgr").
-# Sets KILLED (member name) and KILL_TIME.
+# Kills the current leader as `kill_leader` (lib.sh) says; its manager is the patroni process.
 patroni_kill() { # WHAT RUN
     local what=$1 run=$2 leader
     leader=$(patroni_leader)
     [[ -n $leader ]] || die "Patroni: no leader to kill"
-    KILLED=$leader
-    KILL_TIME=$EPOCHREALTIME
-    case $what in
-        pg) kill9_pg "$run/$leader/data" ;;
-        pg+mgr)
-            kill -KILL "${PATRONI_PID[$leader]}" 2>/dev/null || true
-            kill9_pg "$run/$leader/data"
-            ;;
-        freeze) # the whole node stops answering (SIGSTOP), sockets open: no reset anywhere
-            kill -STOP "${PATRONI_PID[$leader]}" 2>/dev/null || true
-            freeze_pg "$run/$leader/data"
-            ;;
-        *) die "unknown kill $what" ;;
-    esac
+    kill_leader "$what" "$leader" "${PATRONI_PID[$leader]}" "$run/$leader/data"
 }
 
 patroni_member_of_port() {

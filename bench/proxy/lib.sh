@@ -68,16 +68,6 @@ check_ports() {
     done
 }
 
-# Waits until a TCP port accepts (max $2 s, default 10).
-wait_port() {
-    local port=$1 max=${2:-10} i
-    for i in $(seq $((max * 10))); do
-        if timeout 1 bash -c "exec 3<>/dev/tcp/127.0.0.1/$port" 2>/dev/null; then return 0; fi
-        sleep 0.1
-    done
-    return 1
-}
-
 # utime+stime in clock ticks of PID and its descendants (every thread is included in a
 # process's /proc/PID/stat; nginx workers are separate processes, hence the tree).
 cpu_ticks() {
