@@ -593,6 +593,16 @@ pub fn plan_switchover(
 /// Brings members back in line while the leader is healthy (rule 7): a member other
 /// than the leader that is a primary is fenced and rejoined; a replica that streams
 /// from elsewhere, or has not streamed for `dead_grace_ms`, is repointed.
+/// A member that must not take writes and must follow the leader again: fenced at the
+/// proxy, rejoined, and the event that says why (in that order; the server relies on it).
+fn fence_and_rejoin(spec: &ClusterSpec, member: &str, leader: &LeaderRecord, why: String) -> [Step; 3] {
+    [
+        Step::FenceProxy { member: member.to_string() },
+        Step::Rejoin { member: member.to_string(), primary: leader.member.clone() },
+        Step::RecordEvent { message: format!("database {}: {member} {why}", spec.name) },
+    ]
+}
+
 pub fn reconcile(spec: &ClusterSpec, obs: &Observations, leader: &LeaderRecord, now_ms: u64) -> Vec<Step> {
     if decide(spec, obs, leader, now_ms) != Decision::Healthy {
         return Vec::new();
@@ -604,27 +614,15 @@ pub fn reconcile(spec: &ClusterSpec, obs: &Observations, leader: &LeaderRecord, 
         if let AgentView::LocalDown { since_ms, .. } = &o.agent
             && held(*since_ms, spec, now_ms)
         {
-            steps.push(Step::FenceProxy { member: m.name.clone() });
-            steps.push(Step::Rejoin { member: m.name.clone(), primary: leader.member.clone() });
-            steps.push(Step::RecordEvent {
-                message: format!(
-                    "database {}: {} has been down; rejoining it as a replica of {} via pg_rewind",
-                    spec.name, m.name, leader.member
-                ),
-            });
+            let why = format!("has been down; rejoining it as a replica of {} via pg_rewind", leader.member);
+            steps.extend(fence_and_rejoin(spec, &m.name, leader, why));
             continue;
         }
         let Some(st) = agent_status(o, spec, now_ms) else { continue };
         match st.role {
             Role::Primary => {
-                steps.push(Step::FenceProxy { member: m.name.clone() });
-                steps.push(Step::Rejoin { member: m.name.clone(), primary: leader.member.clone() });
-                steps.push(Step::RecordEvent {
-                    message: format!(
-                        "database {}: {} came back as a primary beside {}; fenced, rejoining via pg_rewind",
-                        spec.name, m.name, leader.member
-                    ),
-                });
+                let why = format!("came back as a primary beside {}; fenced, rejoining via pg_rewind", leader.member);
+                steps.extend(fence_and_rejoin(spec, &m.name, leader, why));
             }
             Role::Replica => {
                 let elsewhere = st.wal_receiver_streaming && st.upstream.as_deref() != leader_addr;

@@ -290,6 +290,7 @@ struct Writer {
     acked: Arc<Mutex<Vec<(u64, Instant, Instant)>>>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
+    started: Instant,
 }
 
 impl Writer {
@@ -311,11 +312,21 @@ impl Writer {
                 }
             })
         };
-        Writer { acked, stop, thread: Some(thread) }
+        Writer { acked, stop, thread: Some(thread), started: Instant::now() }
     }
 
     fn acked_since(&self, t: Instant) -> usize {
         self.acked.lock().unwrap().iter().filter(|(_, _, at)| *at > t).count()
+    }
+
+    /// Waits (30 s at most) until `n` writes were acknowledged after `t`.
+    fn wait_acked_since(&self, t: Instant, n: usize, what: &str) {
+        wait_for(Duration::from_secs(30), what, || (self.acked_since(t) >= n).then_some(()));
+    }
+
+    /// Waits (60 s at most) for the first acknowledged write sent after `t`; when it was acknowledged.
+    fn wait_resumed_after(&self, t: Instant, what: &str) -> Instant {
+        wait_for(Duration::from_secs(60), what, || self.first_ack_of_a_write_sent_after(t))
     }
 
     /// When the first write sent after `t` was acknowledged (one sent before `t` may be
@@ -360,19 +371,14 @@ fn lost_writes(c: &PgCluster, member: &str, acked: &[u64]) -> Vec<u64> {
 #[test]
 fn kill9_of_the_primary_moves_writes_to_a_replica_loses_no_acknowledged_write_and_the_old_primary_rejoins() {
     let Fixture { c, srv, write_port, .. } = &fixture();
-    let t = Duration::from_secs(30);
     let writer = Writer::start(*write_port);
-    wait_for(t, "writes flowing", || {
-        (writer.acked_since(Instant::now() - Duration::from_secs(3600)) >= 20).then_some(())
-    });
+    writer.wait_acked_since(writer.started, 20, "writes flowing");
 
     let killed = Instant::now();
     c.kill9("pg0").unwrap();
-    let resumed = wait_for(Duration::from_secs(60), "writes acknowledged again after the kill", || {
-        writer.first_ack_of_a_write_sent_after(killed)
-    });
+    let resumed = writer.wait_resumed_after(killed, "writes acknowledged again after the kill");
     let outage = resumed.duration_since(killed);
-    wait_for(t, "a few writes on the new primary", || (writer.acked_since(killed) >= 10).then_some(()));
+    writer.wait_acked_since(killed, 10, "a few writes on the new primary");
     let acked = writer.finish();
     eprintln!("kill -9 of the primary -> writes acknowledged again through the proxy after {outage:?}");
 
@@ -403,7 +409,7 @@ fn switchover_moves_the_primary_to_the_named_replica_with_no_lost_write() {
     let Fixture { c, srv, write_port, .. } = &fixture();
     let writer = Writer::start(*write_port);
     let begun = Instant::now();
-    wait_for(Duration::from_secs(30), "writes flowing", || (writer.acked_since(begun) >= 20).then_some(()));
+    writer.wait_acked_since(begun, 20, "writes flowing");
     let token = common::ADMIN;
     let url = srv.url();
     let out = Command::new(common::drover_bin())
@@ -413,7 +419,7 @@ fn switchover_moves_the_primary_to_the_named_replica_with_no_lost_write() {
     let said = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && said.contains("switchover done: pg2"), "{said}");
     let switched = Instant::now();
-    wait_for(Duration::from_secs(30), "writes on pg2", || (writer.acked_since(switched) >= 10).then_some(()));
+    writer.wait_acked_since(switched, 10, "writes on pg2");
     let acked = writer.finish();
     let (_, v) = srv.get("/api/v1/databases/main");
     assert_eq!(v["leader"]["member"], "pg2", "{v}");
@@ -433,16 +439,12 @@ fn a_frozen_primary_is_replaced_within_seconds_and_never_writable_again_when_it_
         c.members().iter().all(|m| c.psql(&m.name, sql).is_ok_and(|v| v == "4000")).then_some(())
     });
     let writer = Writer::start(f.write_port);
-    wait_for(t, "writes flowing", || {
-        (writer.acked_since(Instant::now() - Duration::from_secs(3600)) >= 20).then_some(())
-    });
+    writer.wait_acked_since(writer.started, 20, "writes flowing");
 
     // pg0 hangs (its agent does not): connections to it stay open and go silent.
     let frozen = Instant::now();
     c.freeze("pg0").unwrap();
-    let resumed = wait_for(Duration::from_secs(60), "writes acknowledged again after the freeze", || {
-        writer.first_ack_of_a_write_sent_after(frozen)
-    });
+    let resumed = writer.wait_resumed_after(frozen, "writes acknowledged again after the freeze");
     eprintln!("frozen primary -> writes acknowledged again through the proxy after {:?}", resumed - frozen);
     // The replicas' WAL receivers give up after replication_timeout_ms (4 s), then
     // dead_grace_ms (2 s) holds: well under PostgreSQL's own 60 s receiver timeout.
@@ -450,7 +452,7 @@ fn a_frozen_primary_is_replaced_within_seconds_and_never_writable_again_when_it_
     let (_, v) = srv.get("/api/v1/databases/main");
     let new = v["leader"]["member"].as_str().unwrap().to_string();
     assert!(new == "pg1" || new == "pg2", "a replica leads now: {v}");
-    wait_for(t, "a few writes on the new primary", || (writer.acked_since(resumed) >= 10).then_some(()));
+    writer.wait_acked_since(resumed, 10, "a few writes on the new primary");
 
     // It wakes up: whatever it was doing, it never takes writes again as a primary.
     c.thaw("pg0").unwrap();
@@ -504,9 +506,7 @@ fn a_partitioned_primary_fences_itself_its_clients_are_cut_off_and_there_are_nev
     assert!(format!("{who:?}").contains("pg0"), "{who:?}");
 
     let writer = Writer::start(f.write_port);
-    wait_for(t, "writes flowing", || {
-        (writer.acked_since(Instant::now() - Duration::from_secs(3600)) >= 20).then_some(())
-    });
+    writer.wait_acked_since(writer.started, 20, "writes flowing");
 
     // Watch every server's own answer for the rest of the test.
     let stop = AtomicBool::new(false);
@@ -534,9 +534,7 @@ fn a_partitioned_primary_fences_itself_its_clients_are_cut_off_and_there_are_nev
             (!writable_members(c).contains(&"pg0".to_string())).then_some(())
         });
         let fenced = cut.elapsed();
-        let resumed = wait_for(Duration::from_secs(60), "writes acknowledged again through the endpoint", || {
-            writer.first_ack_of_a_write_sent_after(cut)
-        });
+        let resumed = writer.wait_resumed_after(cut, "writes acknowledged again through the endpoint");
         eprintln!(
             "partition of the primary: pg0 fenced itself after {fenced:?}, writes back after {:?}",
             resumed - cut
@@ -562,7 +560,7 @@ fn a_partitioned_primary_fences_itself_its_clients_are_cut_off_and_there_are_nev
             (a.len() == 1 && name_of(&a[0]).as_deref() == Some(other)).then_some(())
         });
 
-        wait_for(t, "a few writes on the new primary", || (writer.acked_since(resumed) >= 10).then_some(()));
+        writer.wait_acked_since(resumed, 10, "a few writes on the new primary");
         let acked = writer.finish();
         let lost = lost_writes(c, &new, &acked);
         assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");

@@ -384,20 +384,23 @@ mod tests {
         assert!(load_state(&path).unwrap_err().contains("members.json"));
     }
 
+    /// Port 9 on loopback: nothing listens, so every connection attempt fails.
+    fn unreachable_server(state_file: &std::path::Path) -> FeedOptions {
+        FeedOptions {
+            server: "http://127.0.0.1:9".into(),
+            token: None,
+            ca_file: None,
+            state_file: Some(state_file.to_path_buf()),
+        }
+    }
+
     #[tokio::test]
     async fn unreachable_server_keeps_the_members_read_from_disk() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("members.json");
         let members: Members = Arc::new([("a".to_string(), member("a", true))].into());
         write_state(&path, "http://srv", &members).unwrap();
-        // Port 9 on loopback: nothing listens, so every connection attempt fails.
-        let feed = start(FeedOptions {
-            server: "http://127.0.0.1:9".into(),
-            token: None,
-            ca_file: None,
-            state_file: Some(path.clone()),
-        })
-        .unwrap();
+        let feed = start(unreachable_server(&path)).unwrap();
         let mut status = feed.status_watch();
         tokio::time::timeout(Duration::from_secs(10), status.wait_for(|s| s.last_error.is_some()))
             .await
@@ -414,13 +417,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("members.json");
         std::fs::write(&path, "{ not json").unwrap();
-        let feed = start(FeedOptions {
-            server: "127.0.0.1:9".into(),
-            token: None,
-            ca_file: None,
-            state_file: Some(path.clone()),
-        })
-        .unwrap();
+        let feed = start(unreachable_server(&path)).unwrap();
         assert!(feed.members().borrow().is_empty());
         assert!(path.with_extension("corrupt").exists(), "the unreadable file is kept for a person");
     }
@@ -429,13 +426,7 @@ mod tests {
     async fn dropping_the_feed_saves_the_latest_view_at_once() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("members.json");
-        let feed = start(FeedOptions {
-            server: "127.0.0.1:9".into(),
-            token: None,
-            ca_file: None,
-            state_file: Some(path.clone()),
-        })
-        .unwrap();
+        let feed = start(unreachable_server(&path)).unwrap();
         assert_eq!(load_state(&path).unwrap(), None, "nothing to save yet");
         drop(feed);
         assert_eq!(load_state(&path).unwrap(), Some(Members::default()), "written on drop, not after a debounce");

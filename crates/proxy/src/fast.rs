@@ -905,6 +905,21 @@ impl Conn<'_> {
         }
     }
 
+    /// Sends the response head (in `out`) and the first `n` body bytes buffered in
+    /// `ubuf`, consuming them: one write when the body part is small, so a short
+    /// response costs one system call. `None` when the client is gone.
+    async fn send_head_and_body(&mut self, n: usize) -> Option<()> {
+        if n <= COALESCE {
+            self.out.extend_from_slice(&self.ubuf[..n]);
+            self.down.write_all(&self.out).await.ok()?;
+        } else {
+            self.down.write_all(&self.out).await.ok()?;
+            self.down.write_all(&self.ubuf[..n]).await.ok()?;
+        }
+        self.ubuf.advance(n);
+        Some(())
+    }
+
     /// `Some(true)` when done, `Some(false)` when the backend broke off, `None` when
     /// the client did. `out` holds the response head on entry.
     async fn relay_length(&mut self, up: &mut TcpStream, n: u64, guard: &mut Option<InFlight>) -> Option<bool> {
@@ -913,14 +928,7 @@ impl Conn<'_> {
         if first as u64 == left {
             guard.take();
         }
-        if first <= COALESCE {
-            self.out.extend_from_slice(&self.ubuf[..first]);
-            self.down.write_all(&self.out).await.ok()?;
-        } else {
-            self.down.write_all(&self.out).await.ok()?;
-            self.down.write_all(&self.ubuf[..first]).await.ok()?;
-        }
-        self.ubuf.advance(first);
+        self.send_head_and_body(first).await?;
         left -= first as u64;
         while left > 0 {
             self.ubuf.clear();
@@ -946,14 +954,7 @@ impl Conn<'_> {
         if dec.done() {
             guard.take();
         }
-        if n <= COALESCE {
-            self.out.extend_from_slice(&self.ubuf[..n]);
-            self.down.write_all(&self.out).await.ok()?;
-        } else {
-            self.down.write_all(&self.out).await.ok()?;
-            self.down.write_all(&self.ubuf[..n]).await.ok()?;
-        }
-        self.ubuf.advance(n);
+        self.send_head_and_body(n).await?;
         while !dec.done() {
             self.ubuf.clear();
             self.ubuf.reserve(READ_CHUNK);
