@@ -594,7 +594,7 @@ pub fn plan_switchover(
 /// than the leader that is a primary is fenced and rejoined; a replica that streams
 /// from elsewhere, or has not streamed for `dead_grace_ms`, is repointed.
 /// A member that must not take writes and must follow the leader again: fenced at the
-/// proxy, rejoined, and the event that says why (in that order; the server relies on it).
+/// proxy, rejoined, and the event that says why.
 fn fence_and_rejoin(spec: &ClusterSpec, member: &str, leader: &LeaderRecord, why: String) -> [Step; 3] {
     [
         Step::FenceProxy { member: member.to_string() },
@@ -604,12 +604,24 @@ fn fence_and_rejoin(spec: &ClusterSpec, member: &str, leader: &LeaderRecord, why
 }
 
 pub fn reconcile(spec: &ClusterSpec, obs: &Observations, leader: &LeaderRecord, now_ms: u64) -> Vec<Step> {
+    reconcile_except(spec, obs, leader, now_ms, |_| false)
+}
+
+/// [`reconcile`], leaving alone the members `hold_off` names (the server's: those whose
+/// last rejoin failed recently, so they stay fenced until it is time to try again).
+pub fn reconcile_except(
+    spec: &ClusterSpec,
+    obs: &Observations,
+    leader: &LeaderRecord,
+    now_ms: u64,
+    hold_off: impl Fn(&str) -> bool,
+) -> Vec<Step> {
     if decide(spec, obs, leader, now_ms) != Decision::Healthy {
         return Vec::new();
     }
     let leader_addr = spec.addr(&leader.member);
     let mut steps = Vec::new();
-    for m in spec.members.iter().filter(|m| m.name != leader.member) {
+    for m in spec.members.iter().filter(|m| m.name != leader.member && !hold_off(&m.name)) {
         let Some(o) = obs.get(&m.name) else { continue };
         if let AgentView::LocalDown { since_ms, .. } = &o.agent
             && held(*since_ms, spec, now_ms)
@@ -1204,6 +1216,25 @@ mod tests {
         let fence = steps.iter().position(|s| *s == Step::FenceProxy { member: "pg0".into() });
         let rejoin = steps.iter().position(|s| *s == Step::Rejoin { member: "pg0".into(), primary: "pg1".into() });
         assert!(fence.unwrap() < rejoin.unwrap(), "{steps:?}");
+    }
+
+    #[test]
+    fn a_held_off_member_is_left_alone_and_the_others_still_reconciled() {
+        let mut o = healthy();
+        for m in ["pg1", "pg2"] {
+            o.agent_report(m, Err("connection refused".into()), 1_000);
+        }
+        let all = reconcile(&spec(Mode::Async), o.observations(), &leader(&[]), 1_000 + GRACE);
+        let rejoined = |steps: &[Step]| -> Vec<String> {
+            steps
+                .iter()
+                .filter_map(|s| if let Step::Rejoin { member, .. } = s { Some(member.clone()) } else { None })
+                .collect()
+        };
+        assert_eq!(rejoined(&all), ["pg1", "pg2"]);
+        let held = reconcile_except(&spec(Mode::Async), o.observations(), &leader(&[]), 1_000 + GRACE, |m| m == "pg1");
+        assert_eq!(rejoined(&held), ["pg2"]);
+        assert!(held.iter().all(|s| !format!("{s:?}").contains("pg1")), "nothing for pg1: {held:?}");
     }
 
     #[test]

@@ -548,10 +548,14 @@ pub async fn rejoin_as_replica(
     ];
     let out = run_tool(local, op, "pg_rewind", "pg_rewind", args, Some(timeout)).await?;
     let output = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    if !out.status.success() {
+    // pg_rewind refuses a target that crashed while in recovery (it recovers a crashed
+    // primary first, not a standby). A replica that crashed never wrote its own WAL, so
+    // it needs no rewind: it recovers by itself when started as a replica again.
+    let crashed_replica = local.data_dir.join("standby.signal").exists();
+    if !out.status.success() && !crashed_replica {
         return Err(OpError::new(op, "pg_rewind", OpErrorKind::RewindFailed { output: output.trim().to_string() }));
     }
-    let rewound = !output.contains("no rewind required");
+    let rewound = out.status.success() && !output.contains("no rewind required");
     write_standby_config(local, upstream).map_err(|kind| OpError::new(op, "write standby config", kind))?;
     start(local, timeout).await.map_err(|e| OpError { op, ..e })?;
     Ok(RejoinReport { stopped, rewound, rewind_output: output.trim().to_string() })

@@ -405,8 +405,8 @@ fn kill9_of_the_primary_moves_writes_to_a_replica_loses_no_acknowledged_write_an
 }
 
 #[test]
-fn switchover_moves_the_primary_to_the_named_replica_with_no_lost_write() {
-    let Fixture { c, srv, write_port, .. } = &fixture();
+fn switchover_moves_the_primary_to_the_named_replica_with_no_lost_write_and_reads_fall_back_to_it_alone() {
+    let Fixture { c, srv, write_port, read_port, .. } = &fixture();
     let writer = Writer::start(*write_port);
     let begun = Instant::now();
     writer.wait_acked_since(begun, 20, "writes flowing");
@@ -427,6 +427,17 @@ fn switchover_moves_the_primary_to_the_named_replica_with_no_lost_write() {
     assert!(lost.is_empty(), "a switchover lost acknowledged writes: {lost:?}");
     c.wait_streaming("pg0", "pg2", Duration::from_secs(60))
         .unwrap_or_else(|e| panic!("pg0 does not follow pg2: {e}\n{}", c.log_tail("pg0", 20)));
+
+    // The read endpoint (`db-read`, read_fallback_to_primary = true): on a replica while
+    // one is in rotation, on the primary while none is, on a replica again once the
+    // server has rejoined one.
+    let in_recovery = || psql(*read_port, "SELECT pg_is_in_recovery()").ok();
+    wait_for(Duration::from_secs(30), "reads on a replica", || (in_recovery()? == "t").then_some(()));
+    for r in ["pg0", "pg1"] {
+        c.kill9(r).unwrap();
+    }
+    wait_for(Duration::from_secs(30), "reads fall back to the primary", || (in_recovery()? == "f").then_some(()));
+    wait_for(Duration::from_secs(120), "reads back on a rejoined replica", || (in_recovery()? == "t").then_some(()));
 }
 
 #[test]

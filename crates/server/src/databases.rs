@@ -134,39 +134,6 @@ fn leader_key(cluster: &str) -> String {
     format!("/drover/databases/{cluster}/leader")
 }
 
-/// Drops the steps for members whose last rejoin failed less than `REJOIN_RETRY` ago:
-/// the rejoin, the event announcing it (which follows it) and the proxy fence before it
-/// (the member is fenced already). Each try would stop the server again and raise an
-/// event, and a failed pg_rewind fails the same way on every tick.
-fn without_backed_off_rejoins(steps: Vec<Step>, failed: &HashMap<String, std::time::Instant>) -> Vec<Step> {
-    if failed.is_empty() {
-        return steps;
-    }
-    let backed_off = |s: &Step| match s {
-        Step::Rejoin { member, .. } => failed.contains_key(member),
-        _ => false,
-    };
-    let mut out = Vec::with_capacity(steps.len());
-    let mut i = 0;
-    while i < steps.len() {
-        let fence_then_rejoin = matches!(&steps[i], Step::FenceProxy { member } if failed.contains_key(member))
-            && steps.get(i + 1).is_some_and(backed_off);
-        if fence_then_rejoin {
-            i += 1;
-        }
-        if backed_off(&steps[i]) {
-            i += 1;
-            if matches!(steps.get(i), Some(Step::RecordEvent { .. })) {
-                i += 1;
-            }
-            continue;
-        }
-        out.push(steps[i].clone());
-        i += 1;
-    }
-    out
-}
-
 fn now() -> u64 {
     drover_core::time::now_ms().max(0) as u64
 }
@@ -438,7 +405,7 @@ impl Cluster {
                 let steps = {
                     let mut failed = self.rejoin_failed.lock().expect("rejoin lock");
                     failed.retain(|_, at| at.elapsed() < REJOIN_RETRY);
-                    without_backed_off_rejoins(decide::reconcile(&spec, &obs, &leader, t), &failed)
+                    decide::reconcile_except(&spec, &obs, &leader, t, |m| failed.contains_key(m))
                 };
                 if !steps.is_empty() && !self.reconciling.swap(true, Ordering::SeqCst) {
                     self.reconcile(steps, leader.term);
@@ -737,30 +704,4 @@ fn lease_frame(spec: &DatabaseSpec, leader: &LeaderRecord) -> String {
         ttl_ms: spec.lease_ttl_ms,
     })
     .expect("leases serialize")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn rejoin(member: &str) -> Vec<Step> {
-        vec![
-            Step::FenceProxy { member: member.into() },
-            Step::Rejoin { member: member.into(), primary: "pg1".into() },
-            Step::RecordEvent { message: format!("{member} rejoins") },
-        ]
-    }
-
-    #[test]
-    fn a_member_whose_rejoin_failed_is_left_alone_until_the_retry_while_others_are_still_reconciled() {
-        let mut steps = rejoin("pg0");
-        steps.push(Step::Repoint { member: "pg2".into(), primary: "pg1".into() });
-        steps.extend(rejoin("pg3"));
-        assert_eq!(without_backed_off_rejoins(steps.clone(), &HashMap::new()), steps, "nothing failed: all kept");
-
-        let failed = HashMap::from([("pg0".to_string(), std::time::Instant::now())]);
-        let mut want = vec![Step::Repoint { member: "pg2".into(), primary: "pg1".into() }];
-        want.extend(rejoin("pg3"));
-        assert_eq!(without_backed_off_rejoins(steps, &failed), want);
-    }
 }
