@@ -9,6 +9,7 @@
 //! a sticky pin first, then the zone preference, then the service's `balance`.
 
 use crate::config::{Balance, HealthConfig, HealthKind, ServiceConfig};
+use crate::workers::SHARDS;
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
@@ -55,8 +56,8 @@ pub struct Backend {
     /// The control plane's verdict for a member from `members` (None for static
     /// backends): in rotation only while true, whatever the active checks say.
     control: Mutex<Option<ControlVerdict>>,
-    in_flight: AtomicU64,
-    served: AtomicU64,
+    /// Written per request, one shard per connection worker (summed when read).
+    shards: [Shard; SHARDS],
     /// `health`'s verdict and ejection end and the control plane's verdict, mirrored
     /// where `available` can read them without taking a lock: a lock is a write, and
     /// with requests on several threads every write moves the cache line between cores.
@@ -68,7 +69,6 @@ pub struct Backend {
     failing: AtomicBool,
     /// The service limits in-flight requests, so a finished one may wake a queued one.
     limited: AtomicBool,
-    current_weight: AtomicI64,
     /// The current service generation's "a slot was freed" signal.
     released: Mutex<Arc<tokio::sync::Notify>>,
     /// Bumped each time the backend leaves rotation; `close_on_leave` connections end then.
@@ -125,12 +125,26 @@ pub struct ControlVerdict {
     pub reason: String,
 }
 
-/// Counts a request or connection as in flight until dropped.
-pub struct InFlight(Arc<Backend>);
+/// A backend's per-request counters as one worker sees them. With one shared counter
+/// every request moved its cache line between the cores of two workers several times;
+/// nginx's worker processes keep such state apart too.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Shard {
+    in_flight: AtomicU64,
+    served: AtomicU64,
+    /// Smooth weighted round robin's running weight, per worker: each worker's picks
+    /// are smooth, as each nginx worker's are.
+    current_weight: AtomicI64,
+}
+
+/// Counts a request or connection as in flight until dropped (on the shard it was
+/// counted on, whichever thread drops it).
+pub struct InFlight(Arc<Backend>, usize);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.0.shards[self.1].in_flight.fetch_sub(1, Ordering::SeqCst);
         // Wakes one request queued for a backend below its limit (only a limited
         // service queues; a reload that adds a limit is covered by the queue's 50 ms cap).
         if self.0.limited.load(Ordering::Relaxed) {
@@ -183,14 +197,12 @@ impl Backend {
             passive: Mutex::new(passive_of(svc)),
             removed: AtomicBool::new(false),
             control: Mutex::new(None),
-            in_flight: AtomicU64::new(0),
-            served: AtomicU64::new(0),
+            shards: Default::default(),
             active_ok: AtomicBool::new(svc.health.is_none()),
             control_ok: AtomicBool::new(true),
             ejected_until_ns: AtomicU64::new(0),
             failing: AtomicBool::new(false),
             limited: AtomicBool::new(false),
-            current_weight: AtomicI64::new(0),
             released: Mutex::new(Arc::new(tokio::sync::Notify::new())),
             left: tokio::sync::watch::Sender::new(0),
             token: crate::affinity::backend_token(addr),
@@ -289,7 +301,7 @@ impl Backend {
     }
 
     pub fn in_flight(&self) -> u64 {
-        self.in_flight.load(Ordering::SeqCst)
+        self.shards.iter().map(|s| s.in_flight.load(Ordering::SeqCst)).sum()
     }
 
     pub fn available(&self, now: Instant) -> bool {
@@ -301,12 +313,13 @@ impl Backend {
     }
 
     pub fn start_request(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
-        InFlight(self.clone())
+        let shard = crate::workers::shard();
+        self.shards[shard].in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(self.clone(), shard)
     }
 
     pub fn record_success(&self) {
-        self.served.fetch_add(1, Ordering::Relaxed);
+        self.shards[crate::workers::shard()].served.fetch_add(1, Ordering::Relaxed);
         if self.failing.load(Ordering::Relaxed) {
             let mut h = self.health.lock().unwrap();
             h.passive_streak = 0;
@@ -367,7 +380,7 @@ impl Backend {
             state,
             reason,
             in_flight,
-            requests: self.served.load(Ordering::Relaxed),
+            requests: self.shards.iter().map(|s| s.served.load(Ordering::Relaxed)).sum(),
         }
     }
 
@@ -485,16 +498,30 @@ pub struct Service {
     pub backends: Vec<Arc<Backend>>,
     /// The proxy's own zone, preferred when set.
     zone: Option<String>,
-    /// Serializes choices; holds the random state of `p2c_ewma`.
-    rr: Mutex<u64>,
-    budget: Mutex<f64>,
+    /// Serializes one worker's choices; holds its random state for `p2c_ewma`.
+    rr: [RrShard; SHARDS],
+    /// Serializes choices across workers, only for a service with
+    /// `max_in_flight_per_backend` (whose check and count must be one step).
+    serial: Mutex<()>,
+    /// Retry tokens in hundredths (`TOKEN`), an atomic so that the common case (the
+    /// budget full) is a read and not a write other workers would have to fetch.
+    budget: AtomicU64,
     released: Arc<tokio::sync::Notify>,
 }
 
+#[derive(Debug)]
+#[repr(align(128))]
+struct RrShard(Mutex<u64>);
+
 /// Retries always allowed per service before the percentage budget has filled up, so
 /// a quiet service can still fail over.
-const MIN_RETRY_TOKENS: f64 = 10.0;
-const MAX_RETRY_TOKENS: f64 = 100.0;
+const MIN_RETRY_TOKENS: u64 = 10 * TOKEN;
+const MAX_RETRY_TOKENS: u64 = 100 * TOKEN;
+/// One retry token in the budget's unit: a request adds `retry_budget_percent` units.
+const TOKEN: u64 = 100;
+
+/// Backends a choice is made among; more than this many spill to the heap.
+type Peers<'a> = smallvec::SmallVec<[&'a Arc<Backend>; 16]>;
 
 impl Service {
     pub fn new(name: String, cfg: ServiceConfig, backends: Vec<Arc<Backend>>, zone: Option<String>) -> Service {
@@ -506,9 +533,20 @@ impl Service {
         let seed = crate::affinity::stable_hash(name.as_bytes())
             ^ u64::from(std::process::id())
             ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64;
-        let rr = Mutex::new(seed | 1);
+        let rr =
+            std::array::from_fn(|i| RrShard(Mutex::new((seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1)));
         let label = Arc::from(name.as_str());
-        Service { name, label, cfg, backends, zone, rr, budget: Mutex::new(MIN_RETRY_TOKENS), released }
+        Service {
+            name,
+            label,
+            cfg,
+            backends,
+            zone,
+            rr,
+            serial: Mutex::new(()),
+            budget: AtomicU64::new(MIN_RETRY_TOKENS),
+            released,
+        }
     }
 
     /// Picks an available backend not in `tried` (without counting a request on it).
@@ -518,15 +556,26 @@ impl Service {
 
     /// [`Service::pick`] for a request with a hash key or sticky pin.
     pub fn pick_for(&self, tried: &HashSet<SocketAddr>, aff: Affinity) -> Option<Arc<Backend>> {
-        let mut rng = self.rr.lock().unwrap();
-        self.choose(tried, aff, &mut rng).ok()
+        let shard = crate::workers::shard();
+        let _serial = self.limited().then(|| self.serial.lock().unwrap());
+        let mut rng = self.rr[shard].0.lock().unwrap();
+        self.choose(tried, aff, &mut rng, shard, Instant::now()).ok()
     }
 
     /// Picks a backend and counts the request on it in one step, so concurrent
     /// requests cannot overshoot `max_in_flight_per_backend`.
-    pub fn acquire(&self, tried: &HashSet<SocketAddr>, aff: Affinity) -> Result<(Arc<Backend>, InFlight), Unavailable> {
-        let mut rng = self.rr.lock().unwrap();
-        let b = self.choose(tried, aff, &mut rng)?;
+    /// `now` is the caller's clock reading (one per request is enough: availability
+    /// changes on a scale of milliseconds).
+    pub fn acquire(
+        &self,
+        tried: &HashSet<SocketAddr>,
+        aff: Affinity,
+        now: Instant,
+    ) -> Result<(Arc<Backend>, InFlight), Unavailable> {
+        let shard = crate::workers::shard();
+        let _serial = self.limited().then(|| self.serial.lock().unwrap());
+        let mut rng = self.rr[shard].0.lock().unwrap();
+        let b = self.choose(tried, aff, &mut rng, shard, now)?;
         let guard = b.start_request();
         Ok((b, guard))
     }
@@ -538,25 +587,37 @@ impl Service {
         tried: &HashSet<SocketAddr>,
         deadline: tokio::time::Instant,
         aff: Affinity,
+        mut now: Instant,
     ) -> Result<(Arc<Backend>, InFlight), Unavailable> {
         loop {
             let notified = self.released.notified();
-            match self.acquire(tried, aff) {
+            match self.acquire(tried, aff, now) {
                 Err(Unavailable::Saturated) if tokio::time::Instant::now() < deadline => {
                     // The short cap bounds the cost of a wake-up lost to a reload swapping
                     // the notifier; normally a freed slot wakes us at once.
                     let cap = tokio::time::Instant::now() + Duration::from_millis(50);
                     let _ = tokio::time::timeout_at(deadline.min(cap), notified).await;
+                    now = Instant::now();
                 }
                 other => return other,
             }
         }
     }
 
-    /// The choice itself; the caller holds `rr` and passes its random state.
-    fn choose(&self, tried: &HashSet<SocketAddr>, aff: Affinity, rng: &mut u64) -> Result<Arc<Backend>, Unavailable> {
-        let now = Instant::now();
-        let mut eligible: Vec<&Arc<Backend>> =
+    fn limited(&self) -> bool {
+        self.cfg.max_in_flight_per_backend > 0
+    }
+
+    /// The choice itself; the caller holds `rr[shard]` and passes its random state.
+    fn choose(
+        &self,
+        tried: &HashSet<SocketAddr>,
+        aff: Affinity,
+        rng: &mut u64,
+        shard: usize,
+        now: Instant,
+    ) -> Result<Arc<Backend>, Unavailable> {
+        let mut eligible: Peers =
             self.backends.iter().filter(|b| !tried.contains(&b.addr) && b.available(now)).collect();
         if eligible.is_empty() {
             return Err(Unavailable::NoneHealthy);
@@ -574,14 +635,14 @@ impl Service {
             return Ok((*b).clone());
         }
         if let Some(zone) = &self.zone {
-            let local: Vec<&Arc<Backend>> =
+            let local: Peers =
                 eligible.iter().copied().filter(|b| b.zone.lock().unwrap().as_ref() == Some(zone)).collect();
             if !local.is_empty() {
                 eligible = local;
             }
         }
         let slow = Duration::from_millis(self.cfg.slow_start_ms);
-        let candidates: Vec<&Arc<Backend>> = match self.cfg.balance {
+        let candidates: Peers = match self.cfg.balance {
             Balance::RoundRobin => eligible,
             Balance::P2cEwma => return p2c(&eligible, now, slow, rng).cloned().ok_or(Unavailable::NoneHealthy),
             Balance::Hash => match aff.key {
@@ -599,23 +660,22 @@ impl Service {
                 eligible.into_iter().filter(|b| b.in_flight() * bw == bi * w(b)).collect()
             }
         };
-        smooth_weighted(&candidates, now, slow).cloned().ok_or(Unavailable::NoneHealthy)
+        smooth_weighted(&candidates, shard, now, slow).cloned().ok_or(Unavailable::NoneHealthy)
     }
 
     /// Every request adds `retry_budget_percent`/100 of a token; a retry spends one.
     pub fn note_request(&self) {
-        let mut b = self.budget.lock().unwrap();
-        *b = (*b + self.cfg.retry_budget_percent as f64 / 100.0).min(MAX_RETRY_TOKENS);
+        let add = u64::from(self.cfg.retry_budget_percent);
+        if add == 0 || self.budget.load(Ordering::Relaxed) >= MAX_RETRY_TOKENS {
+            return;
+        }
+        let _ = self.budget.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+            (b < MAX_RETRY_TOKENS).then(|| (b + add).min(MAX_RETRY_TOKENS))
+        });
     }
 
     pub fn take_retry(&self) -> bool {
-        let mut b = self.budget.lock().unwrap();
-        if *b >= 1.0 {
-            *b -= 1.0;
-            true
-        } else {
-            false
-        }
+        self.budget.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(TOKEN)).is_ok()
     }
 }
 
@@ -684,21 +744,27 @@ fn rendezvous<'a>(peers: &[&'a Arc<Backend>], key: u64, now: Instant, slow: Dura
 /// nginx's smooth weighted round robin: each pick adds every weight to its current
 /// value, takes the largest and subtracts the total from it, which spreads a heavy
 /// member's turns evenly instead of in bursts.
-fn smooth_weighted<'a>(peers: &[&'a Arc<Backend>], now: Instant, slow: Duration) -> Option<&'a Arc<Backend>> {
+/// `shard`: whose running weights (the caller holds that shard's lock).
+fn smooth_weighted<'a>(
+    peers: &[&'a Arc<Backend>],
+    shard: usize,
+    now: Instant,
+    slow: Duration,
+) -> Option<&'a Arc<Backend>> {
     let mut total = 0i64;
-    let mut best: Option<&'a Arc<Backend>> = None;
+    let mut best: Option<(&'a Arc<Backend>, i64)> = None;
     for p in peers {
         let w = p.effective_weight(now, slow) as i64;
         total += w;
-        let cur = p.current_weight.fetch_add(w, Ordering::SeqCst) + w;
-        if best.is_none_or(|b| cur > b.current_weight.load(Ordering::SeqCst)) {
-            best = Some(p);
+        let cur = p.shards[shard].current_weight.load(Ordering::Relaxed) + w;
+        p.shards[shard].current_weight.store(cur, Ordering::Relaxed);
+        if best.is_none_or(|(_, b)| cur > b) {
+            best = Some((p, cur));
         }
     }
-    if let Some(b) = best {
-        b.current_weight.fetch_sub(total, Ordering::SeqCst);
-    }
-    best
+    let (b, _) = best?;
+    b.shards[shard].current_weight.fetch_sub(total, Ordering::Relaxed);
+    Some(b)
 }
 
 #[cfg(test)]
@@ -824,7 +890,7 @@ mod tests {
     fn p2c_ewma_sends_most_requests_to_the_fast_backend() {
         let mut s = svc(&[1, 1, 1]);
         s.cfg.balance = Balance::P2cEwma;
-        *s.rr.lock().unwrap() = 0x9e37_79b9_7f4a_7c15;
+        *s.rr[0].0.lock().unwrap() = 0x9e37_79b9_7f4a_7c15;
         for _ in 0..5 {
             s.backends[0].observe_latency(Duration::from_millis(50));
             s.backends[1].observe_latency(Duration::from_millis(5));
@@ -907,6 +973,67 @@ mod tests {
             let expect = (10u64 << round).min(40);
             assert!(ms <= expect && ms + 5 >= expect, "round {round}: {ms} ms, expected {expect}");
             b.health.lock().unwrap().ejected_until = None;
+        }
+    }
+
+    #[test]
+    fn each_worker_keeps_its_own_smooth_round_robin() {
+        let s = Arc::new(svc(&[5, 1, 1]));
+        let on_worker = |i: usize| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                crate::workers::pretend_worker(i);
+                (0..7).map(|_| s.pick(&HashSet::new()).unwrap().addr.port() - 1000).collect::<Vec<u16>>()
+            })
+            .join()
+            .unwrap()
+        };
+        // Worker 1's picks do not move worker 2's place in nginx's sequence.
+        assert_eq!(on_worker(1), vec![0, 0, 1, 0, 2, 0, 0]);
+        assert_eq!(on_worker(2), vec![0, 0, 1, 0, 2, 0, 0]);
+    }
+
+    #[test]
+    fn in_flight_counts_every_workers_requests_and_ends_where_it_began() {
+        let s = svc(&[1]);
+        let b = s.backends[0].clone();
+        let here = b.start_request();
+        let b2 = b.clone();
+        let there = std::thread::spawn(move || {
+            crate::workers::pretend_worker(3);
+            b2.start_request()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(b.in_flight(), 2);
+        // Worker 3's request finishes on another thread: its own shard goes back down.
+        std::thread::spawn(move || drop(there)).join().unwrap();
+        assert_eq!(b.in_flight(), 1);
+        drop(here);
+        assert_eq!(b.in_flight(), 0);
+        assert!(b.shards.iter().all(|s| s.in_flight.load(Ordering::SeqCst) == 0));
+    }
+
+    #[test]
+    fn a_backend_limit_holds_across_workers() {
+        let mut cfg = ServiceConfig::for_tests();
+        cfg.max_in_flight_per_backend = 1;
+        let b = Backend::new("127.0.0.1:1000".parse().unwrap(), 1, None, &cfg);
+        let s = Arc::new(Service::new("s".into(), cfg, vec![b], None));
+        for _ in 0..300 {
+            let barrier = Arc::new(std::sync::Barrier::new(2));
+            let racers: Vec<_> = (1..=2)
+                .map(|i| {
+                    let (s, barrier) = (s.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        crate::workers::pretend_worker(i);
+                        barrier.wait();
+                        s.acquire(&HashSet::new(), Affinity::default(), Instant::now()).ok()
+                    })
+                })
+                .collect();
+            let got: Vec<_> = racers.into_iter().filter_map(|t| t.join().unwrap()).collect();
+            assert_eq!(got.len(), 1, "exactly one of two racing workers gets the only slot");
         }
     }
 

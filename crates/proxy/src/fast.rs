@@ -34,6 +34,7 @@ use crate::http::{ConnFlags, REPLAY_BODY_LIMIT, find_route, is_idempotent_method
 use crate::{Shared, Snapshot};
 use bytes::{Buf, Bytes, BytesMut};
 use std::collections::HashSet;
+use std::future::Future;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -44,6 +45,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
+use tokio::time::Sleep;
 
 /// Headers parsed per message; a message with more goes to hyper (request) or is an
 /// error (response).
@@ -200,7 +202,15 @@ fn hop_by_hop(name: &[u8]) -> bool {
     .any(|h| eq(name, h))
 }
 
-/// Whether a `Connection` header in `headers` of `buf` names `name`.
+/// 1 when a `Connection` value names a header to strip, i.e. has a token other than
+/// `close` and `keep-alive` (a field named `Close` is reserved, RFC 9110 §7.6.1, and
+/// `Keep-Alive` is hop-by-hop anyway); then [`named_by_connection`] has to look.
+fn names_headers(v: &[u8]) -> u32 {
+    u32::from(tokens(v).any(|t| !t.eq_ignore_ascii_case(b"close") && !t.eq_ignore_ascii_case(b"keep-alive")))
+}
+
+/// Whether a `Connection` header in `headers` of `buf` names `name` (`conn`: how many
+/// of them [`names_headers`]).
 fn named_by_connection(buf: &[u8], headers: &[(Range<usize>, Range<usize>)], conn: u32, name: &[u8]) -> bool {
     conn != 0
         && headers
@@ -324,6 +334,33 @@ impl Chunked {
     }
 }
 
+/// `fut`'s output if it finishes by `deadline`, else `None` (and `fut` is dropped).
+///
+/// A connection keeps one timer and moves it only when it is set later than `deadline`
+/// or fires early (it was set for an earlier request): a request nearly always finishes
+/// long before its deadline, and arming a fresh timer per request, as
+/// `tokio::time::timeout` does, costs two timer-wheel operations under the runtime's
+/// timer lock and a clock reading each time.
+async fn within<F: Future>(timer: &mut Pin<Box<Sleep>>, deadline: tokio::time::Instant, fut: F) -> Option<F::Output> {
+    if timer.deadline() > deadline {
+        timer.as_mut().reset(deadline);
+    }
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Some(v));
+        }
+        while timer.as_mut().poll(cx).is_ready() {
+            if timer.deadline() >= deadline {
+                return Poll::Ready(None);
+            }
+            timer.as_mut().reset(deadline);
+        }
+        Poll::Pending
+    })
+    .await
+}
+
 /// Why an attempt got no response head.
 enum Failed {
     Connect(std::io::Error),
@@ -364,6 +401,12 @@ struct Conn<'a> {
     closing: bool,
     /// True once the listener drains: no new request, and the one in flight is the last.
     shutdown: watch::Receiver<bool>,
+    /// Ends when `shutdown` turns true (or its sender is gone). Made once per connection:
+    /// a `changed()` future made and dropped per request registered and unregistered a
+    /// waiter under the channel's lock each time.
+    drained: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// The connection's one request timer (see [`within`]); taken out while an attempt runs.
+    timer: Option<Pin<Box<Sleep>>>,
     /// The config generation the last request used, kept while it is current (taken
     /// out for the length of a request).
     snapshot: Option<(u64, Arc<Snapshot>)>,
@@ -399,7 +442,14 @@ pub(crate) async fn serve(
         }
         .into_bytes(),
         closing: false,
+        drained: {
+            let mut rx = shutdown.clone();
+            Box::pin(async move {
+                let _ = rx.wait_for(|draining| *draining).await;
+            })
+        },
         shutdown,
+        timer: Some(Box::pin(tokio::time::sleep_until(tokio::time::Instant::now()))),
         snapshot: None,
     };
     loop {
@@ -453,10 +503,8 @@ impl Conn<'_> {
                 tokio::select! {
                     biased;
                     r = self.down.read_buf(&mut self.rbuf) => r,
-                    changed = self.shutdown.changed() => match changed {
-                        Ok(()) => continue,
-                        Err(_) => return Next::Close,
-                    },
+                    // Never polled again after it ends: the connection closes.
+                    () = &mut self.drained => return Next::Close,
                 }
             } else {
                 self.down.read_buf(&mut self.rbuf).await
@@ -468,16 +516,18 @@ impl Conn<'_> {
         }
     }
 
-    /// Reads until `rbuf` holds `n` bytes.
-    async fn fill(&mut self, n: usize) -> bool {
+    /// Reads until `rbuf` holds `n` bytes: `Some(true)` when it had to read, `None`
+    /// when the client went away first.
+    async fn fill(&mut self, n: usize) -> Option<bool> {
+        let mut read = false;
         while self.rbuf.len() < n {
             self.rbuf.reserve(n - self.rbuf.len());
             match self.down.read_buf(&mut self.rbuf).await {
-                Ok(0) | Err(_) => return false,
-                Ok(_) => {}
+                Ok(0) | Err(_) => return None,
+                Ok(_) => read = true,
             }
         }
-        true
+        Some(read)
     }
 
     /// One request whose head is parsed in `rbuf`, from routing to the last byte of
@@ -507,7 +557,7 @@ impl Conn<'_> {
             } else if eq(n, "transfer-encoding") || eq(n, "upgrade") || eq(n, "expect") {
                 return Next::Fallback;
             } else if eq(n, "connection") {
-                conn += 1;
+                conn += names_headers(v);
                 if tokens(v).any(|t| t.eq_ignore_ascii_case(b"close")) {
                     self.closing = true;
                 }
@@ -526,7 +576,8 @@ impl Conn<'_> {
             None => raw_host.split(':').next().unwrap_or_default(),
         };
         self.host.clear();
-        self.host.extend(bare.chars().map(|c| c.to_ascii_lowercase()));
+        self.host.push_str(bare);
+        self.host.make_ascii_lowercase();
         let path_at = h.target.start..h.target.start + target.iter().position(|&c| c == b'?').unwrap_or(target.len());
         let path = std::str::from_utf8(&buf[path_at.clone()]).unwrap_or("/");
         let generation = self.shared.snapshot_gen();
@@ -551,12 +602,13 @@ impl Conn<'_> {
         self.id.clear();
         match id_at {
             Some(i) => self.id.extend_from_slice(&buf[h.headers[i].1.clone()]),
-            None => write_request_id(&mut self.id),
+            None => write_request_id(&mut self.id, start),
         }
         let end = self.req.len + body_len as usize;
-        if !self.fill(end).await {
-            return Next::Close;
-        }
+        let Some(waited) = self.fill(end).await else { return Next::Close };
+        // The request timeout runs from the first attempt: `start` is that moment unless
+        // the body had to be waited for.
+        let sent_at = if waited { Instant::now() } else { start };
         let path = || String::from_utf8_lossy(&self.rbuf[path_at.clone()]).into_owned();
         let logged = tracing::enabled!(target: "drover_proxy::access", tracing::Level::INFO)
             .then(|| (String::from_utf8_lossy(&self.rbuf[self.req.method.clone()]).into_owned(), path()));
@@ -572,7 +624,7 @@ impl Conn<'_> {
             }
             (Some(_), Some(svc)) => {
                 o.service = Some(svc.label.clone());
-                self.forward(svc, body_len as usize, conn, &mut o).await
+                self.forward(svc, body_len as usize, conn, sent_at, &mut o).await
             }
         };
         self.rbuf.advance(end);
@@ -669,7 +721,8 @@ impl Conn<'_> {
     }
 
     /// Sends the request to backends by the retry rules until one answers.
-    async fn forward(&mut self, svc: &Service, body_len: usize, conn: u32, o: &mut Outcome) -> Next {
+    /// `now` is when the request was ready to go: every deadline counts from it.
+    async fn forward(&mut self, svc: &Service, body_len: usize, conn: u32, now: Instant, o: &mut Outcome) -> Next {
         self.upstream_head(conn);
         let has_host = self.req.headers.iter().any(|(n, _)| eq(&self.rbuf[n.clone()], "host"));
         let base = self.out.len();
@@ -682,12 +735,14 @@ impl Conn<'_> {
             pin: None,
         };
         svc.note_request();
-        let queue_deadline = tokio::time::Instant::now() + Duration::from_millis(svc.cfg.queue_timeout_ms);
+        let queue_deadline = tokio::time::Instant::from_std(now) + Duration::from_millis(svc.cfg.queue_timeout_ms);
         let mut tried = HashSet::new();
         let mut resends = 0;
         let mut last: Option<ForwardError> = None;
         loop {
-            let (b, guard) = match svc.acquire_queued(&tried, queue_deadline, aff).await {
+            // A resend reads the clock again: an ejection may have begun meanwhile.
+            let at = if resends == 0 { now } else { Instant::now() };
+            let (b, guard) = match svc.acquire_queued(&tried, queue_deadline, aff, at).await {
                 Ok(x) => x,
                 Err(Unavailable::Saturated) => {
                     return self.answer_error(&ForwardError::Saturated(svc.name.clone()), o).await;
@@ -711,10 +766,11 @@ impl Conn<'_> {
             let started = (svc.cfg.balance == Balance::P2cEwma).then(Instant::now);
             let ms = svc.cfg.request_timeout_ms;
             let connect_timeout = Duration::from_millis(svc.cfg.connect_timeout_ms);
-            let r = match tokio::time::timeout(Duration::from_millis(ms), self.exchange(&b, connect_timeout)).await {
-                Ok(r) => r,
-                Err(_) => Err(Failed::Timeout),
-            };
+            let deadline = tokio::time::Instant::from_std(at) + Duration::from_millis(ms);
+            let mut timer = self.timer.take().expect("the timer is put back after each attempt");
+            let r = within(&mut timer, deadline, self.exchange(&b, connect_timeout)).await;
+            self.timer = Some(timer);
+            let r = r.unwrap_or(Err(Failed::Timeout));
             if let Some(started) = started {
                 let ok = r.is_ok() && self.resp.status < 500;
                 b.observe_latency(if ok { started.elapsed() } else { started.elapsed().max(EWMA_FAILURE_PENALTY) });
@@ -831,7 +887,7 @@ impl Conn<'_> {
                 te = true;
                 chunked = tokens(v).last().is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"));
             } else if eq(n, "connection") {
-                conn += 1;
+                conn += names_headers(v);
                 if tokens(v).any(|t| t.eq_ignore_ascii_case(b"close")) {
                     reusable = false;
                 }
@@ -851,7 +907,14 @@ impl Conn<'_> {
         }
         let out = &mut self.out;
         out.clear();
-        let _ = write!(out, "HTTP/1.1 {status} ");
+        // httparse took exactly three digits.
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(&[
+            b'0' + (status / 100) as u8,
+            b'0' + (status / 10 % 10) as u8,
+            b'0' + (status % 10) as u8,
+        ]);
+        out.push(b' ');
         out.extend_from_slice(&buf[h.target.clone()]);
         out.extend_from_slice(b"\r\n");
         for (n, v) in &h.headers {
@@ -1088,6 +1151,49 @@ mod tests {
         assert_eq!(&buf[h.headers[1].1.clone()], b"1");
         assert!(matches!(parse_request(b"GET / HTTP/1.1\r\nHo", &mut h), Parsed::Partial));
         assert!(matches!(parse_request(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", &mut h), Parsed::Invalid));
+    }
+
+    #[test]
+    fn only_connection_tokens_other_than_close_and_keep_alive_name_headers() {
+        assert_eq!(names_headers(b"keep-alive"), 0);
+        assert_eq!(names_headers(b"Close, Keep-Alive"), 0);
+        assert_eq!(names_headers(b"keep-alive, x-secret"), 1);
+        let buf = b"connection: close, x-a\r\n";
+        let headers = [(0..10, 12..22)];
+        assert!(named_by_connection(buf, &headers, 1, b"X-A"));
+        assert!(!named_by_connection(buf, &headers, 1, b"x-b"));
+        assert!(!named_by_connection(buf, &headers, 0, b"x-a"), "no header named: no scan");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_timer_left_from_an_earlier_request_is_moved_on_not_taken_as_this_ones_expiry() {
+        let t0 = tokio::time::Instant::now();
+        let mut timer = Box::pin(tokio::time::sleep_until(t0));
+        // First request: done long before its deadline.
+        let first = within(&mut timer, t0 + Duration::from_secs(30), async { 1 }).await;
+        assert_eq!(first, Some(1));
+        // The next one, 40 s later, takes 5 s; the timer still says t0, long past.
+        tokio::time::advance(Duration::from_secs(40)).await;
+        let start = tokio::time::Instant::now();
+        let slow =
+            within(&mut timer, start + Duration::from_secs(30), tokio::time::sleep(Duration::from_secs(5))).await;
+        assert_eq!(slow, Some(()));
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
+        assert_eq!(timer.deadline(), start + Duration::from_secs(30), "moved to this request's deadline");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_still_waiting_at_its_deadline_times_out_then() {
+        let t0 = tokio::time::Instant::now();
+        let mut timer = Box::pin(tokio::time::sleep_until(t0 + Duration::from_secs(100)));
+        let never = within(&mut timer, t0 + Duration::from_secs(2), std::future::pending::<()>()).await;
+        assert_eq!(never, None);
+        assert_eq!(t0.elapsed(), Duration::from_secs(2), "a timer set later is brought forward");
+        // A later request with a shorter timeout than the timer's leftover deadline.
+        let t1 = tokio::time::Instant::now();
+        let never = within(&mut timer, t1 + Duration::from_millis(300), std::future::pending::<()>()).await;
+        assert_eq!(never, None);
+        assert_eq!(t1.elapsed(), Duration::from_millis(300));
     }
 
     #[test]

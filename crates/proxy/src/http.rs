@@ -246,24 +246,49 @@ fn push_hex(out: &mut [u8; 48], len: &mut usize, v: u64, width: usize) {
 /// written without a format string or a `getpid` per request.
 fn request_id() -> HeaderValue {
     let (mut buf, mut len) = ([0u8; 48], 0);
-    request_id_into(&mut buf, &mut len);
+    request_id_into(&mut buf, &mut len, Instant::now());
     HeaderValue::from_bytes(&buf[..len]).expect("hex digits are a valid header value")
 }
 
-fn request_id_into(buf: &mut [u8; 48], len: &mut usize) {
-    static N: AtomicU64 = AtomicU64::new(0);
-    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    let pid = *PID.get_or_init(std::process::id) & 0xffff;
-    push_hex(buf, len, t.as_millis() as u64, 12);
+/// The time part is the wall clock at the first id plus the monotonic time since, so a
+/// caller that has read the clock for the request already (`now`) costs no second
+/// reading; it only has to differ between runs of the process, which it does.
+fn request_id_into(buf: &mut [u8; 48], len: &mut usize, now: Instant) {
+    static BASE: std::sync::OnceLock<(u32, u64, Instant)> = std::sync::OnceLock::new();
+    let (pid, wall_ms, at) = *BASE.get_or_init(|| {
+        let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        (std::process::id() & 0xffff, wall.as_millis() as u64, Instant::now())
+    });
+    let ms = wall_ms + now.saturating_duration_since(at).as_millis() as u64;
+    push_hex(buf, len, ms, 12);
     push_hex(buf, len, u64::from(pid), 4);
-    push_hex(buf, len, N.fetch_add(1, Ordering::Relaxed), 8);
+    push_hex(buf, len, next_id_number(), 8);
 }
 
-/// [`request_id`] appended to `out`.
-pub(crate) fn write_request_id(out: &mut Vec<u8>) {
+/// A process-unique number: each thread takes a block of them from one counter at a
+/// time, so workers do not write the counter's cache line per request.
+fn next_id_number() -> u64 {
+    const BLOCK: u64 = 1024;
+    static N: AtomicU64 = AtomicU64::new(0);
+    thread_local! {
+        /// The next number and the end of this thread's block.
+        static BLOCK_LEFT: std::cell::Cell<(u64, u64)> = const { std::cell::Cell::new((0, 0)) };
+    }
+    BLOCK_LEFT.with(|c| {
+        let (mut next, mut end) = c.get();
+        if next == end {
+            next = N.fetch_add(BLOCK, Ordering::Relaxed);
+            end = next + BLOCK;
+        }
+        c.set((next + 1, end));
+        next
+    })
+}
+
+/// [`request_id`] appended to `out`; `now` is the request's arrival.
+pub(crate) fn write_request_id(out: &mut Vec<u8>, now: Instant) {
     let (mut buf, mut len) = ([0u8; 48], 0);
-    request_id_into(&mut buf, &mut len);
+    request_id_into(&mut buf, &mut len, now);
     out.extend_from_slice(&buf[..len]);
 }
 
@@ -562,7 +587,7 @@ async fn route_and_forward(
     // Moved into the last try; copied for a try after which a resend is still possible.
     let mut headers = Some(headers);
     loop {
-        let (b, guard) = match svc.acquire_queued(&tried, queue_deadline, aff).await {
+        let (b, guard) = match svc.acquire_queued(&tried, queue_deadline, aff, std::time::Instant::now()).await {
             Ok(x) => x,
             Err(Unavailable::Saturated) => return Err(ForwardError::Saturated(svc.name.clone())),
             Err(Unavailable::NoneHealthy) => {
@@ -765,6 +790,19 @@ mod tests {
         assert!(!host_matches("*.example.com", "example.com"));
         assert!(!host_matches("*.example.com", "badexample.com"));
         assert!(host_matches("Example.com", "example.com"));
+    }
+
+    #[test]
+    fn request_ids_are_unique_across_threads_and_carry_the_time() {
+        let threads: Vec<_> =
+            (0..4).map(|_| std::thread::spawn(|| (0..3000).map(|_| request_id()).collect::<Vec<_>>())).collect();
+        let ids: Vec<HeaderValue> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+        let unique: std::collections::HashSet<&HeaderValue> = ids.iter().collect();
+        assert_eq!(unique.len(), ids.len());
+        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+        let id = ids[0].to_str().unwrap();
+        let ms = u64::from_str_radix(&id[..12], 16).unwrap();
+        assert!(ms.abs_diff(now_ms) < 60_000, "{id}: time part {ms} vs now {now_ms}");
     }
 
     #[test]

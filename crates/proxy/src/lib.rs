@@ -57,7 +57,7 @@ pub(crate) type Body = http_body_util::combinators::BoxBody<bytes::Bytes, hyper:
 
 /// HTTP counters for `/metrics`: responses by listener, service and status; resends
 /// and cache outcomes by service.
-const COUNTER_SHARDS: usize = 8;
+const COUNTER_SHARDS: usize = workers::SHARDS;
 
 #[derive(Default)]
 #[repr(align(128))]
@@ -197,7 +197,7 @@ impl Shared {
             }
             m.get_mut(k).expect("just inserted")
         }
-        let mut c = self.counters[workers::current() % COUNTER_SHARDS].0.lock().unwrap();
+        let mut c = self.counters[workers::shard()].0.lock().unwrap();
         *slot(slot(&mut c.responses, listener), service).entry(status).or_default() += 1;
         if tries > 1 {
             *slot(&mut c.resends, service) += u64::from(tries - 1);

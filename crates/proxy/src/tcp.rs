@@ -81,7 +81,7 @@ async fn handle(shared: Arc<Shared>, listener: Arc<str>, mut inbound: TcpStream)
     let mut tried = HashSet::new();
     let queue_deadline = tokio::time::Instant::now() + Duration::from_millis(svc.cfg.queue_timeout_ms);
     for _ in 0..=svc.cfg.retries {
-        let Ok((b, _guard)) = svc.acquire_queued(&tried, queue_deadline, aff).await else { break };
+        let Ok((b, _guard)) = svc.acquire_queued(&tried, queue_deadline, aff, Instant::now()).await else { break };
         tried.insert(b.addr);
         let started = Instant::now();
         let connect = TcpStream::connect(b.addr);

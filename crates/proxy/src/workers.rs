@@ -30,6 +30,21 @@ pub(crate) fn current() -> usize {
     WORKER.with(|w| w.get())
 }
 
+/// Makes this thread count as connection worker `i` (tests of per-worker state).
+#[cfg(test)]
+pub(crate) fn pretend_worker(i: usize) {
+    WORKER.with(|w| w.set(i));
+}
+
+/// How many ways state written per request is split (counters, in-flight counts,
+/// round-robin positions), so that each worker writes only its own cache lines.
+pub(crate) const SHARDS: usize = 8;
+
+/// This thread's shard of such state (threads that are not workers share shard 0).
+pub(crate) fn shard() -> usize {
+    current() % SHARDS
+}
+
 impl Workers {
     /// `n` worker threads (at least one).
     pub(crate) fn start(n: usize) -> std::io::Result<Workers> {

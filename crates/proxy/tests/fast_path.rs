@@ -468,3 +468,30 @@ async fn draining_closes_idle_keep_alive_connections_and_finishes_the_request_in
     stopping.await.unwrap();
     assert!(started.elapsed() < Duration::from_secs(3), "shutdown waited for no idle connection");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_request_on_a_kept_alive_connection_gets_its_own_whole_timeout() {
+    let b = TestBackend::start("b").await;
+    let (p, addr) = proxy_for(b.addr, "request_timeout_ms = 400").await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut buf = Vec::new();
+    let mut get = async |path: &str| {
+        let started = std::time::Instant::now();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+        let (head, _) = read_message(&mut s, &mut buf, false).await.expect("an answer on the same connection");
+        (head, started.elapsed())
+    };
+    let (head, _) = get("/quick").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // The connection's timer still points at the quick request's deadline, which falls
+    // 200 ms into this 300 ms request: it must be moved on, not taken as a timeout.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (head, took) = get("/slow?sleep_ms=300").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "a request within its own 400 ms: {head} after {took:?}");
+    let (head, took) = get("/stuck?sleep_ms=3000").await;
+    assert!(head.starts_with("HTTP/1.1 504"), "{head}");
+    assert!(took >= Duration::from_millis(390) && took < Duration::from_millis(1500), "504 after {took:?}");
+    let (head, _) = get("/after").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "the connection is still served: {head}");
+    p.shutdown(Duration::from_secs(1)).await;
+}
