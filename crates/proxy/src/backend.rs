@@ -144,12 +144,19 @@ pub struct InFlight(Arc<Backend>, usize);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.shards[self.1].in_flight.fetch_sub(1, Ordering::SeqCst);
-        // Wakes one request queued for a backend below its limit (only a limited
-        // service queues; a reload that adds a limit is covered by the queue's 50 ms cap).
-        if self.0.limited.load(Ordering::Relaxed) {
-            self.0.released.lock().unwrap().notify_one();
-        }
+        self.0.end_request(self.1);
+    }
+}
+
+/// [`InFlight`] for a request that cannot outlive its service's config generation
+/// (the fast path's): it borrows the backend instead of holding a reference count,
+/// whose increment and decrement per request would be writes to a cache line every
+/// worker shares.
+pub(crate) struct Counted<'a>(&'a Backend, usize);
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.end_request(self.1);
     }
 }
 
@@ -316,6 +323,21 @@ impl Backend {
         let shard = crate::workers::shard();
         self.shards[shard].in_flight.fetch_add(1, Ordering::SeqCst);
         InFlight(self.clone(), shard)
+    }
+
+    fn count_request(&self) -> Counted<'_> {
+        let shard = crate::workers::shard();
+        self.shards[shard].in_flight.fetch_add(1, Ordering::SeqCst);
+        Counted(self, shard)
+    }
+
+    fn end_request(&self, shard: usize) {
+        self.shards[shard].in_flight.fetch_sub(1, Ordering::SeqCst);
+        // Wakes one request queued for a backend below its limit (only a limited
+        // service queues; a reload that adds a limit is covered by the queue's 50 ms cap).
+        if self.limited.load(Ordering::Relaxed) {
+            self.released.lock().unwrap().notify_one();
+        }
     }
 
     pub fn record_success(&self) {
@@ -492,7 +514,8 @@ pub fn connect_reason(e: &std::io::Error) -> String {
 /// One service's members and balancing state for one config generation.
 pub struct Service {
     pub name: String,
-    /// `name`, shared cheaply with each request's access-log and metrics record.
+    /// `name`, shared cheaply with each request's access-log and metrics record on
+    /// hyper's path.
     pub(crate) label: Arc<str>,
     pub cfg: ServiceConfig,
     pub backends: Vec<Arc<Backend>>,
@@ -559,7 +582,7 @@ impl Service {
         let shard = crate::workers::shard();
         let _serial = self.limited().then(|| self.serial.lock().unwrap());
         let mut rng = self.rr[shard].0.lock().unwrap();
-        self.choose(tried, aff, &mut rng, shard, Instant::now()).ok()
+        self.choose(tried, aff, &mut rng, shard, Instant::now()).ok().cloned()
     }
 
     /// Picks a backend and counts the request on it in one step, so concurrent
@@ -577,7 +600,21 @@ impl Service {
         let mut rng = self.rr[shard].0.lock().unwrap();
         let b = self.choose(tried, aff, &mut rng, shard, now)?;
         let guard = b.start_request();
-        Ok((b, guard))
+        Ok((b.clone(), guard))
+    }
+
+    /// [`Service::acquire`] with the backend borrowed and counted by a [`Counted`].
+    fn acquire_counted(
+        &self,
+        tried: &HashSet<SocketAddr>,
+        aff: Affinity,
+        now: Instant,
+    ) -> Result<(&Arc<Backend>, Counted<'_>), Unavailable> {
+        let shard = crate::workers::shard();
+        let _serial = self.limited().then(|| self.serial.lock().unwrap());
+        let mut rng = self.rr[shard].0.lock().unwrap();
+        let b = self.choose(tried, aff, &mut rng, shard, now)?;
+        Ok((b, b.count_request()))
     }
 
     /// [`Service::acquire`], queueing while every backend is at its limit, until `deadline`
@@ -587,11 +624,31 @@ impl Service {
         tried: &HashSet<SocketAddr>,
         deadline: tokio::time::Instant,
         aff: Affinity,
-        mut now: Instant,
+        now: Instant,
     ) -> Result<(Arc<Backend>, InFlight), Unavailable> {
+        self.queued(deadline, now, |s, now| s.acquire(tried, aff, now)).await
+    }
+
+    /// [`Service::acquire_queued`] for the fast path: see [`Counted`].
+    pub(crate) async fn acquire_queued_counted(
+        &self,
+        tried: &HashSet<SocketAddr>,
+        deadline: tokio::time::Instant,
+        aff: Affinity,
+        now: Instant,
+    ) -> Result<(&Arc<Backend>, Counted<'_>), Unavailable> {
+        self.queued(deadline, now, |s, now| s.acquire_counted(tried, aff, now)).await
+    }
+
+    async fn queued<'s, T>(
+        &'s self,
+        deadline: tokio::time::Instant,
+        mut now: Instant,
+        acquire: impl Fn(&'s Self, Instant) -> Result<T, Unavailable>,
+    ) -> Result<T, Unavailable> {
         loop {
             let notified = self.released.notified();
-            match self.acquire(tried, aff, now) {
+            match acquire(self, now) {
                 Err(Unavailable::Saturated) if tokio::time::Instant::now() < deadline => {
                     // The short cap bounds the cost of a wake-up lost to a reload swapping
                     // the notifier; normally a freed slot wakes us at once.
@@ -616,7 +673,7 @@ impl Service {
         rng: &mut u64,
         shard: usize,
         now: Instant,
-    ) -> Result<Arc<Backend>, Unavailable> {
+    ) -> Result<&Arc<Backend>, Unavailable> {
         let mut eligible: Peers =
             self.backends.iter().filter(|b| !tried.contains(&b.addr) && b.available(now)).collect();
         if eligible.is_empty() {
@@ -632,7 +689,7 @@ impl Service {
         if let Some(pin) = aff.pin
             && let Some(b) = eligible.iter().find(|b| b.token == pin)
         {
-            return Ok((*b).clone());
+            return Ok(b);
         }
         if let Some(zone) = &self.zone {
             let local: Peers =
@@ -644,9 +701,9 @@ impl Service {
         let slow = Duration::from_millis(self.cfg.slow_start_ms);
         let candidates: Peers = match self.cfg.balance {
             Balance::RoundRobin => eligible,
-            Balance::P2cEwma => return p2c(&eligible, now, slow, rng).cloned().ok_or(Unavailable::NoneHealthy),
+            Balance::P2cEwma => return p2c(&eligible, now, slow, rng).ok_or(Unavailable::NoneHealthy),
             Balance::Hash => match aff.key {
-                Some(key) => return rendezvous(&eligible, key, now, slow).cloned().ok_or(Unavailable::NoneHealthy),
+                Some(key) => return rendezvous(&eligible, key, now, slow).ok_or(Unavailable::NoneHealthy),
                 None => eligible,
             },
             Balance::LeastOutstanding => {
@@ -660,7 +717,7 @@ impl Service {
                 eligible.into_iter().filter(|b| b.in_flight() * bw == bi * w(b)).collect()
             }
         };
-        smooth_weighted(&candidates, shard, now, slow).cloned().ok_or(Unavailable::NoneHealthy)
+        smooth_weighted(&candidates, shard, now, slow).ok_or(Unavailable::NoneHealthy)
     }
 
     /// Every request adds `retry_budget_percent`/100 of a token; a retry spends one.

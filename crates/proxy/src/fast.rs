@@ -27,7 +27,7 @@
 //! anything `httparse` rejects (hyper then answers the error). Responses already sent
 //! were complete, so hyper starts at a request boundary.
 
-use crate::backend::{Affinity, Backend, EWMA_FAILURE_PENALTY, InFlight, Service, Unavailable};
+use crate::backend::{Affinity, Backend, Counted, EWMA_FAILURE_PENALTY, Service, Unavailable};
 use crate::config::{Balance, HashOn};
 use crate::error::ForwardError;
 use crate::http::{ConnFlags, REPLAY_BODY_LIMIT, find_route, is_idempotent_method, write_request_id};
@@ -369,9 +369,9 @@ enum Failed {
 }
 
 /// What the access log and metrics need about one request.
-struct Outcome {
+struct Outcome<'s> {
     status: u16,
-    service: Option<std::sync::Arc<str>>,
+    service: Option<&'s str>,
     backend: Option<SocketAddr>,
     tries: u32,
     error: Option<String>,
@@ -619,17 +619,16 @@ impl Conn<'_> {
                 self.answer_error(&e, &mut o).await
             }
             (Some(r), None) => {
-                o.service = Some(std::sync::Arc::from(r.service.as_str()));
+                o.service = Some(r.service.as_str());
                 self.answer_error(&ForwardError::NoHealthyBackend(r.service.clone()), &mut o).await
             }
             (Some(_), Some(svc)) => {
-                o.service = Some(svc.label.clone());
+                o.service = Some(svc.name.as_str());
                 self.forward(svc, body_len as usize, conn, sent_at, &mut o).await
             }
         };
         self.rbuf.advance(end);
-        self.snapshot = Some((generation, snap));
-        self.shared.count_response(self.listener, o.service.as_deref().unwrap_or("-"), o.status, o.tries, None);
+        self.shared.count_response(self.listener, o.service.unwrap_or("-"), o.status, o.tries, None);
         if let Some((method, path)) = logged {
             tracing::info!(
                 target: "drover_proxy::access",
@@ -639,7 +638,7 @@ impl Conn<'_> {
                 %method,
                 %path,
                 status = o.status,
-                service = o.service.as_deref().unwrap_or("-"),
+                service = o.service.unwrap_or("-"),
                 backend = %o.backend.map(|b| b.to_string()).unwrap_or_else(|| "-".into()),
                 tries = o.tries,
                 cache = "-",
@@ -648,6 +647,8 @@ impl Conn<'_> {
                 "access"
             );
         }
+        drop(o);
+        self.snapshot = Some((generation, snap));
         next
     }
 
@@ -722,7 +723,7 @@ impl Conn<'_> {
 
     /// Sends the request to backends by the retry rules until one answers.
     /// `now` is when the request was ready to go: every deadline counts from it.
-    async fn forward(&mut self, svc: &Service, body_len: usize, conn: u32, now: Instant, o: &mut Outcome) -> Next {
+    async fn forward(&mut self, svc: &Service, body_len: usize, conn: u32, now: Instant, o: &mut Outcome<'_>) -> Next {
         self.upstream_head(conn);
         let has_host = self.req.headers.iter().any(|(n, _)| eq(&self.rbuf[n.clone()], "host"));
         let base = self.out.len();
@@ -742,7 +743,7 @@ impl Conn<'_> {
         loop {
             // A resend reads the clock again: an ejection may have begun meanwhile.
             let at = if resends == 0 { now } else { Instant::now() };
-            let (b, guard) = match svc.acquire_queued(&tried, queue_deadline, aff, at).await {
+            let (b, guard) = match svc.acquire_queued_counted(&tried, queue_deadline, aff, at).await {
                 Ok(x) => x,
                 Err(Unavailable::Saturated) => {
                     return self.answer_error(&ForwardError::Saturated(svc.name.clone()), o).await;
@@ -768,7 +769,7 @@ impl Conn<'_> {
             let connect_timeout = Duration::from_millis(svc.cfg.connect_timeout_ms);
             let deadline = tokio::time::Instant::from_std(at) + Duration::from_millis(ms);
             let mut timer = self.timer.take().expect("the timer is put back after each attempt");
-            let r = within(&mut timer, deadline, self.exchange(&b, connect_timeout)).await;
+            let r = within(&mut timer, deadline, self.exchange(b, connect_timeout)).await;
             self.timer = Some(timer);
             let r = r.unwrap_or(Err(Failed::Timeout));
             if let Some(started) = started {
@@ -776,7 +777,7 @@ impl Conn<'_> {
                 b.observe_latency(if ok { started.elapsed() } else { started.elapsed().max(EWMA_FAILURE_PENALTY) });
             }
             let err = match r {
-                Ok(up) => return self.relay(up, &b, guard, o).await,
+                Ok(up) => return self.relay(up, b, guard, o).await,
                 Err(Failed::Connect(e)) => {
                     let reason = crate::backend::connect_reason(&e);
                     b.record_failure(&reason);
@@ -847,13 +848,7 @@ impl Conn<'_> {
 
     /// Sends the response whose head is in `ubuf` on to the client, then gives the
     /// upstream connection back when the whole response came and nothing followed it.
-    async fn relay(
-        &mut self,
-        mut up: TcpStream,
-        b: &std::sync::Arc<Backend>,
-        guard: InFlight,
-        o: &mut Outcome,
-    ) -> Next {
+    async fn relay(&mut self, mut up: TcpStream, b: &Backend, guard: Counted<'_>, o: &mut Outcome<'_>) -> Next {
         let status = self.resp.status;
         o.status = status;
         if status == 101 {
@@ -985,7 +980,7 @@ impl Conn<'_> {
 
     /// `Some(true)` when done, `Some(false)` when the backend broke off, `None` when
     /// the client did. `out` holds the response head on entry.
-    async fn relay_length(&mut self, up: &mut TcpStream, n: u64, guard: &mut Option<InFlight>) -> Option<bool> {
+    async fn relay_length(&mut self, up: &mut TcpStream, n: u64, guard: &mut Option<Counted<'_>>) -> Option<bool> {
         let mut left = n;
         let first = (self.ubuf.len() as u64).min(left) as usize;
         if first as u64 == left {
@@ -1011,7 +1006,7 @@ impl Conn<'_> {
         Some(true)
     }
 
-    async fn relay_chunked(&mut self, up: &mut TcpStream, guard: &mut Option<InFlight>) -> Option<bool> {
+    async fn relay_chunked(&mut self, up: &mut TcpStream, guard: &mut Option<Counted<'_>>) -> Option<bool> {
         let mut dec = Chunked::default();
         let Some(n) = dec.feed(&self.ubuf) else { return Some(false) };
         if dec.done() {
@@ -1037,7 +1032,7 @@ impl Conn<'_> {
 
     /// A body that ends when the backend closes goes on chunked, so the client
     /// connection stays open.
-    async fn relay_until_close(&mut self, up: &mut TcpStream, guard: &mut Option<InFlight>) -> Option<bool> {
+    async fn relay_until_close(&mut self, up: &mut TcpStream, guard: &mut Option<Counted<'_>>) -> Option<bool> {
         loop {
             if !self.ubuf.is_empty() {
                 let _ = write!(self.out, "{:x}\r\n", self.ubuf.len());
@@ -1062,7 +1057,7 @@ impl Conn<'_> {
     }
 
     /// The proxy's own answer: `{code} {error}` as text, as the hyper path writes it.
-    async fn answer_error(&mut self, e: &ForwardError, o: &mut Outcome) -> Next {
+    async fn answer_error(&mut self, e: &ForwardError, o: &mut Outcome<'_>) -> Next {
         let status = e.status();
         o.status = status.as_u16();
         o.error = Some(format!("{:?}: {e}", e.side()));

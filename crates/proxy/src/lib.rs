@@ -198,7 +198,11 @@ impl Shared {
             m.get_mut(k).expect("just inserted")
         }
         let mut c = self.counters[workers::shard()].0.lock().unwrap();
-        *slot(slot(&mut c.responses, listener), service).entry(status).or_default() += 1;
+        // One lookup per level for names seen before, which is every request but the first.
+        match c.responses.get_mut(listener).and_then(|m| m.get_mut(service)) {
+            Some(by_code) => *by_code.entry(status).or_default() += 1,
+            None => *slot(slot(&mut c.responses, listener), service).entry(status).or_default() += 1,
+        }
         if tries > 1 {
             *slot(&mut c.resends, service) += u64::from(tries - 1);
         }
