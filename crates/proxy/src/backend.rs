@@ -9,7 +9,7 @@
 //! a sticky pin first, then the zone preference, then the service's `balance`.
 
 use crate::config::{Balance, HealthConfig, HealthKind, ServiceConfig};
-use crate::workers::SHARDS;
+use crate::workers::{Padded, SHARDS};
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
@@ -57,7 +57,7 @@ pub struct Backend {
     /// backends): in rotation only while true, whatever the active checks say.
     control: Mutex<Option<ControlVerdict>>,
     /// Written per request, one shard per connection worker (summed when read).
-    shards: [Shard; SHARDS],
+    shards: [Padded<Shard>; SHARDS],
     /// `health`'s verdict and ejection end and the control plane's verdict, mirrored
     /// where `available` can read them without taking a lock: a lock is a write, and
     /// with requests on several threads every write moves the cache line between cores.
@@ -129,7 +129,6 @@ pub struct ControlVerdict {
 /// every request moved its cache line between the cores of two workers several times;
 /// nginx's worker processes keep such state apart too.
 #[derive(Debug, Default)]
-#[repr(align(128))]
 struct Shard {
     in_flight: AtomicU64,
     served: AtomicU64,
@@ -522,7 +521,7 @@ pub struct Service {
     /// The proxy's own zone, preferred when set.
     zone: Option<String>,
     /// Serializes one worker's choices; holds its random state for `p2c_ewma`.
-    rr: [RrShard; SHARDS],
+    rr: [Padded<Mutex<u64>>; SHARDS],
     /// Serializes choices across workers, only for a service with
     /// `max_in_flight_per_backend` (whose check and count must be one step).
     serial: Mutex<()>,
@@ -531,10 +530,6 @@ pub struct Service {
     budget: AtomicU64,
     released: Arc<tokio::sync::Notify>,
 }
-
-#[derive(Debug)]
-#[repr(align(128))]
-struct RrShard(Mutex<u64>);
 
 /// Retries always allowed per service before the percentage budget has filled up, so
 /// a quiet service can still fail over.
@@ -557,7 +552,7 @@ impl Service {
             ^ u64::from(std::process::id())
             ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64;
         let rr =
-            std::array::from_fn(|i| RrShard(Mutex::new((seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1)));
+            std::array::from_fn(|i| Padded(Mutex::new((seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1)));
         let label = Arc::from(name.as_str());
         Service {
             name,
@@ -579,10 +574,7 @@ impl Service {
 
     /// [`Service::pick`] for a request with a hash key or sticky pin.
     pub fn pick_for(&self, tried: &HashSet<SocketAddr>, aff: Affinity) -> Option<Arc<Backend>> {
-        let shard = crate::workers::shard();
-        let _serial = self.limited().then(|| self.serial.lock().unwrap());
-        let mut rng = self.rr[shard].0.lock().unwrap();
-        self.choose(tried, aff, &mut rng, shard, Instant::now()).ok().cloned()
+        self.choose_then(tried, aff, Instant::now(), Arc::clone).ok()
     }
 
     /// Picks a backend and counts the request on it in one step, so concurrent
@@ -595,12 +587,7 @@ impl Service {
         aff: Affinity,
         now: Instant,
     ) -> Result<(Arc<Backend>, InFlight), Unavailable> {
-        let shard = crate::workers::shard();
-        let _serial = self.limited().then(|| self.serial.lock().unwrap());
-        let mut rng = self.rr[shard].0.lock().unwrap();
-        let b = self.choose(tried, aff, &mut rng, shard, now)?;
-        let guard = b.start_request();
-        Ok((b.clone(), guard))
+        self.choose_then(tried, aff, now, |b| (b.clone(), b.start_request()))
     }
 
     /// [`Service::acquire`] with the backend borrowed and counted by a [`Counted`].
@@ -610,11 +597,24 @@ impl Service {
         aff: Affinity,
         now: Instant,
     ) -> Result<(&Arc<Backend>, Counted<'_>), Unavailable> {
+        self.choose_then(tried, aff, now, |b| (b, b.count_request()))
+    }
+
+    /// Chooses under this worker's round-robin lock (and, for a service with
+    /// `max_in_flight_per_backend`, the service-wide one) and hands the choice to
+    /// `then` while they are held, so a request counted there is one step with the
+    /// limit check.
+    fn choose_then<'s, R>(
+        &'s self,
+        tried: &HashSet<SocketAddr>,
+        aff: Affinity,
+        now: Instant,
+        then: impl FnOnce(&'s Arc<Backend>) -> R,
+    ) -> Result<R, Unavailable> {
         let shard = crate::workers::shard();
         let _serial = self.limited().then(|| self.serial.lock().unwrap());
         let mut rng = self.rr[shard].0.lock().unwrap();
-        let b = self.choose(tried, aff, &mut rng, shard, now)?;
-        Ok((b, b.count_request()))
+        self.choose(tried, aff, &mut rng, shard, now).map(then)
     }
 
     /// [`Service::acquire`], queueing while every backend is at its limit, until `deadline`

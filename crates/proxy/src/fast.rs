@@ -31,6 +31,7 @@ use crate::backend::{Affinity, Backend, Counted, EWMA_FAILURE_PENALTY, Service, 
 use crate::config::{Balance, HashOn};
 use crate::error::ForwardError;
 use crate::http::{ConnFlags, REPLAY_BODY_LIMIT, find_route, is_idempotent_method, write_request_id};
+use crate::pool::connect_stream;
 use crate::{Shared, Snapshot};
 use bytes::{Buf, Bytes, BytesMut};
 use std::collections::HashSet;
@@ -653,8 +654,8 @@ impl Conn<'_> {
     }
 
     /// Writes the upstream head (without its final CRLF, which the attempt adds after
-    /// a Host line when the client sent none) into `out`.
-    fn upstream_head(&mut self, conn: u32) {
+    /// a Host line when the client sent none) into `out`; says whether it has a Host.
+    fn upstream_head(&mut self, conn: u32) -> bool {
         let buf = &self.rbuf[..];
         let h = &self.req;
         let out = &mut self.out;
@@ -719,13 +720,13 @@ impl Conn<'_> {
         out.extend_from_slice(b"\r\nx-request-id: ");
         out.extend_from_slice(&self.id);
         out.extend_from_slice(b"\r\n");
+        host.is_some()
     }
 
     /// Sends the request to backends by the retry rules until one answers.
     /// `now` is when the request was ready to go: every deadline counts from it.
     async fn forward(&mut self, svc: &Service, body_len: usize, conn: u32, now: Instant, o: &mut Outcome<'_>) -> Next {
-        self.upstream_head(conn);
-        let has_host = self.req.headers.iter().any(|(n, _)| eq(&self.rbuf[n.clone()], "host"));
+        let has_host = self.upstream_head(conn);
         let base = self.out.len();
         let idempotent = is_idempotent_method(&self.rbuf[self.req.method.clone()]);
         let aff = Affinity {
@@ -769,7 +770,7 @@ impl Conn<'_> {
             let connect_timeout = Duration::from_millis(svc.cfg.connect_timeout_ms);
             let deadline = tokio::time::Instant::from_std(at) + Duration::from_millis(ms);
             let mut timer = self.timer.take().expect("the timer is put back after each attempt");
-            let r = within(&mut timer, deadline, self.exchange(b, connect_timeout)).await;
+            let r = within(&mut timer, deadline, self.exchange(b, connect_timeout, at)).await;
             self.timer = Some(timer);
             let r = r.unwrap_or(Err(Failed::Timeout));
             if let Some(started) = started {
@@ -777,7 +778,7 @@ impl Conn<'_> {
                 b.observe_latency(if ok { started.elapsed() } else { started.elapsed().max(EWMA_FAILURE_PENALTY) });
             }
             let err = match r {
-                Ok(up) => return self.relay(up, b, guard, o).await,
+                Ok(up) => return self.relay(up, b, guard, at, o).await,
                 Err(Failed::Connect(e)) => {
                     let reason = crate::backend::connect_reason(&e);
                     b.record_failure(&reason);
@@ -808,11 +809,12 @@ impl Conn<'_> {
     /// Writes `out` to a pooled or new connection to `b` and reads the response head
     /// into `ubuf` / `resp`. A pooled connection that fails the write had closed while
     /// idle (nothing reached the backend), so a new one is tried.
-    async fn exchange(&mut self, b: &Backend, connect_timeout: Duration) -> Result<TcpStream, Failed> {
+    /// `now`: the attempt's start, the clock reading the pool judges idle sockets by.
+    async fn exchange(&mut self, b: &Backend, connect_timeout: Duration, now: Instant) -> Result<TcpStream, Failed> {
         let mut up = loop {
-            let (mut up, reused) = match b.pool.take_stream() {
+            let (mut up, reused) = match b.pool.take_stream(now) {
                 Some(s) => (s, true),
-                None => (connect(b.addr, connect_timeout).await.map_err(Failed::Connect)?, false),
+                None => (connect_stream(b.addr, connect_timeout).await.map_err(Failed::Connect)?, false),
             };
             match up.write_all(&self.out).await {
                 Ok(()) => break up,
@@ -848,7 +850,16 @@ impl Conn<'_> {
 
     /// Sends the response whose head is in `ubuf` on to the client, then gives the
     /// upstream connection back when the whole response came and nothing followed it.
-    async fn relay(&mut self, mut up: TcpStream, b: &Backend, guard: Counted<'_>, o: &mut Outcome<'_>) -> Next {
+    /// `sent_at` (the attempt's start) stamps the upstream socket when it goes back to
+    /// the pool: a little early, so it expires a little early, for no clock reading.
+    async fn relay(
+        &mut self,
+        mut up: TcpStream,
+        b: &Backend,
+        guard: Counted<'_>,
+        sent_at: Instant,
+        o: &mut Outcome<'_>,
+    ) -> Next {
         let status = self.resp.status;
         o.status = status;
         if status == 101 {
@@ -952,7 +963,7 @@ impl Conn<'_> {
             // The whole response went on.
             Some(true) => {
                 if reusable && self.ubuf.is_empty() {
-                    b.pool.put_stream(up);
+                    b.pool.put_stream(up, sent_at);
                 }
                 Next::Request
             }
@@ -1084,15 +1095,6 @@ impl Conn<'_> {
             Err(_) => Next::Close,
         }
     }
-}
-
-async fn connect(addr: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
-    let s = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-        Ok(s) => s?,
-        Err(_) => return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout")),
-    };
-    let _ = s.set_nodelay(true);
-    Ok(s)
 }
 
 #[cfg(test)]

@@ -57,12 +57,6 @@ pub(crate) type Body = http_body_util::combinators::BoxBody<bytes::Bytes, hyper:
 
 /// HTTP counters for `/metrics`: responses by listener, service and status; resends
 /// and cache outcomes by service.
-const COUNTER_SHARDS: usize = workers::SHARDS;
-
-#[derive(Default)]
-#[repr(align(128))]
-struct CounterShard(Mutex<Counters>);
-
 #[derive(Default)]
 pub(crate) struct Counters {
     responses: BTreeMap<String, BTreeMap<String, BTreeMap<u16, u64>>>,
@@ -92,7 +86,7 @@ pub(crate) struct Shared {
     checks_stop: watch::Sender<bool>,
     /// HTTP traffic counters, kept across reloads; one shard per connection worker
     /// (`workers`), summed when read, so workers do not write to one lock.
-    counters: [CounterShard; COUNTER_SHARDS],
+    counters: [workers::Padded<Mutex<Counters>>; workers::SHARDS],
     /// Bumped after each swap of `snapshot`, so a connection can keep its copy of the
     /// snapshot until it changes instead of taking the lock per request.
     snapshot_gen: std::sync::atomic::AtomicU64,

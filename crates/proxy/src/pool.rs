@@ -9,6 +9,7 @@
 
 use crate::Body;
 use crate::backend::{Backend, InFlight};
+use crate::workers::{Padded, SHARDS, shard};
 use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
@@ -24,9 +25,6 @@ const MAX_IDLE: usize = 64;
 /// An idle connection older than this is closed rather than reused.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Connection workers with a stack of plain sockets of their own (more share them).
-const STREAM_SLOTS: usize = 8;
-
 /// A backend's idle connections, oldest first: hyper's for requests hyper serves, plain
 /// sockets for the fast path (`crate::fast`), which speaks HTTP/1.1 on them itself. The
 /// sockets are kept per connection worker (`crate::workers`): a socket is registered
@@ -34,76 +32,80 @@ const STREAM_SLOTS: usize = 8;
 /// be woken across threads.
 #[derive(Default)]
 pub(crate) struct Pool {
-    idle: Mutex<Vec<(SendRequest<Body>, Instant)>>,
-    streams: [Slot; STREAM_SLOTS],
+    idle: Idle<SendRequest<Body>>,
+    streams: [Padded<Idle<tokio::net::TcpStream>>; SHARDS],
 }
 
-/// A cache line each, so two workers taking and returning sockets do not write to
-/// the same line.
-#[derive(Default)]
-#[repr(align(128))]
-struct Slot(Mutex<Vec<(tokio::net::TcpStream, Instant)>>);
+/// A stack of idle connections with the time each was put back, oldest first.
+struct Idle<T>(Mutex<Vec<(T, Instant)>>);
 
-fn stream_slot(pool: &Pool) -> &Mutex<Vec<(tokio::net::TcpStream, Instant)>> {
-    &pool.streams[crate::workers::current() % STREAM_SLOTS].0
+impl<T> Default for Idle<T> {
+    fn default() -> Self {
+        Idle(Mutex::new(Vec::new()))
+    }
+}
+
+impl<T> Idle<T> {
+    fn len(&self) -> usize {
+        self.0.lock().map(|v| v.len()).unwrap_or(0)
+    }
+
+    /// The most recently used one that `open` accepts and that has not idled too long
+    /// at `now`; the others met on the way are dropped.
+    fn take(&self, now: Instant, open: impl Fn(&T) -> bool) -> Option<T> {
+        let mut idle = self.0.lock().unwrap();
+        while let Some((c, at)) = idle.pop() {
+            if open(&c) && now.saturating_duration_since(at) < IDLE_TIMEOUT {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    fn put(&self, c: T, now: Instant) {
+        let mut idle = self.0.lock().unwrap();
+        // The oldest are at the front: drop those that expired or overflow the stack.
+        let stale = idle.iter().take_while(|(_, at)| now.saturating_duration_since(*at) >= IDLE_TIMEOUT).count();
+        let over = (idle.len() + 1).saturating_sub(MAX_IDLE);
+        idle.drain(..stale.max(over));
+        idle.push((c, now));
+    }
 }
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pool")
-            .field("idle", &self.idle.lock().map(|v| v.len()).unwrap_or(0))
-            .field("streams", &self.streams.iter().map(|s| s.0.lock().map(|v| v.len()).unwrap_or(0)).sum::<usize>())
+            .field("idle", &self.idle.len())
+            .field("streams", &self.streams.iter().map(|s| s.0.len()).sum::<usize>())
             .finish()
     }
 }
 
 impl Pool {
     fn take(&self) -> Option<SendRequest<Body>> {
-        let mut idle = self.idle.lock().unwrap();
-        while let Some((sr, at)) = idle.pop() {
-            if !sr.is_closed() && at.elapsed() < IDLE_TIMEOUT {
-                return Some(sr);
-            }
-        }
-        None
+        self.idle.take(Instant::now(), |sr| !sr.is_closed())
     }
 
     fn put(&self, sr: SendRequest<Body>) {
-        if sr.is_closed() {
-            return;
+        if !sr.is_closed() {
+            self.idle.put(sr, Instant::now());
         }
-        let now = Instant::now();
-        let mut idle = self.idle.lock().unwrap();
-        // The oldest are at the front: drop those that expired or overflow the stack.
-        let stale = idle.iter().take_while(|(_, at)| now.duration_since(*at) >= IDLE_TIMEOUT).count();
-        let over = (idle.len() + 1).saturating_sub(MAX_IDLE);
-        idle.drain(..stale.max(over));
-        idle.push((sr, now));
     }
 
-    /// The most recently used idle socket that is still open. A socket the backend
-    /// closed (or wrote to unasked) shows as readable; that costs no system call to
-    /// see, as the runtime already knows the socket's readiness.
-    pub(crate) fn take_stream(&self) -> Option<tokio::net::TcpStream> {
-        let mut idle = stream_slot(self).lock().unwrap();
-        while let Some((s, at)) = idle.pop() {
+    /// This worker's most recently used idle socket that is still open; `now` is the
+    /// request's clock reading. A socket the backend closed (or wrote to unasked) shows
+    /// as readable; that costs no system call to see, as the runtime already knows the
+    /// socket's readiness.
+    pub(crate) fn take_stream(&self, now: Instant) -> Option<tokio::net::TcpStream> {
+        self.streams[shard()].0.take(now, |s| {
             let mut probe = [0u8; 1];
-            let open = matches!(s.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
-            if open && at.elapsed() < IDLE_TIMEOUT {
-                return Some(s);
-            }
-        }
-        None
+            matches!(s.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        })
     }
 
     /// Keeps a socket whose last response was read to its end.
-    pub(crate) fn put_stream(&self, s: tokio::net::TcpStream) {
-        let now = Instant::now();
-        let mut idle = stream_slot(self).lock().unwrap();
-        let stale = idle.iter().take_while(|(_, at)| now.duration_since(*at) >= IDLE_TIMEOUT).count();
-        let over = (idle.len() + 1).saturating_sub(MAX_IDLE);
-        idle.drain(..stale.max(over));
-        idle.push((s, now));
+    pub(crate) fn put_stream(&self, s: tokio::net::TcpStream, now: Instant) {
+        self.streams[shard()].0.put(s, now);
     }
 }
 
@@ -115,12 +117,21 @@ pub(crate) enum SendError {
     Lost(hyper::Error),
 }
 
-async fn connect(b: &Backend, timeout: Duration) -> std::io::Result<SendRequest<Body>> {
-    let stream = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(b.addr)).await {
+/// A new upstream socket, within `timeout`, with Nagle off.
+pub(crate) async fn connect_stream(
+    addr: std::net::SocketAddr,
+    timeout: Duration,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let stream = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
         Ok(s) => s?,
         Err(_) => return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout")),
     };
     let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+async fn connect(b: &Backend, timeout: Duration) -> std::io::Result<SendRequest<Body>> {
+    let stream = connect_stream(b.addr, timeout).await?;
     let (sr, conn) =
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(std::io::Error::other)?;
     let addr = b.addr;

@@ -45,6 +45,20 @@ pub(crate) fn shard() -> usize {
     current() % SHARDS
 }
 
+/// One shard of such state, on cache lines of its own (128 bytes: adjacent-line
+/// prefetch pairs 64-byte lines), so two workers writing their shards do not share one.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(crate) struct Padded<T>(pub(crate) T);
+
+impl<T> std::ops::Deref for Padded<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
 impl Workers {
     /// `n` worker threads (at least one).
     pub(crate) fn start(n: usize) -> std::io::Result<Workers> {
