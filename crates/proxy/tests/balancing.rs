@@ -11,20 +11,8 @@ use std::time::Duration;
 
 /// One http listener, one service `app` over `addrs` with `extra` settings, fast checks.
 fn service(addrs: &[SocketAddr], extra: &str) -> String {
-    format!(
-        r#"
-[[listeners]]
-name = "web"
-bind = "127.0.0.1:0"
-protocol = "http"
-
-[[routes]]
-listener = "web"
-service = "app"
-
-[services.app]
-backends = {}
-connect_timeout_ms = 200
+    let service = format!(
+        r#"connect_timeout_ms = 200
 {extra}
 
 [services.app.health]
@@ -35,10 +23,9 @@ path = "/healthz"
 interval_ms = 200
 timeout_ms = 200
 rise = 1
-fall = 2
-"#,
-        backends_toml(addrs)
-    )
+fall = 2"#
+    );
+    web_to_app("", addrs, &service)
 }
 
 async fn healthy(p: &RunningProxy, addrs: &[SocketAddr]) {

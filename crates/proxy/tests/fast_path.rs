@@ -14,23 +14,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-fn config(backend: SocketAddr, extra: &str) -> String {
-    format!(
-        r#"
-drain_timeout_secs = 5
-[[listeners]]
-name = "web"
-bind = "127.0.0.1:0"
-protocol = "http"
-[[routes]]
-listener = "web"
-service = "app"
-[services.app]
-backends = [{{ address = "{backend}" }}]
-passive_failures = 0
-{extra}
-"#
-    )
+fn config(backends: &[SocketAddr], extra: &str) -> String {
+    web_to_app("drain_timeout_secs = 5", backends, &format!("passive_failures = 0\n{extra}"))
 }
 
 /// One request as a raw backend saw it.
@@ -207,7 +192,7 @@ fn ok(body: &str) -> Reply {
 }
 
 async fn proxy_for(backend: SocketAddr, extra: &str) -> (drover_proxy::RunningProxy, SocketAddr) {
-    let p = Proxy::start(parse(&config(backend, extra))).await.unwrap();
+    let p = Proxy::start(parse(&config(&[backend], extra))).await.unwrap();
     let addr = p.local_addr("web").unwrap();
     (p, addr)
 }
@@ -393,22 +378,7 @@ async fn a_pooled_connection_the_backend_closed_while_idle_costs_no_error_and_no
 async fn a_post_the_backend_reset_mid_request_is_502_and_never_replayed() {
     let bad = RawBackend::start(|_, _| Reply::Reset).await;
     let good = RawBackend::start(|_, _| ok("good")).await;
-    let cfg = format!(
-        r#"
-[[listeners]]
-name = "web"
-bind = "127.0.0.1:0"
-protocol = "http"
-[[routes]]
-listener = "web"
-service = "app"
-[services.app]
-backends = [{{ address = "{}" }}, {{ address = "{}" }}]
-passive_failures = 0
-"#,
-        bad.addr, good.addr
-    );
-    let p = Proxy::start(parse(&cfg)).await.unwrap();
+    let p = Proxy::start(parse(&config(&[bad.addr, good.addr], ""))).await.unwrap();
     let addr = p.local_addr("web").unwrap();
     let mut s = TcpStream::connect(addr).await.unwrap();
     let mut buf = Vec::new();

@@ -11,21 +11,8 @@ use std::time::{Duration, Instant};
 
 /// One http listener, one service `app` over `addrs`, fast active checks.
 fn one_service(addrs: &[SocketAddr], extra: &str) -> String {
-    format!(
-        r#"
-drain_timeout_secs = 5
-[[listeners]]
-name = "web"
-bind = "127.0.0.1:0"
-protocol = "http"
-
-[[routes]]
-listener = "web"
-service = "app"
-
-[services.app]
-backends = {}
-connect_timeout_ms = 200
+    let service = format!(
+        r#"connect_timeout_ms = 200
 request_timeout_ms = 3000
 {extra}
 
@@ -35,10 +22,9 @@ path = "/healthz"
 interval_ms = 50
 timeout_ms = 50
 rise = 2
-fall = 2
-"#,
-        backends_toml(addrs)
-    )
+fall = 2"#
+    );
+    web_to_app("drain_timeout_secs = 5", addrs, &service)
 }
 
 async fn all_healthy(p: &drover_proxy::RunningProxy, service: &str, addrs: &[SocketAddr]) {

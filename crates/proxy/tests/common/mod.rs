@@ -254,6 +254,30 @@ pub fn state_of(p: &drover_proxy::RunningProxy, service: &str, addr: SocketAddr)
     p.backends()["services"][service].as_array()?.iter().find(|b| b["address"] == addr.to_string()).cloned()
 }
 
+/// A config with `top` (top-level keys), one http listener `web` routing everything
+/// to service `app` over `addrs`, and `service` inside `[services.app]` (tables such as
+/// `[services.app.health]` may follow in it).
+pub fn web_to_app(top: &str, addrs: &[SocketAddr], service: &str) -> String {
+    format!(
+        r#"
+{top}
+[[listeners]]
+name = "web"
+bind = "127.0.0.1:0"
+protocol = "http"
+
+[[routes]]
+listener = "web"
+service = "app"
+
+[services.app]
+backends = {}
+{service}
+"#,
+        backends_toml(addrs)
+    )
+}
+
 pub fn backends_toml(addrs: &[SocketAddr]) -> String {
     let items: Vec<String> = addrs.iter().map(|a| format!("{{ address = \"{a}\" }}")).collect();
     format!("[{}]", items.join(", "))
