@@ -546,6 +546,7 @@ pub(crate) async fn run(shared: Arc<Shared>, db: Arc<Db>) {
     // The replication timeouts were checked since the server last answered; a restart
     // (or a rebuilt data dir) may bring other values back, so a failed probe resets it.
     let mut timeouts_checked = db.replication_timeout_ms == 0;
+    let mut timeouts_retry_at = Instant::now();
     loop {
         let lease_due = db.lease_deadline();
         let probe = tokio::select! {
@@ -564,24 +565,6 @@ pub(crate) async fn run(shared: Arc<Shared>, db: Arc<Db>) {
             () = &mut stop => return,
             r = probe::probe(&db.local.target, timeout) => r,
         };
-        match &probed {
-            Ok(_) if !timeouts_checked => {
-                let ms = db.replication_timeout_ms;
-                match drover_db::ops::ensure_replication_timeouts(&db.local.target, ms, timeout).await {
-                    Ok(changed) => {
-                        timeouts_checked = true;
-                        if changed {
-                            tracing::info!(member = %db.local.name, ms, "set wal_receiver_timeout and wal_sender_timeout");
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(member = %db.local.name, "replication timeouts not set (next probe retries): {e}")
-                    }
-                }
-            }
-            Err(_) if db.replication_timeout_ms != 0 => timeouts_checked = false,
-            _ => {}
-        }
         if let Ok(status) = &probed {
             let lease = db.terms().lease;
             // `lease_verdict` demotes a writable primary without any lease; the agent
@@ -601,9 +584,34 @@ pub(crate) async fn run(shared: Arc<Shared>, db: Arc<Db>) {
                 _ => {}
             }
         }
+        // After the lease verdict, so a check on a server that just came back never
+        // delays a self-fence; a failure (say, a user that may not ALTER SYSTEM) is
+        // retried after TIMEOUTS_RETRY, not on every probe.
+        match &probed {
+            Ok(_) if !timeouts_checked && Instant::now() >= timeouts_retry_at => {
+                let ms = db.replication_timeout_ms;
+                match drover_db::ops::ensure_replication_timeouts(&db.local.target, ms, timeout).await {
+                    Ok(changed) => {
+                        timeouts_checked = true;
+                        if changed {
+                            tracing::info!(member = %db.local.name, ms, "set wal_receiver_timeout and wal_sender_timeout");
+                        }
+                    }
+                    Err(e) => {
+                        timeouts_retry_at = Instant::now() + TIMEOUTS_RETRY;
+                        tracing::warn!(member = %db.local.name, "replication timeouts not set (retrying in {TIMEOUTS_RETRY:?}): {e}")
+                    }
+                }
+            }
+            Err(_) if db.replication_timeout_ms != 0 => timeouts_checked = false,
+            _ => {}
+        }
         db.push_report(orders_before, &probed);
     }
 }
+
+/// How long after a failed attempt the agent tries again to set the replication timeouts.
+const TIMEOUTS_RETRY: Duration = Duration::from_secs(30);
 
 /// Fences from the probe task, not through the order queue: self-demotion must never
 /// wait behind an order (a rejoin can run for minutes), and every order copes with a

@@ -340,6 +340,17 @@ fn agent_down_since(o: &MemberObservation, spec: &ClusterSpec, now_ms: u64) -> O
     }
 }
 
+/// The member's agent cannot answer an order: gone, or its reports went stale (a
+/// partition leaves its connection looking open). One that reports its PostgreSQL
+/// down still answers.
+pub fn agent_silent(o: &MemberObservation, spec: &ClusterSpec, now_ms: u64) -> bool {
+    match &o.agent {
+        AgentView::Up { at_ms, .. } => !fresh(*at_ms, spec, now_ms),
+        AgentView::LocalDown { .. } => false,
+        AgentView::Gone { .. } => true,
+    }
+}
+
 fn is_writable_primary(s: &DbStatus) -> bool {
     s.role == Role::Primary && s.accepting_writes
 }
@@ -590,9 +601,6 @@ pub fn plan_switchover(
     Ok(Switchover { from, to, term, steps, abort })
 }
 
-/// Brings members back in line while the leader is healthy (rule 7): a member other
-/// than the leader that is a primary is fenced and rejoined; a replica that streams
-/// from elsewhere, or has not streamed for `dead_grace_ms`, is repointed.
 /// A member that must not take writes and must follow the leader again: fenced at the
 /// proxy, rejoined, and the event that says why.
 fn fence_and_rejoin(spec: &ClusterSpec, member: &str, leader: &LeaderRecord, why: String) -> [Step; 3] {
@@ -603,6 +611,9 @@ fn fence_and_rejoin(spec: &ClusterSpec, member: &str, leader: &LeaderRecord, why
     ]
 }
 
+/// Brings members back in line while the leader is healthy (rule 7): a member other
+/// than the leader that is a primary is fenced and rejoined; a replica that streams
+/// from elsewhere, or has not streamed for `dead_grace_ms`, is repointed.
 pub fn reconcile(spec: &ClusterSpec, obs: &Observations, leader: &LeaderRecord, now_ms: u64) -> Vec<Step> {
     reconcile_except(spec, obs, leader, now_ms, |_| false)
 }
@@ -661,6 +672,9 @@ pub struct RoleCheck {
 pub const CHECK_PRIMARY: &str = "db-primary";
 pub const CHECK_REPLICA: &str = "db-replica";
 pub const CHECK_READ: &str = "db-read";
+/// Every check the proxy and name server route a member by; fencing at the proxy
+/// withdraws them all.
+pub const ROLE_CHECKS: [&str; 3] = [CHECK_PRIMARY, CHECK_REPLICA, CHECK_READ];
 
 /// The role checks the proxy and DNS route by: `db-primary` OK only on the leader while
 /// it is a writable primary; `db-replica` OK on replicas streaming within

@@ -541,6 +541,18 @@ pub async fn rejoin_as_replica(
         client.batch_execute("CHECKPOINT").await.map_err(sql_err(op, "checkpoint on the source"))
     })
     .await?;
+    // pg_rewind finishes a crashed target's recovery in single-user mode first, which
+    // refuses standby mode: a replica that crashed is rewound as a plain data dir (as
+    // repmgr does). It still needs the check: an asynchronous replica may hold WAL of the
+    // old primary past the point where the new primary's history forked.
+    // `write_standby_config` puts the file back.
+    let signal = local.data_dir.join("standby.signal");
+    if let Err(e) = std::fs::remove_file(&signal)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        let kind = OpErrorKind::File { path: signal.display().to_string(), error: e.to_string() };
+        return Err(OpError::new(op, "remove standby.signal", kind));
+    }
     let args = vec![
         "--target-pgdata".into(),
         local.data_dir.clone().into_os_string(),
@@ -548,14 +560,10 @@ pub async fn rejoin_as_replica(
     ];
     let out = run_tool(local, op, "pg_rewind", "pg_rewind", args, Some(timeout)).await?;
     let output = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    // pg_rewind refuses a target that crashed while in recovery (it recovers a crashed
-    // primary first, not a standby). A replica that crashed never wrote its own WAL, so
-    // it needs no rewind: it recovers by itself when started as a replica again.
-    let crashed_replica = local.data_dir.join("standby.signal").exists();
-    if !out.status.success() && !crashed_replica {
+    if !out.status.success() {
         return Err(OpError::new(op, "pg_rewind", OpErrorKind::RewindFailed { output: output.trim().to_string() }));
     }
-    let rewound = out.status.success() && !output.contains("no rewind required");
+    let rewound = !output.contains("no rewind required");
     write_standby_config(local, upstream).map_err(|kind| OpError::new(op, "write standby config", kind))?;
     start(local, timeout).await.map_err(|e| OpError { op, ..e })?;
     Ok(RejoinReport { stopped, rewound, rewind_output: output.trim().to_string() })

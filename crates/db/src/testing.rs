@@ -270,11 +270,7 @@ impl PgCluster {
     /// leave backends and the walsender running (and still streaming) for a while.
     pub fn kill9(&self, name: &str) -> Result<(), HarnessError> {
         let Some(pid) = postmaster_pid(&self.member(name).data_dir) else { return Ok(()) };
-        let mut pids = descendants(pid);
-        pids.insert(0, pid);
-        for &p in &pids {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGKILL);
-        }
+        let pids = signal_tree(pid, nix::sys::signal::Signal::SIGKILL);
         let deadline = Instant::now() + Duration::from_secs(15);
         while pids.iter().any(|&p| alive(p)) {
             if Instant::now() > deadline {
@@ -306,11 +302,7 @@ impl PgCluster {
     fn signal_all(&self, name: &str, sig: nix::sys::signal::Signal) -> Result<(), HarnessError> {
         let pid = postmaster_pid(&self.member(name).data_dir)
             .ok_or_else(|| HarnessError::new(format!("{sig} {name}"), "no postmaster.pid"))?;
-        let mut pids = descendants(pid);
-        pids.insert(0, pid);
-        for p in pids {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), sig);
-        }
+        signal_tree(pid, sig);
         Ok(())
     }
 
@@ -487,6 +479,16 @@ fn append(path: &Path, text: &str) -> Result<(), HarnessError> {
         .open(path)
         .and_then(|mut f| f.write_all(text.as_bytes()))
         .map_err(|e| HarnessError::new(format!("append to {}", path.display()), e.to_string()))
+}
+
+/// Sends `sig` to `pid` and every process under it; returns them all.
+fn signal_tree(pid: i32, sig: nix::sys::signal::Signal) -> Vec<i32> {
+    let mut pids = descendants(pid);
+    pids.insert(0, pid);
+    for &p in &pids {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), sig);
+    }
+    pids
 }
 
 fn postmaster_pid(data_dir: &Path) -> Option<i32> {

@@ -486,23 +486,18 @@ impl Cluster {
                     swapped
                 }
                 Step::FenceProxy { member } => {
-                    self.publish(member, decide::CHECK_PRIMARY, false, format!("fenced at term {term}"), true);
-                    self.publish(member, decide::CHECK_REPLICA, false, format!("fenced at term {term}"), true);
-                    self.publish(member, decide::CHECK_READ, false, format!("fenced at term {term}"), true);
+                    self.fence_at_proxy(member, term);
                     true
                 }
                 Step::FenceAgent { member } => {
                     // Best effort: a gone agent fences itself when its lease lapses. One
                     // that has gone silent (a partition leaves its connection looking
                     // open) cannot answer, so waiting for it would only delay the promotion.
-                    let t = now();
-                    let silent = match self.observer.observations().get(member).map(|o| &o.agent) {
-                        Some(decide::AgentView::Up { at_ms, .. }) => {
-                            t.saturating_sub(*at_ms) > self.spec.status_max_age_ms
-                        }
-                        Some(decide::AgentView::LocalDown { .. }) => false,
-                        _ => true,
-                    };
+                    let silent = self
+                        .observer
+                        .observations()
+                        .get(member)
+                        .is_none_or(|o| decide::agent_silent(o, &self.cluster_spec(), now()));
                     let wait = if silent { Duration::ZERO } else { FENCE_WAIT };
                     let _ = self.order(member, term, step, wait).await;
                     true
@@ -601,7 +596,7 @@ impl Cluster {
     fn reconcile(&mut self, steps: Vec<Step>, term: u64) {
         for step in &steps {
             if let Step::FenceProxy { member } = step {
-                self.publish(member, decide::CHECK_PRIMARY, false, format!("fenced at term {term}"), true);
+                self.fence_at_proxy(member, term);
             }
         }
         let (orders, busy, rejoin_failed) = (self.orders.clone(), self.reconciling.clone(), self.rejoin_failed.clone());
@@ -643,6 +638,13 @@ impl Cluster {
     }
 
     /// Publishes a role check as a drover-made result when it changed (or `force`).
+    /// Withdraws every role check of `member` at once (the proxy closes its sessions).
+    fn fence_at_proxy(&mut self, member: &str, term: u64) {
+        for check in decide::ROLE_CHECKS {
+            self.publish(member, check, false, format!("fenced at term {term}"), true);
+        }
+    }
+
     fn publish(&mut self, member: &str, check: &'static str, ok: bool, output: String, force: bool) {
         let t = drover_core::time::now_ms();
         let key = (member.to_string(), check);
