@@ -271,22 +271,10 @@ request_timeout_ms = 200
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passive_failures_eject_a_backend_and_admin_says_why() {
     let dead = dead_addr();
-    let cfg = format!(
-        r#"
-admin_listen = "127.0.0.1:0"
-[[listeners]]
-name = "web"
-bind = "127.0.0.1:0"
-protocol = "http"
-[[routes]]
-listener = "web"
-service = "app"
-[services.app]
-backends = [{{ address = "{dead}" }}]
-passive_failures = 2
-eject_base_ms = 60000
-retries = 0
-"#
+    let cfg = web_to_app(
+        r#"admin_listen = "127.0.0.1:0""#,
+        &[dead],
+        "passive_failures = 2\neject_base_ms = 60000\nretries = 0",
     );
     let p = Proxy::start(parse(&cfg)).await.unwrap();
     let base = format!("http://{}", p.local_addr("web").unwrap());
