@@ -674,8 +674,12 @@ impl Service {
         shard: usize,
         now: Instant,
     ) -> Result<&Arc<Backend>, Unavailable> {
-        let mut eligible: Peers =
-            self.backends.iter().filter(|b| !tried.contains(&b.addr) && b.available(now)).collect();
+        let mut eligible = Peers::new();
+        for b in &self.backends {
+            if b.available(now) && (tried.is_empty() || !tried.contains(&b.addr)) {
+                eligible.push(b);
+            }
+        }
         if eligible.is_empty() {
             return Err(Unavailable::NoneHealthy);
         }
@@ -699,12 +703,13 @@ impl Service {
             }
         }
         let slow = Duration::from_millis(self.cfg.slow_start_ms);
-        let candidates: Peers = match self.cfg.balance {
-            Balance::RoundRobin => eligible,
-            Balance::P2cEwma => return p2c(&eligible, now, slow, rng).ok_or(Unavailable::NoneHealthy),
+        // Each arm picks from `eligible` where it lies: moving the (inline) list costs a copy.
+        let chosen = match self.cfg.balance {
+            Balance::RoundRobin => smooth_weighted(&eligible, shard, now, slow),
+            Balance::P2cEwma => p2c(&eligible, now, slow, rng),
             Balance::Hash => match aff.key {
-                Some(key) => return rendezvous(&eligible, key, now, slow).ok_or(Unavailable::NoneHealthy),
-                None => eligible,
+                Some(key) => rendezvous(&eligible, key, now, slow),
+                None => smooth_weighted(&eligible, shard, now, slow),
             },
             Balance::LeastOutstanding => {
                 // Compare in_flight/weight without division: a/wa < b/wb  <=>  a*wb < b*wa.
@@ -714,10 +719,11 @@ impl Service {
                     .map(|b| (b.in_flight(), w(b)))
                     .reduce(|x, y| if y.0 * x.1 < x.0 * y.1 { y } else { x });
                 let (bi, bw) = best.unwrap_or((0, 1));
-                eligible.into_iter().filter(|b| b.in_flight() * bw == bi * w(b)).collect()
+                let least: Peers = eligible.iter().copied().filter(|b| b.in_flight() * bw == bi * w(b)).collect();
+                smooth_weighted(&least, shard, now, slow)
             }
         };
-        smooth_weighted(&candidates, shard, now, slow).ok_or(Unavailable::NoneHealthy)
+        chosen.ok_or(Unavailable::NoneHealthy)
     }
 
     /// Every request adds `retry_budget_percent`/100 of a token; a retry spends one.

@@ -178,8 +178,16 @@ fn parse_response(buf: &[u8], head: &mut Head) -> Parsed {
     }
 }
 
-fn eq(a: &[u8], b: &str) -> bool {
-    a.eq_ignore_ascii_case(b.as_bytes())
+/// `a`, a name or value from a parsed head, equals `lit` (lowercase letters, digits and
+/// '-') ignoring ASCII case. httparse admits no control character but tab there, and
+/// among the other bytes OR-ing 0x20 lowercases a letter and maps nothing else onto a
+/// letter, a digit or '-' (`or_0x20_is_ignoring_case_on_parsed_bytes`): one OR per byte
+/// instead of two case conversions, in the comparisons every header goes through.
+#[inline]
+fn eq(a: &[u8], lit: &str) -> bool {
+    let lit = lit.as_bytes();
+    debug_assert!(lit.iter().all(|c| matches!(c, b'a'..=b'z' | b'0'..=b'9' | b'-')), "{lit:?}");
+    a.len() == lit.len() && a.iter().zip(lit).all(|(&c, &l)| c | 0x20 == l)
 }
 
 /// Comma-separated tokens of a header value, trimmed.
@@ -187,31 +195,77 @@ fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
     v.split(|&c| c == b',').map(|t| t.trim_ascii()).filter(|t| !t.is_empty())
 }
 
-/// Hop-by-hop headers that never go on, whatever `Connection` names.
+/// Hop-by-hop headers that never go on, whatever `Connection` names. Sorted by length
+/// first: most names match none of the lengths and cost one comparison.
 fn hop_by_hop(name: &[u8]) -> bool {
-    [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-authenticate",
-    ]
-    .iter()
-    .any(|h| eq(name, h))
+    match name.len() {
+        2 => eq(name, "te"),
+        7 => eq(name, "trailer") || eq(name, "upgrade"),
+        10 => eq(name, "connection") || eq(name, "keep-alive"),
+        16 => eq(name, "proxy-connection"),
+        17 => eq(name, "transfer-encoding"),
+        18 => eq(name, "proxy-authenticate"),
+        _ => false,
+    }
 }
 
 /// 1 when a `Connection` value names a header to strip, i.e. has a token other than
 /// `close` and `keep-alive` (a field named `Close` is reserved, RFC 9110 §7.6.1, and
 /// `Keep-Alive` is hop-by-hop anyway); then [`named_by_connection`] has to look.
 fn names_headers(v: &[u8]) -> u32 {
+    // The usual values, without splitting them into tokens.
+    if eq(v, "keep-alive") || eq(v, "close") {
+        return 0;
+    }
     u32::from(tokens(v).any(|t| !t.eq_ignore_ascii_case(b"close") && !t.eq_ignore_ascii_case(b"keep-alive")))
+}
+
+/// Writes header lines to an output buffer as `name: value\r\n`. Lines that came in
+/// exactly that form and back to back in the input are copied as one run: a line written
+/// as four slices costs four `memcpy` calls, a run one.
+#[derive(Default)]
+struct Lines {
+    /// Input bytes not yet written; empty when no run is open.
+    run: Range<usize>,
+}
+
+impl Lines {
+    /// Starts with `line`, a range of `buf` to copy as it is (a start line already in
+    /// the form the output wants).
+    fn starting_with(line: Range<usize>) -> Lines {
+        Lines { run: line }
+    }
+
+    #[inline]
+    fn push(&mut self, out: &mut Vec<u8>, buf: &[u8], n: &Range<usize>, v: &Range<usize>) {
+        let plain = buf.get(n.end..v.start) == Some(&b": "[..]) && buf.get(v.end..v.end + 2) == Some(&b"\r\n"[..]);
+        if plain && !self.run.is_empty() && self.run.end == n.start {
+            self.run.end = v.end + 2;
+            return;
+        }
+        self.flush(out, buf);
+        if plain {
+            self.run = n.start..v.end + 2;
+        } else {
+            out.extend_from_slice(&buf[n.clone()]);
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(&buf[v.clone()]);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+
+    /// Writes the open run; call before writing anything else to `out`.
+    fn flush(&mut self, out: &mut Vec<u8>, buf: &[u8]) {
+        if !self.run.is_empty() {
+            out.extend_from_slice(&buf[self.run.clone()]);
+        }
+        self.run = 0..0;
+    }
 }
 
 /// Whether a `Connection` header in `headers` of `buf` names `name` (`conn`: how many
 /// of them [`names_headers`]).
+#[inline]
 fn named_by_connection(buf: &[u8], headers: &[(Range<usize>, Range<usize>)], conn: u32, name: &[u8]) -> bool {
     conn != 0
         && headers
@@ -220,9 +274,12 @@ fn named_by_connection(buf: &[u8], headers: &[(Range<usize>, Range<usize>)], con
             .any(|(_, v)| tokens(&buf[v.clone()]).any(|t| t.eq_ignore_ascii_case(name)))
 }
 
-/// `to_str()` of `http::HeaderValue`: visible ASCII and tabs.
+/// `to_str()` of `http::HeaderValue` (visible ASCII and tabs) for a header value
+/// `httparse` accepted: it admits only tab, space to `~` and bytes from 0x80, so ASCII is
+/// the whole test, and `is_ascii` checks a word at a time
+/// (`visible_ascii_of_a_parsed_value_is_its_ascii_test` pins this on every byte).
 fn visible_ascii(v: &[u8]) -> bool {
-    v.iter().all(|&c| c == b'\t' || (0x20..0x7f).contains(&c))
+    v.is_ascii()
 }
 
 fn parse_len(v: &[u8]) -> Option<u64> {
@@ -393,7 +450,8 @@ struct Conn<'a> {
     out: Vec<u8>,
     req: Head,
     resp: Head,
-    host: String,
+    /// The request's host as routing sees it: no port, lowercase.
+    host: Vec<u8>,
     id: Vec<u8>,
     /// The client's address as `X-Forwarded-For` and `Forwarded` write it, formatted once.
     xff: Vec<u8>,
@@ -406,6 +464,10 @@ struct Conn<'a> {
     /// a `changed()` future made and dropped per request registered and unregistered a
     /// waiter under the channel's lock each time.
     drained: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// `drained` has been polled, so its waiter (this task's waker) is registered and
+    /// stays so until the channel changes: it is polled again only then, as each poll of
+    /// a registered waiter takes the channel's lock.
+    drained_armed: bool,
     /// The connection's one request timer (see [`within`]); taken out while an attempt runs.
     timer: Option<Pin<Box<Sleep>>>,
     /// The config generation the last request used, kept while it is current (taken
@@ -434,7 +496,7 @@ pub(crate) async fn serve(
         out: Vec::with_capacity(1024),
         req: Head::default(),
         resp: Head::default(),
-        host: String::new(),
+        host: Vec::new(),
         id: Vec::new(),
         xff: client.ip().to_string().into_bytes(),
         forwarded_for: match client.ip() {
@@ -449,6 +511,7 @@ pub(crate) async fn serve(
                 let _ = rx.wait_for(|draining| *draining).await;
             })
         },
+        drained_armed: false,
         shutdown,
         timer: Some(Box::pin(tokio::time::sleep_until(tokio::time::Instant::now()))),
         snapshot: None,
@@ -482,6 +545,13 @@ impl Conn<'_> {
         Ended::Fallback(Prefixed { prefix: self.rbuf.freeze(), io: self.down })
     }
 
+    /// The listener is draining. Read per request: an atomic load of the channel's
+    /// version, and its lock only once it has changed (the receiver was made before the
+    /// listener could drain, so a change is the only way to `true`).
+    fn draining(&self) -> bool {
+        self.shutdown.has_changed().unwrap_or(true) && *self.shutdown.borrow()
+    }
+
     /// Waits for a complete request head in `rbuf`; while none has begun, a shutdown
     /// closes the connection.
     async fn read_head(&mut self) -> Next {
@@ -498,14 +568,29 @@ impl Conn<'_> {
                 self.rbuf.reserve(READ_CHUNK);
             }
             let r = if self.rbuf.is_empty() {
-                if *self.shutdown.borrow() {
+                if self.draining() {
                     return Next::Close;
                 }
-                tokio::select! {
-                    biased;
-                    r = self.down.read_buf(&mut self.rbuf) => r,
-                    // Never polled again after it ends: the connection closes.
-                    () = &mut self.drained => return Next::Close,
+                let (down, rbuf) = (&mut self.down, &mut self.rbuf);
+                let (shutdown, drained, armed) = (&self.shutdown, &mut self.drained, &mut self.drained_armed);
+                let mut read = std::pin::pin!(down.read_buf(rbuf));
+                let r = std::future::poll_fn(|cx| {
+                    if let Poll::Ready(r) = read.as_mut().poll(cx) {
+                        return Poll::Ready(Some(r));
+                    }
+                    if !*armed || shutdown.has_changed().unwrap_or(true) {
+                        *armed = true;
+                        // Never polled again after it ends: the connection closes.
+                        if drained.as_mut().poll(cx).is_ready() {
+                            return Poll::Ready(None);
+                        }
+                    }
+                    Poll::Pending
+                })
+                .await;
+                match r {
+                    Some(r) => r,
+                    None => return Next::Close,
                 }
             } else {
                 self.down.read_buf(&mut self.rbuf).await
@@ -571,23 +656,25 @@ impl Conn<'_> {
         }
         // Routing, with hyper's view of the host: no port, lowercase.
         let raw_host = host_at.map(|i| &buf[h.headers[i].1.clone()]).filter(|v| visible_ascii(v)).unwrap_or_default();
-        let raw_host = std::str::from_utf8(raw_host).unwrap_or_default();
-        let bare = match raw_host.strip_prefix('[') {
-            Some(v6) => v6.split(']').next().unwrap_or_default(),
-            None => raw_host.split(':').next().unwrap_or_default(),
+        let upto = |v: &'_ [u8], end: u8| v.iter().position(|&c| c == end).unwrap_or(v.len());
+        let bare = match raw_host.strip_prefix(b"[") {
+            Some(v6) => &v6[..upto(v6, b']')],
+            None => &raw_host[..upto(raw_host, b':')],
         };
         self.host.clear();
-        self.host.push_str(bare);
-        self.host.make_ascii_lowercase();
+        self.host.extend(bare.iter().map(u8::to_ascii_lowercase));
         let path_at = h.target.start..h.target.start + target.iter().position(|&c| c == b'?').unwrap_or(target.len());
-        let path = std::str::from_utf8(&buf[path_at.clone()]).unwrap_or("/");
+        let path = &buf[path_at.clone()];
         let generation = self.shared.snapshot_gen();
         let snap = match self.snapshot.take() {
             Some((g, snap)) if g == generation => snap,
             _ => self.shared.snapshot(),
         };
         let route = find_route(&snap.cfg.routes, self.listener, &self.host, path, |name, want| {
-            h.headers.iter().any(|(n, v)| eq(&buf[n.clone()], name) && buf[v.clone()] == *want.as_bytes())
+            // `name` comes from the config, in any case.
+            h.headers.iter().any(|(n, v)| {
+                buf[n.clone()].eq_ignore_ascii_case(name.as_bytes()) && buf[v.clone()] == *want.as_bytes()
+            })
         });
         let svc = route.and_then(|r| snap.services.get(&r.service));
         if let (Some(r), Some(svc)) = (route, svc)
@@ -616,7 +703,7 @@ impl Conn<'_> {
         let mut o = Outcome { status: 0, service: None, backend: None, tries: 0, error: None };
         let next = match (route, svc) {
             (None, _) => {
-                let e = ForwardError::NoRoute { host: self.host.clone(), path: path() };
+                let e = ForwardError::NoRoute { host: String::from_utf8_lossy(&self.host).into_owned(), path: path() };
                 self.answer_error(&e, &mut o).await
             }
             (Some(r), None) => {
@@ -660,13 +747,24 @@ impl Conn<'_> {
         let h = &self.req;
         let out = &mut self.out;
         out.clear();
-        out.extend_from_slice(&buf[h.method.clone()]);
-        out.push(b' ');
-        out.extend_from_slice(&buf[h.target.clone()]);
-        out.extend_from_slice(b" HTTP/1.1\r\n");
+        // The request line goes on as it came when it is already `METHOD SP target SP
+        // HTTP/1.1 CRLF` (the fast path takes only HTTP/1.1), and opens the first run.
+        let line_end = h.target.end + b" HTTP/1.1\r\n".len();
+        let mut lines = if buf.get(h.method.end) == Some(&b' ')
+            && h.target.start == h.method.end + 1
+            && buf.get(h.target.end..line_end) == Some(&b" HTTP/1.1\r\n"[..])
+        {
+            Lines::starting_with(h.method.start..line_end)
+        } else {
+            out.extend_from_slice(&buf[h.method.clone()]);
+            out.push(b' ');
+            out.extend_from_slice(&buf[h.target.clone()]);
+            out.extend_from_slice(b" HTTP/1.1\r\n");
+            Lines::default()
+        };
         let (mut host, mut xff, mut fwd) = (None, None, None);
-        for (n, v) in &h.headers {
-            let (n, v) = (&buf[n.clone()], &buf[v.clone()]);
+        for (nr, vr) in &h.headers {
+            let (n, v) = (&buf[nr.clone()], &buf[vr.clone()]);
             if hop_by_hop(n) || named_by_connection(buf, &h.headers, conn, n) {
                 continue;
             }
@@ -684,11 +782,9 @@ impl Conn<'_> {
             if eq(n, "host") {
                 host = Some(v);
             }
-            out.extend_from_slice(n);
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(v);
-            out.extend_from_slice(b"\r\n");
+            lines.push(out, buf, nr, vr);
         }
+        lines.flush(out, buf);
         if let Some(host) = host {
             out.extend_from_slice(b"x-forwarded-host: ");
             out.extend_from_slice(host);
@@ -874,7 +970,7 @@ impl Conn<'_> {
             b.record_success();
         }
         let head_req = &self.rbuf[self.req.method.clone()] == b"HEAD";
-        self.closing |= *self.shutdown.borrow();
+        self.closing |= self.draining();
         let buf = &self.ubuf[..];
         let h = &self.resp;
         let (mut length, mut chunked, mut te, mut reusable, mut conn) = (None, false, false, h.minor == 1, 0u32);
@@ -914,25 +1010,32 @@ impl Conn<'_> {
         let out = &mut self.out;
         out.clear();
         // httparse took exactly three digits.
-        out.extend_from_slice(b"HTTP/1.1 ");
-        out.extend_from_slice(&[
-            b'0' + (status / 100) as u8,
-            b'0' + (status / 10 % 10) as u8,
-            b'0' + (status % 10) as u8,
-        ]);
-        out.push(b' ');
-        out.extend_from_slice(&buf[h.target.clone()]);
-        out.extend_from_slice(b"\r\n");
-        for (n, v) in &h.headers {
-            let (n, v) = (&buf[n.clone()], &buf[v.clone()]);
+        let digits = [b'0' + (status / 100) as u8, b'0' + (status / 10 % 10) as u8, b'0' + (status % 10) as u8];
+        // A status line already `HTTP/1.1 SP code SP reason CRLF` goes on as it came,
+        // opening the first run.
+        let reason_at = b"HTTP/1.1 200 ".len();
+        let mut lines = if buf.starts_with(b"HTTP/1.1 ")
+            && buf.get(9..13) == Some(&[digits[0], digits[1], digits[2], b' '][..])
+            && h.target.start == reason_at
+            && buf.get(h.target.end..h.target.end + 2) == Some(&b"\r\n"[..])
+        {
+            Lines::starting_with(0..h.target.end + 2)
+        } else {
+            out.extend_from_slice(b"HTTP/1.1 ");
+            out.extend_from_slice(&digits);
+            out.push(b' ');
+            out.extend_from_slice(&buf[h.target.clone()]);
+            out.extend_from_slice(b"\r\n");
+            Lines::default()
+        };
+        for (nr, vr) in &h.headers {
+            let n = &buf[nr.clone()];
             if hop_by_hop(n) || eq(n, "x-request-id") || named_by_connection(buf, &h.headers, conn, n) {
                 continue;
             }
-            out.extend_from_slice(n);
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(v);
-            out.extend_from_slice(b"\r\n");
+            lines.push(out, buf, nr, vr);
         }
+        lines.flush(out, buf);
         out.extend_from_slice(b"x-request-id: ");
         out.extend_from_slice(&self.id);
         out.extend_from_slice(b"\r\n");
@@ -1072,7 +1175,7 @@ impl Conn<'_> {
         let status = e.status();
         o.status = status.as_u16();
         o.error = Some(format!("{:?}: {e}", e.side()));
-        self.closing |= *self.shutdown.borrow();
+        self.closing |= self.draining();
         let body = format!("{} {e}\n", status.as_u16());
         let out = &mut self.out;
         out.clear();
@@ -1191,6 +1294,35 @@ mod tests {
         let never = within(&mut timer, t1 + Duration::from_millis(300), std::future::pending::<()>()).await;
         assert_eq!(never, None);
         assert_eq!(t1.elapsed(), Duration::from_millis(300));
+    }
+
+    #[test]
+    fn or_0x20_is_ignoring_case_on_parsed_bytes() {
+        // Every byte httparse lets into a header name or value, against every byte a
+        // literal of `eq` may hold.
+        let parsed = (0x20..=0xffu8).filter(|&c| c != 0x7f).chain([b'\t']);
+        for c in parsed {
+            for l in (b'a'..=b'z').chain(b'0'..=b'9').chain([b'-']) {
+                assert_eq!(c | 0x20 == l, c.eq_ignore_ascii_case(&l), "{c:#04x} against {:?}", l as char);
+            }
+        }
+        assert!(eq(b"Content-Length", "content-length"));
+        assert!(!eq(b"Content-Lengths", "content-length"));
+    }
+
+    #[test]
+    fn visible_ascii_of_a_parsed_value_is_its_ascii_test() {
+        let visible = |v: &[u8]| v.iter().all(|&c| c == b'\t' || (0x20..0x7f).contains(&c));
+        for c in 0..=255u8 {
+            let mut raw = b"GET / HTTP/1.1\r\nx-v: a".to_vec();
+            raw.extend_from_slice(&[c, b'b']);
+            raw.extend_from_slice(b"\r\n\r\n");
+            let mut head = Head::default();
+            if let Parsed::Complete = parse_request(&raw, &mut head) {
+                let v = &raw[head.headers[0].1.clone()];
+                assert_eq!(visible_ascii(v), visible(v), "byte {c:#04x} in {v:?}");
+            }
+        }
     }
 
     #[test]

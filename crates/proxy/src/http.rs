@@ -233,11 +233,28 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// Appends `v` in lowercase hex, at least `width` digits (like `{:0width$x}`).
-fn push_hex(out: &mut [u8; 48], len: &mut usize, v: u64, width: usize) {
+fn push_hex(out: &mut [u8; 48], len: &mut usize, mut v: u64, width: usize) {
+    /// The two hex digits of each byte value.
+    const PAIRS: [[u8; 2]; 256] = {
+        let hex = b"0123456789abcdef";
+        let mut t = [[0u8; 2]; 256];
+        let mut i = 0;
+        while i < 256 {
+            t[i] = [hex[i >> 4], hex[i & 0xf]];
+            i += 1;
+        }
+        t
+    };
     let digits = (16 - (v.leading_zeros() as usize) / 4).max(width).max(1);
-    for i in 0..digits {
-        let nibble = ((v >> (4 * (digits - 1 - i))) & 0xf) as u8;
-        out[*len + i] = if nibble < 10 { b'0' + nibble } else { b'a' + nibble - 10 };
+    // Last digits first, a byte (two digits) per table look-up.
+    let mut rest = &mut out[*len..*len + digits];
+    while let [head @ .., a, b] = rest {
+        [*a, *b] = PAIRS[(v & 0xff) as usize];
+        v >>= 8;
+        rest = head;
+    }
+    if let [a] = rest {
+        *a = PAIRS[(v & 0xf) as usize][1];
     }
     *len += digits;
 }
@@ -303,14 +320,14 @@ fn request_host(req: &Request<Incoming>) -> String {
     host.to_ascii_lowercase()
 }
 
-fn host_matches(pattern: &str, host: &str) -> bool {
+fn host_matches(pattern: &str, host: &[u8]) -> bool {
     match pattern.strip_prefix("*.") {
         Some(suffix) => {
             host.len() > suffix.len() + 1
-                && host.ends_with(&suffix.to_ascii_lowercase())
-                && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
+                && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
+                && host[host.len() - suffix.len() - 1] == b'.'
         }
-        None => pattern.eq_ignore_ascii_case(host),
+        None => pattern.as_bytes().eq_ignore_ascii_case(host),
     }
 }
 
@@ -362,14 +379,14 @@ pub(crate) fn is_idempotent_method(m: &[u8]) -> bool {
 pub(crate) fn find_route<'a>(
     routes: &'a [RouteConfig],
     listener: &str,
-    host: &str,
-    path: &str,
+    host: &[u8],
+    path: &[u8],
     has_header: impl Fn(&str, &str) -> bool,
 ) -> Option<&'a RouteConfig> {
     routes.iter().find(|r| {
         r.listener == listener
             && r.host.as_deref().is_none_or(|p| host_matches(p, host))
-            && path.starts_with(&r.path_prefix)
+            && path.starts_with(r.path_prefix.as_bytes())
             && r.header.as_ref().is_none_or(|hm| has_header(&hm.name, &hm.value))
     })
 }
@@ -467,7 +484,7 @@ async fn route_and_forward(
     let snap = shared.snapshot();
     let host = request_host(&req);
     let path = req.uri().path();
-    let route = find_route(&snap.cfg.routes, listener, &host, path, |name, value| {
+    let route = find_route(&snap.cfg.routes, listener, host.as_bytes(), path.as_bytes(), |name, value| {
         req.headers().get_all(name).iter().any(|v| v.as_bytes() == value.as_bytes())
     });
     let Some(route) = route else { return Err(ForwardError::NoRoute { host, path: path.to_string() }) };
@@ -785,11 +802,11 @@ mod tests {
 
     #[test]
     fn wildcard_host_matches_subdomains_only() {
-        assert!(host_matches("*.example.com", "api.example.com"));
-        assert!(host_matches("*.example.com", "a.b.example.com"));
-        assert!(!host_matches("*.example.com", "example.com"));
-        assert!(!host_matches("*.example.com", "badexample.com"));
-        assert!(host_matches("Example.com", "example.com"));
+        assert!(host_matches("*.example.com", b"api.example.com"));
+        assert!(host_matches("*.example.com", b"a.b.example.com"));
+        assert!(!host_matches("*.example.com", b"example.com"));
+        assert!(!host_matches("*.example.com", b"badexample.com"));
+        assert!(host_matches("Example.com", b"example.com"));
     }
 
     #[test]
@@ -807,7 +824,8 @@ mod tests {
 
     #[test]
     fn request_ids_are_written_like_the_format_string() {
-        for (v, w) in [(0u64, 4), (0x1f, 4), (0x1_2345_6789, 8), (u64::MAX, 12), (0x19a_bcde_f012, 12)] {
+        let cases = [(0u64, 4), (0, 0), (0x5, 1), (0xabc, 3), (0x1f, 4), (0x1_0000, 1), (0x1_2345_6789, 8)];
+        for (v, w) in cases.into_iter().chain([(u64::MAX, 12), (0x19a_bcde_f012, 12)]) {
             let (mut buf, mut len) = ([0u8; 48], 0);
             push_hex(&mut buf, &mut len, v, w);
             assert_eq!(&buf[..len], format!("{v:0w$x}").as_bytes());

@@ -36,7 +36,8 @@ pub(crate) struct Pool {
     streams: [Padded<Idle<tokio::net::TcpStream>>; SHARDS],
 }
 
-/// A stack of idle connections with the time each was put back, oldest first.
+/// A stack of idle connections with the time each expires (put back + `IDLE_TIMEOUT`:
+/// a comparison per take instead of a subtraction), oldest first.
 struct Idle<T>(Mutex<Vec<(T, Instant)>>);
 
 impl<T> Default for Idle<T> {
@@ -54,8 +55,8 @@ impl<T> Idle<T> {
     /// at `now`; the others met on the way are dropped.
     fn take(&self, now: Instant, open: impl Fn(&T) -> bool) -> Option<T> {
         let mut idle = self.0.lock().unwrap();
-        while let Some((c, at)) = idle.pop() {
-            if open(&c) && now.saturating_duration_since(at) < IDLE_TIMEOUT {
+        while let Some((c, expires)) = idle.pop() {
+            if now < expires && open(&c) {
                 return Some(c);
             }
         }
@@ -65,10 +66,12 @@ impl<T> Idle<T> {
     fn put(&self, c: T, now: Instant) {
         let mut idle = self.0.lock().unwrap();
         // The oldest are at the front: drop those that expired or overflow the stack.
-        let stale = idle.iter().take_while(|(_, at)| now.saturating_duration_since(*at) >= IDLE_TIMEOUT).count();
+        let stale = idle.iter().take_while(|(_, expires)| now >= *expires).count();
         let over = (idle.len() + 1).saturating_sub(MAX_IDLE);
-        idle.drain(..stale.max(over));
-        idle.push((c, now));
+        if stale.max(over) > 0 {
+            idle.drain(..stale.max(over));
+        }
+        idle.push((c, now + IDLE_TIMEOUT));
     }
 }
 
@@ -266,6 +269,22 @@ mod tests {
         let (resp, sr) = send(b, Duration::from_secs(1), req).await.ok().expect("response");
         let body = PooledBody::new(resp.into_body(), sr, b.clone(), b.start_request());
         body.collect().await.unwrap().to_bytes()
+    }
+
+    #[test]
+    fn an_idle_connection_is_reused_until_it_has_idled_too_long_then_dropped() {
+        let idle = Idle::default();
+        let t0 = Instant::now();
+        idle.put(1, t0);
+        assert_eq!(idle.take(t0 + IDLE_TIMEOUT - Duration::from_millis(1), |_| true), Some(1));
+        idle.put(1, t0);
+        assert_eq!(idle.take(t0 + IDLE_TIMEOUT, |_| true), None, "expired at IDLE_TIMEOUT");
+        assert_eq!(idle.len(), 0, "an expired one met on the way is dropped");
+        // Putting one back drops those at the front that expired meanwhile.
+        idle.put(1, t0);
+        idle.put(2, t0 + IDLE_TIMEOUT);
+        assert_eq!(idle.len(), 1);
+        assert_eq!(idle.take(t0 + IDLE_TIMEOUT, |_| true), Some(2));
     }
 
     #[tokio::test]

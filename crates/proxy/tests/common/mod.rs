@@ -36,6 +36,9 @@ pub struct Counters {
     pub max_active: AtomicUsize,
     /// Added to every request other than health checks (a slow backend).
     pub delay_ms: AtomicU64,
+    /// Set by `kill`: aborting tasks takes effect only when each is next scheduled, so
+    /// until then a connection task still running drops its request unanswered.
+    killed: AtomicBool,
 }
 
 struct Active<'a>(&'a Counters);
@@ -78,6 +81,7 @@ impl TestBackend {
     }
 
     pub fn kill(&self) {
+        self.c.killed.store(true, Ordering::SeqCst);
         self.task.abort();
     }
 
@@ -97,6 +101,9 @@ async fn serve(
     name: String,
     mut req: hyper::Request<Incoming>,
 ) -> Result<hyper::Response<Full<Bytes>>, std::io::Error> {
+    if c.killed.load(Ordering::SeqCst) {
+        return Err(std::io::Error::other("killed"));
+    }
     if req.headers().get("upgrade").is_some_and(|v| v == "echo") {
         c.hits.fetch_add(1, Ordering::SeqCst);
         let on = hyper::upgrade::on(&mut req);
