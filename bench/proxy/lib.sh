@@ -123,6 +123,15 @@ machine_busy_ticks() {
     echo $((total - a[4] - a[5]))
 }
 
+# Steal ticks of the whole machine so far (/proc/stat): time the hypervisor gave this
+# guest's vCPUs to others while they had work. Runs with much of it measure slow for
+# every proxy (cache and TLB refills, delayed wake-ups), so it is judged on its own.
+machine_steal_ticks() {
+    local a
+    read -r -a a < <(head -1 /proc/stat)
+    echo "${a[8]:-0}"
+}
+
 # utime+stime of this shell plus every child it has reaped (wrk, curl, ...).
 own_ticks() {
     local s
