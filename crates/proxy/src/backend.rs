@@ -237,11 +237,19 @@ impl Backend {
     }
 
     /// Weight ×100 (so a ramp has room below weight 1), reduced during slow start.
+    /// Inlined for the usual case (no slow start): it runs for every eligible backend
+    /// of every request.
+    #[inline]
     fn effective_weight(&self, now: Instant, slow_start: Duration) -> u64 {
         let full = u64::from(self.weight()) * 100;
         if slow_start.is_zero() {
             return full;
         }
+        self.ramped_weight(full, now, slow_start)
+    }
+
+    #[inline(never)]
+    fn ramped_weight(&self, full: u64, now: Instant, slow_start: Duration) -> u64 {
         let h = self.health.lock().unwrap();
         let Some(since) = h.healthy_since.max(h.ejected_until) else { return full };
         let elapsed = now.saturating_duration_since(since);
