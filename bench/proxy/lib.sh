@@ -148,6 +148,21 @@ backend_ticks() {
     echo "$t"
 }
 
+# The common start of the 1-worker diagnostic scripts (profile.sh, threads.sh): a temp
+# dir removed at exit, a private copy of DROVER_BIN as $DROVER, the proxy pinned to CPU 0
+# and wrk and the backends to CPU 1, the backends started.
+setup_pinned_run() {
+    [[ -x $DROVER_BIN ]] || die "no drover binary at $DROVER_BIN"
+    WORK=$(mktemp -d /tmp/bench-proxy.XXXXXX)
+    trap cleanup EXIT INT TERM
+    DROVER="$WORK/drover-bin"
+    cp "$DROVER_BIN" "$DROVER"
+    ulimit -n 20000 2>/dev/null || true
+    check_ports
+    PROXY_CPUS=0 LOAD_CPUS=1 BACKEND_CPUS=1
+    start_backends
+}
+
 # ---------------------------------------------------------------- backends
 
 # One backend = one single-process nginx (master_process off), so `kill -9 PID` really

@@ -22,16 +22,7 @@ source "$ROOT/bench/proxy/lib.sh"
 OUT=${1:-$(mktemp -d /tmp/bench-proxy-profile.XXXXXX)}
 mkdir -p "$OUT"
 for tool in wrk curl perf strace taskset; do command -v "$tool" >/dev/null || die "$tool is not installed"; done
-[[ -x $DROVER_BIN ]] || die "no drover binary at $DROVER_BIN"
-
-WORK=$(mktemp -d /tmp/bench-proxy.XXXXXX)
-trap cleanup EXIT INT TERM
-DROVER="$WORK/drover-bin"
-cp "$DROVER_BIN" "$DROVER"
-ulimit -n 20000 2>/dev/null || true
-check_ports
-PROXY_CPUS=0 LOAD_CPUS=1 BACKEND_CPUS=1
-start_backends
+setup_pinned_run
 
 declare -A SPLIT CPUREQ MALLOCS
 LIBC=$(ldd "$DROVER" | awk '/libc.so.6/ {print $3}')

@@ -16,16 +16,7 @@ source "$ROOT/bench/proxy/lib.sh"
 : "${DROVER_BIN:=${CARGO_TARGET_DIR:-target}/release/drover}" "${BENCH_CONNS:=50}" "${BENCH_THREADS:=2}"
 : "${THREADS_SECONDS:=10}" "${THREADS_ONLY:=nginx drover}"
 for tool in wrk curl taskset; do command -v "$tool" >/dev/null || die "$tool is not installed"; done
-[[ -x $DROVER_BIN ]] || die "no drover binary at $DROVER_BIN"
-
-WORK=$(mktemp -d /tmp/bench-proxy.XXXXXX)
-trap cleanup EXIT INT TERM
-DROVER="$WORK/drover-bin"
-cp "$DROVER_BIN" "$DROVER"
-ulimit -n 20000 2>/dev/null || true
-check_ports
-PROXY_CPUS=0 LOAD_CPUS=1 BACKEND_CPUS=1
-start_backends
+setup_pinned_run
 
 # One line per thread of every process under $1: "comm voluntary involuntary utime stime".
 threads() {
