@@ -621,7 +621,7 @@ impl Service {
     ) -> Result<R, Unavailable> {
         let shard = crate::workers::shard();
         let _serial = self.limited().then(|| self.serial.lock().unwrap());
-        let mut rng = self.rr[shard].0.lock().unwrap();
+        let mut rng = self.rr[shard].lock().unwrap();
         self.choose(tried, aff, &mut rng, shard, now).map(then)
     }
 
@@ -961,7 +961,7 @@ mod tests {
     fn p2c_ewma_sends_most_requests_to_the_fast_backend() {
         let mut s = svc(&[1, 1, 1]);
         s.cfg.balance = Balance::P2cEwma;
-        *s.rr[0].0.lock().unwrap() = 0x9e37_79b9_7f4a_7c15;
+        *s.rr[0].lock().unwrap() = 0x9e37_79b9_7f4a_7c15;
         for _ in 0..5 {
             s.backends[0].observe_latency(Duration::from_millis(50));
             s.backends[1].observe_latency(Duration::from_millis(5));

@@ -191,7 +191,7 @@ impl Shared {
             }
             m.get_mut(k).expect("just inserted")
         }
-        let mut c = self.counters[workers::shard()].0.lock().unwrap();
+        let mut c = self.counters[workers::shard()].lock().unwrap();
         // One lookup per level for names seen before, which is every request but the first.
         match c.responses.get_mut(listener).and_then(|m| m.get_mut(service)) {
             Some(by_code) => *by_code.entry(status).or_default() += 1,
@@ -236,7 +236,7 @@ impl Shared {
         }
         let mut c = Counters::default();
         for shard in &self.counters {
-            let s = shard.0.lock().unwrap();
+            let s = shard.lock().unwrap();
             for (l, by_service) in &s.responses {
                 for (svc, by_code) in by_service {
                     let to = c.responses.entry(l.clone()).or_default().entry(svc.clone()).or_default();

@@ -79,7 +79,7 @@ impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pool")
             .field("idle", &self.idle.len())
-            .field("streams", &self.streams.iter().map(|s| s.0.len()).sum::<usize>())
+            .field("streams", &self.streams.iter().map(|s| s.len()).sum::<usize>())
             .finish()
     }
 }
@@ -100,7 +100,7 @@ impl Pool {
     /// as readable; that costs no system call to see, as the runtime already knows the
     /// socket's readiness.
     pub(crate) fn take_stream(&self, now: Instant) -> Option<tokio::net::TcpStream> {
-        self.streams[shard()].0.take(now, |s| {
+        self.streams[shard()].take(now, |s| {
             let mut probe = [0u8; 1];
             matches!(s.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
         })
@@ -108,7 +108,7 @@ impl Pool {
 
     /// Keeps a socket whose last response was read to its end.
     pub(crate) fn put_stream(&self, s: tokio::net::TcpStream, now: Instant) {
-        self.streams[shard()].0.put(s, now);
+        self.streams[shard()].put(s, now);
     }
 }
 
