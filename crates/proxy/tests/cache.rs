@@ -6,30 +6,11 @@ use common::*;
 use drover_proxy::Proxy;
 use std::time::Duration;
 
-fn cached_service(backend: std::net::SocketAddr, route_extra: &str, service_extra: &str) -> String {
-    format!(
-        r#"
-[[listeners]]
-name = "web"
-bind = "127.0.0.1:0"
-protocol = "http"
-
-[[routes]]
-listener = "web"
-service = "app"
-{route_extra}
-
-[services.app]
-backends = [{{ address = "{backend}" }}]
-{service_extra}
-"#
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cache_serves_hits_without_the_backend_until_max_age_expires() {
     let b = TestBackend::start("b").await;
-    let p = Proxy::start(parse(&cached_service(b.addr, "", "cache = { max_bytes = 1048576 }"))).await.unwrap();
+    let p =
+        Proxy::start(parse(&web_to_app_routed("", "", &[b.addr], "cache = { max_bytes = 1048576 }"))).await.unwrap();
     let base = format!("http://{}", p.local_addr("web").unwrap());
     let c = client();
     let url = format!("{base}/page?cc=max-age=1");
@@ -67,7 +48,8 @@ async fn cache_serves_hits_without_the_backend_until_max_age_expires() {
 async fn cache_respects_no_store_authorization_and_client_no_cache() {
     let b = TestBackend::start("b").await;
     // A route cache with a default lifetime: even responses without freshness are stored.
-    let p = Proxy::start(parse(&cached_service(b.addr, "cache = { default_ttl_secs = 60 }", ""))).await.unwrap();
+    let p =
+        Proxy::start(parse(&web_to_app_routed("", "cache = { default_ttl_secs = 60 }", &[b.addr], ""))).await.unwrap();
     let base = format!("http://{}", p.local_addr("web").unwrap());
     let c = client();
 

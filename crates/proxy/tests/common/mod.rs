@@ -265,6 +265,11 @@ pub fn state_of(p: &drover_proxy::RunningProxy, service: &str, addr: SocketAddr)
 /// to service `app` over `addrs`, and `service` inside `[services.app]` (tables such as
 /// `[services.app.health]` may follow in it).
 pub fn web_to_app(top: &str, addrs: &[SocketAddr], service: &str) -> String {
+    web_to_app_routed(top, "", addrs, service)
+}
+
+/// [`web_to_app`] with `route` inside the route's table (`cache = { ... }` and the like).
+pub fn web_to_app_routed(top: &str, route: &str, addrs: &[SocketAddr], service: &str) -> String {
     format!(
         r#"
 {top}
@@ -276,6 +281,7 @@ protocol = "http"
 [[routes]]
 listener = "web"
 service = "app"
+{route}
 
 [services.app]
 backends = {}
