@@ -295,6 +295,32 @@ async fn large_bodies_pass_both_ways_and_large_uploads_are_streamed_by_hyper() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reads_late_gets_a_large_response_whole_and_in_order() {
+    // More than loopback's socket buffers hold while the client is not reading: the
+    // proxy's writes find them full, wait, and must resume exactly where they stopped.
+    const LEN: usize = 16 << 20;
+    let b = RawBackend::start(|_, _| {
+        let mut r = format!("HTTP/1.1 200 OK\r\ncontent-length: {LEN}\r\n\r\n").into_bytes();
+        r.extend((0..LEN).map(|i| (i % 251) as u8));
+        Reply::Bytes(r)
+    })
+    .await;
+    let (p, addr) = proxy_for(b.addr, "").await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut buf = Vec::new();
+    for path in ["/big", "/again"] {
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (head, body) = read_message(&mut s, &mut buf, false).await.expect("the whole response");
+        assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head}");
+        assert_eq!(body.len(), LEN, "{path}");
+        assert!(body.iter().enumerate().all(|(i, &c)| c == (i % 251) as u8), "{path}: bytes lost, repeated or moved");
+    }
+    assert_eq!(b.conns.load(Ordering::SeqCst), 1, "one upstream connection, kept alive across both");
+    p.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarding_headers_replace_hop_by_hop_ones_and_head_answers_have_no_body() {
     let b = RawBackend::start(|req, _| {
         if req.head.starts_with("HEAD") {
