@@ -90,36 +90,21 @@ async fn cache_respects_no_store_authorization_and_client_no_cache() {
 async fn cached_responses_survive_a_reload_unless_the_cache_settings_change() {
     let b = TestBackend::start("b").await;
     let other = TestBackend::start("other").await;
-    let cfg = |backends: &str, cache: &str| {
-        format!(
-            r#"
-[[listeners]]
-name = "web"
-bind = "127.0.0.1:0"
-protocol = "http"
-[[routes]]
-listener = "web"
-service = "app"
-cache = {cache}
-[services.app]
-backends = {backends}
-"#
-        )
-    };
-    let one = format!("[{{ address = \"{}\" }}]", b.addr);
-    let p = Proxy::start(parse(&cfg(&one, "{ max_bytes = 100000 }"))).await.unwrap();
+    let cfg =
+        |backend: std::net::SocketAddr, cache: &str| web_to_app_routed("", &format!("cache = {cache}"), &[backend], "");
+    let p = Proxy::start(parse(&cfg(b.addr, "{ max_bytes = 100000 }"))).await.unwrap();
     let url = format!("http://{}/doc?cc=max-age=60", p.local_addr("web").unwrap());
     let c = client();
     assert_eq!(get(&c, &url).await.unwrap().headers["x-cache"], "MISS");
 
-    let mut reloaded = parse(&cfg(&format!("[{{ address = \"{}\" }}]", other.addr), "{ max_bytes = 100000 }"));
+    let mut reloaded = parse(&cfg(other.addr, "{ max_bytes = 100000 }"));
     reloaded.listeners = p.config().listeners;
     p.reload(reloaded.clone()).unwrap();
     let r = get(&c, &url).await.unwrap();
     assert_eq!((r.headers["x-cache"].to_str().unwrap(), r.backend()), ("HIT", "b"), "kept across the reload");
     assert_eq!(other.hits(), 0);
 
-    let mut resized = parse(&cfg(&format!("[{{ address = \"{}\" }}]", other.addr), "{ max_bytes = 200000 }"));
+    let mut resized = parse(&cfg(other.addr, "{ max_bytes = 200000 }"));
     resized.listeners = reloaded.listeners;
     p.reload(resized).unwrap();
     let r = get(&c, &url).await.unwrap();
