@@ -5,9 +5,17 @@
 //! `changed_ms` in the member view, in milliseconds modulo 2^32 — so name servers fed
 //! the same view agree on the serial whatever the order and timing in which they saw
 //! earlier views; only when that would not be greater (RFC 1982 serial arithmetic)
-//! than the previous serial does it become previous + 1. Without a view it is
-//! max(previous + 1, unix time, the zone file's serial). The last serial and a digest
-//! of the content are kept in a small JSON file when configured.
+//! than the previous serial does it become previous + 1.
+//!
+//! A view with no clock (standalone, not fed yet, or no members) takes this machine's
+//! clock in the same unit, set back by [`LOCAL_BACKDATE_MS`]: serials from two clocks
+//! that wrap at different rates (unix seconds against milliseconds, as before) compare
+//! at random under serial arithmetic, and a name server that stamped a serial on its own
+//! before its first view must still take the view's clock once the view comes, or it
+//! would disagree with its peers until the next change. The zone file's own serial is
+//! not used: "at least the file's serial" has no stable meaning on a clock that wraps.
+//! The last serial and a digest of the content are kept in a small JSON file when
+//! configured.
 
 use hickory_proto::rr::Record;
 use serde::{Deserialize, Serialize};
@@ -56,26 +64,24 @@ impl Serials {
     /// The serial for `zone` with content `digest`, and whether it changed; `view_clock`
     /// is the control plane's time of the content (see [`view_clock`]; `None`: this
     /// machine's clock).
-    pub fn serial(&mut self, zone: &str, digest: &str, floor: u32, view_clock: Option<u32>) -> (u32, bool) {
+    pub fn serial(&mut self, zone: &str, digest: &str, view_clock: Option<u32>) -> (u32, bool) {
+        let now_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        self.serial_at(zone, digest, view_clock, now_ms)
+    }
+
+    fn serial_at(&mut self, zone: &str, digest: &str, view_clock: Option<u32>, now_ms: u64) -> (u32, bool) {
         let stored = self.zones.get(zone);
         if let Some(s) = stored
             && s.digest == digest
         {
             return (s.serial, false);
         }
-        let serial = match (view_clock, stored) {
-            (Some(clock), None) => clock,
-            (Some(clock), Some(s)) if serial_gt(clock, s.serial) => clock,
-            (Some(_), Some(s)) => s.serial.wrapping_add(1),
-            (None, stored) => {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs() as u32)
-                    .unwrap_or(0);
-                stored.map(|s| s.serial.wrapping_add(1)).unwrap_or(0).max(now)
-            }
+        let clock = view_clock.unwrap_or_else(|| local_clock(now_ms));
+        let serial = match stored {
+            Some(s) if !serial_gt(clock, s.serial) => s.serial.wrapping_add(1),
+            _ => clock,
         };
-        let serial = if serial_gt(floor, serial) { floor } else { serial };
         self.zones.insert(zone.to_string(), Stored { serial, digest: digest.to_string() });
         self.save();
         (serial, true)
@@ -95,6 +101,16 @@ impl Serials {
             tracing::warn!(path = %p.display(), error = %e, "could not save SOA serials");
         }
     }
+}
+
+/// How far a serial stamped from this machine's clock is set back, so that a view the
+/// control plane changed a little before it (clock skew, a name server that started
+/// just before the feed delivered its first members) still counts as newer.
+pub const LOCAL_BACKDATE_MS: u64 = 3_600_000;
+
+/// This machine's clock in the unit of [`view_clock`], set back by [`LOCAL_BACKDATE_MS`].
+fn local_clock(now_ms: u64) -> u32 {
+    (now_ms.saturating_sub(LOCAL_BACKDATE_MS) % (1u64 << 32)) as u32
 }
 
 /// The control plane's clock for a view: its newest `changed_ms`, modulo 2^32
@@ -117,15 +133,15 @@ mod tests {
         // RFC 1982: name servers fed the same view must agree; histories differ.
         let mut a = Serials::open(None);
         let mut b = Serials::open(None);
-        assert_eq!(a.serial("z.", "v1", 0, Some(1_000)), (1_000, true));
-        assert_eq!(a.serial("z.", "v2", 0, Some(1_005)), (1_005, true));
-        assert_eq!(b.serial("z.", "v2", 0, Some(1_005)), (1_005, true), "b never saw v1");
+        assert_eq!(a.serial("z.", "v1", Some(1_000)), (1_000, true));
+        assert_eq!(a.serial("z.", "v2", Some(1_005)), (1_005, true));
+        assert_eq!(b.serial("z.", "v2", Some(1_005)), (1_005, true), "b never saw v1");
         // A clock that does not move forward still moves the serial.
-        assert_eq!(a.serial("z.", "v3", 0, Some(1_005)), (1_006, true));
+        assert_eq!(a.serial("z.", "v3", Some(1_005)), (1_006, true));
         // Across the 2^32 wrap the clock still counts as ahead.
         let mut c = Serials::open(None);
         c.set("z.", u32::MAX - 5);
-        assert_eq!(c.serial("z.", "v", 0, Some(10)), (10, true));
+        assert_eq!(c.serial("z.", "v", Some(10)), (10, true));
         assert!(serial_gt(10, u32::MAX - 5) && !serial_gt(u32::MAX - 5, 10));
         assert_eq!(view_clock(0), None);
         assert_eq!(view_clock((1i64 << 32) + 7), Some(7));
@@ -136,14 +152,46 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("serials.json");
         let mut s = Serials::open(Some(path.clone()));
-        let (a, changed) = s.serial("z.", "d1", 0, None);
+        let (a, changed) = s.serial("z.", "d1", None);
         assert!(changed);
-        assert_eq!(s.serial("z.", "d1", 0, None), (a, false), "same content, same serial");
-        let (b, changed) = s.serial("z.", "d2", 0, None);
-        assert!(changed && b > a, "{a} -> {b}");
+        assert_eq!(s.serial("z.", "d1", None), (a, false), "same content, same serial");
+        let (b, changed) = s.serial("z.", "d2", None);
+        assert!(changed && serial_gt(b, a), "{a} -> {b}");
         let mut again = Serials::open(Some(path));
-        assert_eq!(again.serial("z.", "d2", 0, None), (b, false), "restart keeps the serial");
-        let (c, _) = again.serial("z.", "d3", 0, None);
-        assert!(c > b);
+        assert_eq!(again.serial("z.", "d2", None), (b, false), "restart keeps the serial");
+        let (c, _) = again.serial("z.", "d3", None);
+        assert!(serial_gt(c, b));
+    }
+
+    #[test]
+    fn a_serial_stamped_before_the_first_view_yields_to_the_views_clock_at_any_phase() {
+        // The CI failure this pins: a name server fed an empty view first stamped unix
+        // seconds, which lost to the view's millisecond clock under RFC 1982 arithmetic for
+        // half of every 49.7-day cycle, so it kept its own serial while a peer that saw the
+        // members first took the view's. Every phase of the wrap must behave alike.
+        let ms_2026 = 1_795_405_298_000u64;
+        for now_ms in [ms_2026, ms_2026 + (1 << 31), ms_2026 + (1 << 32) - 1, 1 << 31, 5] {
+            // The members changed a little before this name server stamped its serial.
+            let clock = view_clock((now_ms as i64 - 200).max(1)).unwrap();
+            let mut a = Serials::open(None);
+            let (own, _) = a.serial_at("z.", "empty", None, now_ms);
+            assert_eq!(a.serial_at("z.", "members", Some(clock), now_ms + 50), (clock, true), "at {now_ms}");
+            assert!(serial_gt(clock, own), "the view is newer than the own stamp at {now_ms}");
+            let mut b = Serials::open(None);
+            assert_eq!(
+                b.serial_at("z.", "members", Some(clock), now_ms + 2_000),
+                (clock, true),
+                "b agrees at {now_ms}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_view_clock_in_the_upper_half_of_the_serial_space_is_taken_as_it_is() {
+        // The zone file's serial (0 when `soa = {..}` is written inline) once acted as a
+        // floor that "won" against every clock above 2^31.
+        let mut a = Serials::open(None);
+        assert_eq!(a.serial("z.", "v1", Some(3_000_000_000)), (3_000_000_000, true));
+        assert_eq!(a.serial("z.", "v2", Some(3_000_000_100)), (3_000_000_100, true));
     }
 }

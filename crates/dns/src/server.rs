@@ -7,7 +7,7 @@ use crate::pool::{self, Members};
 use crate::serial::{self, Serials};
 use crate::table::{Builder, Picker, Reply, Table, ZoneData};
 use crate::wire::{self, Bad};
-use crate::zone::{StaticZone, compile_static, soa_data};
+use crate::zone::{StaticZone, compile_static};
 use hickory_proto::op::{Message, MessageType, OpCode, Query as HQuery};
 use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -131,7 +131,7 @@ fn compile(
     let clock = members.values().map(|m| m.changed_ms).max().and_then(serial::view_clock);
     let table = b.finish(zones, &mut |z: &ZoneData| {
         let d = serial::digest(&z.soa, &z.records);
-        let (s, moved) = serials.serial(&z.origin.to_ascii(), &d, soa_data(&z.soa).serial, clock);
+        let (s, moved) = serials.serial(&z.origin.to_ascii(), &d, clock);
         if moved {
             changed.push(z.origin.to_ascii());
         }
