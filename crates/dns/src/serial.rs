@@ -14,6 +14,13 @@
 //! before its first view must still take the view's clock once the view comes, or it
 //! would disagree with its peers until the next change. The zone file's own serial is
 //! not used: "at least the file's serial" has no stable meaning on a clock that wraps.
+//!
+//! Two cases still part name servers until the content next changes: a member removed
+//! when it held the newest `changed_ms` (the view's clock then goes back, so one that saw
+//! the member counts on from its serial while a newcomer takes the older clock), and a
+//! name server that stamped its own serial while members last changed more than
+//! [`LOCAL_BACKDATE_MS`] before (no server and no state file at its start). A clock for the
+//! view itself, carried by the watch stream, would close both.
 //! The last serial and a digest of the content are kept in a small JSON file when
 //! configured.
 
