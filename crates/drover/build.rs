@@ -5,8 +5,8 @@
 //! which writes every one of those pages and makes them private to the process: 1.9 MiB of
 //! an idle agent's 11.2 MiB resident (docs/benchmarks.md). Linked at a fixed address they
 //! need no relocation and stay shared, unread pages untouched. The cost is ASLR for the
-//! executable's own image (libraries, heap, stack and mmap stay randomized); Go-built
-//! agents such as Sensu's ship the same way. Packagers who want a PIE set
+//! executable's own image (libraries, heap, stack and mmap stay randomized), which is
+//! also how Go links executables on Linux by default. Packagers who want a PIE set
 //! `DROVER_PIE=1` when building.
 fn main() {
     println!("cargo::rerun-if-env-changed=DROVER_PIE");
