@@ -45,16 +45,30 @@ fn http_receiver(port: u16, out: &Path) -> Kill {
     )
 }
 
+/// aiosmtpd on `port`, once it is the one answering there: it greets with `220` and is
+/// still running (a process that lost the bind exits, and something else may answer).
 fn smtp_server(port: u16, maildir: &Path) -> Kill {
+    use std::io::Read;
+    let log = std::fs::File::create(maildir.with_extension("smtp.log")).unwrap();
     let child = Command::new("python3")
         .args(["-m", "aiosmtpd", "-n", "-l", &format!("127.0.0.1:{port}"), "-c", "aiosmtpd.handlers.Mailbox"])
         .arg(maildir)
         .stdin(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(log)
         .spawn()
         .expect("python3 with aiosmtpd (scripts/test.sh installs it)");
-    let k = Kill(child);
-    wait_for(Duration::from_secs(15), "aiosmtpd listening", || std::net::TcpStream::connect(("127.0.0.1", port)).ok());
+    let mut k = Kill(child);
+    wait_for(Duration::from_secs(15), "aiosmtpd greeting on its port", || {
+        if let Ok(Some(status)) = k.0.try_wait() {
+            let said = std::fs::read_to_string(maildir.with_extension("smtp.log")).unwrap_or_default();
+            panic!("aiosmtpd exited ({status}): {said}");
+        }
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        conn.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        let mut greeting = [0u8; 4];
+        conn.read_exact(&mut greeting).ok()?;
+        (&greeting[..3] == b"220").then_some(())
+    });
     k
 }
 

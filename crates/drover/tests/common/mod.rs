@@ -23,8 +23,19 @@ pub fn plugins_dir() -> PathBuf {
     PathBuf::from(std::env::var("DROVER_NAGIOS_PLUGINS").unwrap_or_else(|_| "/usr/lib/nagios/plugins".into()))
 }
 
+/// A port nothing listens on now, and one this test process has not handed out before:
+/// tests in one binary run in parallel, and a port given to two of them made one test's
+/// SMTP server lose its bind to another test's drover server and answer nothing.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Polls `f` every 100 ms until it returns Some, or panics with `what` after `timeout`.
@@ -97,6 +108,16 @@ impl Drop for Proc {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+        // A failing test shows what its processes said (the harness prints the test's
+        // captured output), so a failure in CI can be read without running it again.
+        if std::thread::panicking() {
+            let text = self.log_text();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            eprintln!("--- last lines of {} ---", self.log.display());
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
         }
     }
 }
