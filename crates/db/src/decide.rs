@@ -344,11 +344,7 @@ fn agent_down_since(o: &MemberObservation, spec: &ClusterSpec, now_ms: u64) -> O
 /// partition leaves its connection looking open). One that reports its PostgreSQL
 /// down still answers.
 pub fn agent_silent(o: &MemberObservation, spec: &ClusterSpec, now_ms: u64) -> bool {
-    match &o.agent {
-        AgentView::Up { at_ms, .. } => !fresh(*at_ms, spec, now_ms),
-        AgentView::LocalDown { .. } => false,
-        AgentView::Gone { .. } => true,
-    }
+    !matches!(o.agent, AgentView::LocalDown { .. }) && agent_status(o, spec, now_ms).is_none()
 }
 
 fn is_writable_primary(s: &DbStatus) -> bool {
@@ -829,6 +825,19 @@ mod tests {
             o.agent_report("pg2", Ok(replica(pg2, false)), t);
             t += 1_000;
         }
+    }
+
+    #[test]
+    fn an_agent_is_silent_when_gone_or_stale_not_when_it_reports_its_postgres_down() {
+        let s = spec(Mode::Async);
+        let mut o = healthy();
+        let silent = |o: &Observer, m: &str, t: u64| agent_silent(&o.observations()[m], &s, t);
+        assert!(!silent(&o, "pg1", 1_000 + MAX_AGE), "a report status_max_age_ms old is fresh");
+        assert!(silent(&o, "pg1", 1_001 + MAX_AGE), "older is silent: a partition leaves the connection open");
+        o.agent_report("pg2", Err("connection refused".into()), 2_000);
+        assert!(!silent(&o, "pg2", 2_000), "it answers orders though its PostgreSQL is down");
+        o.agent_gone("pg0", 2_000);
+        assert!(silent(&o, "pg0", 2_000));
     }
 
     fn wait_reason(d: Decision) -> String {

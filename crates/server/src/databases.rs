@@ -637,7 +637,6 @@ impl Cluster {
         });
     }
 
-    /// Publishes a role check as a drover-made result when it changed (or `force`).
     /// Withdraws every role check of `member` at once (the proxy closes its sessions).
     fn fence_at_proxy(&mut self, member: &str, term: u64) {
         for check in decide::ROLE_CHECKS {
@@ -645,6 +644,7 @@ impl Cluster {
         }
     }
 
+    /// Publishes a role check as a drover-made result when it changed (or `force`).
     fn publish(&mut self, member: &str, check: &'static str, ok: bool, output: String, force: bool) {
         let t = drover_core::time::now_ms();
         let key = (member.to_string(), check);
