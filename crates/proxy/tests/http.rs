@@ -181,11 +181,7 @@ async fn routes_by_host_and_path_prefix_and_sets_forwarding_headers() {
     let tenant = TestBackend::start("tenant").await;
     let cfg = format!(
         r#"
-[[listeners]]
-name = "web"
-bind = "127.0.0.1:0"
-protocol = "http"
-[[routes]]
+{WEB_LISTENER}[[routes]]
 listener = "web"
 host = "api.example.com"
 service = "api"
@@ -233,11 +229,7 @@ async fn no_healthy_backend_is_503_and_a_slow_one_is_504() {
     let slow = TestBackend::start("slow").await;
     let cfg = format!(
         r#"
-[[listeners]]
-name = "web"
-bind = "127.0.0.1:0"
-protocol = "http"
-[[routes]]
+{WEB_LISTENER}[[routes]]
 listener = "web"
 path_prefix = "/down"
 service = "down"

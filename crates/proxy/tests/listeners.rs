@@ -38,11 +38,7 @@ async fn a_client_speaking_proxy_v2_is_forwarded_with_its_carried_address() {
     let b = TestBackend::start("app").await;
     let cfg = format!(
         r#"
-[[listeners]]
-name = "web"
-bind = "127.0.0.1:0"
-protocol = "http"
-accept_proxy_protocol = true
+{WEB_LISTENER}accept_proxy_protocol = true
 
 [[routes]]
 listener = "web"

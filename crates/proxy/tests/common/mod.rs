@@ -261,6 +261,13 @@ pub fn state_of(p: &drover_proxy::RunningProxy, service: &str, addr: SocketAddr)
     p.backends()["services"][service].as_array()?.iter().find(|b| b["address"] == addr.to_string()).cloned()
 }
 
+/// The plain-HTTP listener `web` most tests route from (more of its keys may follow).
+pub const WEB_LISTENER: &str = r#"[[listeners]]
+name = "web"
+bind = "127.0.0.1:0"
+protocol = "http"
+"#;
+
 /// A config with `top` (top-level keys), one http listener `web` routing everything
 /// to service `app` over `addrs`, and `service` inside `[services.app]` (tables such as
 /// `[services.app.health]` may follow in it).
@@ -273,11 +280,7 @@ pub fn web_to_app_routed(top: &str, route: &str, addrs: &[SocketAddr], service: 
     format!(
         r#"
 {top}
-[[listeners]]
-name = "web"
-bind = "127.0.0.1:0"
-protocol = "http"
-
+{WEB_LISTENER}
 [[routes]]
 listener = "web"
 service = "app"
