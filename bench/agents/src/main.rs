@@ -75,10 +75,6 @@ impl Drop for ServerProc {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// (utime + stime) in seconds and RSS in KiB, from /proc.
 fn proc_usage(pid: u32) -> anyhow::Result<(f64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
@@ -181,7 +177,7 @@ fn start_server(drover: &str, check_interval: u64, mode: &str, handler_cfg: &str
             ),
         )?;
     }
-    let port = free_port();
+    let port = drover_testkit::free_port();
     let child = Command::new(drover)
         .args([
             "server",

@@ -160,7 +160,7 @@ impl PgCluster {
                 Ok(PgMember {
                     host: host.as_ref().map_or_else(|| "127.0.0.1".to_string(), |h| h.addr.clone()),
                     netns: host.and_then(|h| h.netns),
-                    port: free_port()?,
+                    port: drover_testkit::free_port(),
                     data_dir: root.path().join(&name),
                     log_file: root.path().join(format!("{name}.log")),
                     socket_dir: socket_dir.clone(),
@@ -465,11 +465,6 @@ fn chown_to_postgres(path: &Path) -> Result<(), HarnessError> {
         .ok_or_else(|| HarnessError::new("look up user postgres", "no such user (is postgresql-15 installed?)"))?;
     nix::unistd::chown(path, Some(user.uid), Some(user.gid))
         .map_err(|e| HarnessError::new(format!("chown {}", path.display()), e.to_string()))
-}
-
-fn free_port() -> Result<u16, HarnessError> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| HarnessError::new("free port", e.to_string()))?;
-    l.local_addr().map(|a| a.port()).map_err(|e| HarnessError::new("free port", e.to_string()))
 }
 
 fn append(path: &Path, text: &str) -> Result<(), HarnessError> {

@@ -4,22 +4,13 @@
 mod common;
 
 use common::{kdig_at, member};
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const SECRET: &str = "ZHJvdmVyLWRucy10ZXN0LXRzaWcta2V5LTMyYnl0ZXM=";
 
-fn free_port() -> u16 {
-    // UDP and TCP both need the port; an ephemeral UDP port that is also free on TCP is good enough here.
-    loop {
-        let u = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let p = u.local_addr().unwrap().port();
-        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
-            return p;
-        }
-    }
-}
+use drover_testkit::free_port;
 
 struct Knot(Child);
 impl Drop for Knot {

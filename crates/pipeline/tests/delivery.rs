@@ -6,6 +6,7 @@ mod common;
 use axum::http::{HeaderMap, StatusCode};
 use common::*;
 use drover_core::{EntityClass, MetricPoint, Status};
+use drover_testkit::free_port;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 

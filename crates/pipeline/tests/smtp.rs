@@ -5,6 +5,7 @@ mod common;
 
 use common::*;
 use drover_core::Status;
+use drover_testkit::free_port;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 

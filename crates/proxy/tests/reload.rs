@@ -49,8 +49,7 @@ async fn slow_backend(delay: Duration) -> SocketAddr {
 }
 
 fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
+    format!("127.0.0.1:{}", drover_testkit::free_port())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

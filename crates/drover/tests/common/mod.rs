@@ -7,7 +7,6 @@
 
 use serde_json::Value;
 use std::io::Read;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -23,20 +22,9 @@ pub fn plugins_dir() -> PathBuf {
     PathBuf::from(std::env::var("DROVER_NAGIOS_PLUGINS").unwrap_or_else(|_| "/usr/lib/nagios/plugins".into()))
 }
 
-/// A port nothing listens on now, and one this test process has not handed out before:
-/// tests in one binary run in parallel, and a port given to two of them made one test's
-/// SMTP server lose its bind to another test's drover server and answer nothing.
-pub fn free_port() -> u16 {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        if !given.contains(&port) {
-            given.push(port);
-            return port;
-        }
-    }
-}
+/// Ports for the processes a test starts: one record for the whole test process, the
+/// db harness included (see `drover_testkit`).
+pub use drover_testkit::free_port;
 
 /// Polls `f` every 100 ms until it returns Some, or panics with `what` after `timeout`.
 pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {

@@ -153,11 +153,6 @@ pub async fn wait_for<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> 
     }
 }
 
-/// A port nothing listens on right now (bound, then released).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// Accepts TCP connections and keeps each one's full payload.
 pub async fn tcp_receiver() -> (SocketAddr, Arc<Mutex<Vec<Vec<u8>>>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

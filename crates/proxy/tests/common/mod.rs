@@ -189,9 +189,10 @@ pub async fn echo_server() -> (SocketAddr, JoinHandle<()>) {
     (addr, t)
 }
 
-/// An address nothing listens on.
+/// An address nothing listens on, and that no backend of this test process will be
+/// given later (`drover_testkit` ports lie outside the range `bind(:0)` draws from).
 pub fn dead_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    SocketAddr::from(([127, 0, 0, 1], drover_testkit::free_port()))
 }
 
 pub type TestClient = Client<HttpConnector, Full<Bytes>>;
