@@ -68,8 +68,15 @@
 //! `replication_timeout_ms` ([`drover_db::ops::ensure_replication_timeouts`]), so a
 //! replica notices a partitioned or frozen primary in seconds, not PostgreSQL's minute.
 //!
-//! The highest term and the lease live in memory only: a restarted agent accepts any
-//! term until it sees one and does not self-fence until its first lease.
+//! **Across restarts.** The highest term and the lease are written to `[postgres]
+//! state_file` (default beside the data directory) on every change, the expiry in
+//! `CLOCK_BOOTTIME` ([`drover_db::lease::SavedTerms`]), and read back at start: a
+//! restarted agent refuses the terms it refused before, and one restarted beside a
+//! partitioned primary fences it when the saved lease runs out, as the process before
+//! it would have (without the file it would wait for a first lease that cannot come).
+//! A lease saved in another boot counts as lapsed. No fsync: the file only has to
+//! outlive the process; a machine crash changes the boot id, and a file that is
+//! missing or unreadable after one starts the agent unarmed, as on a first start.
 
 use crate::Shared;
 use drover_core::database::PostgresAgentConfig;
@@ -77,11 +84,12 @@ use drover_core::event::CheckResult;
 use drover_core::protocol::{AgentMessage, ServerMessage};
 use drover_core::status::Status;
 use drover_db::decide::Step;
-use drover_db::lease::{Lease, LeaseVerdict, accept_order, lease_verdict};
+use drover_db::lease::{Lease, LeaseVerdict, SavedTerms, accept_order, lease_verdict};
 use drover_db::ops::{self, HookKind, Hooks, LocalPg, OpError, Upstream};
 use drover_db::probe::{self, DbStatus, PgTarget, ProbeError, Role};
 use serde::Deserialize;
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, mpsc};
@@ -110,6 +118,12 @@ pub(crate) struct Db {
     /// Zero of the agent's monotonic millisecond clock (leases are counted in it).
     epoch: Instant,
     terms: Mutex<Terms>,
+    /// `[postgres] state_file`: `terms` as of their last change.
+    state_file: PathBuf,
+    /// This boot's id, stored with the lease (a lease from another boot has lapsed).
+    boot_id: String,
+    /// A failed save is logged once, then again only after one succeeded.
+    save_failing: std::sync::atomic::AtomicBool,
     /// To the order task (see [`run_orders`]).
     orders: mpsc::UnboundedSender<Order>,
     out: Mutex<Outgoing>,
@@ -182,14 +196,21 @@ impl Db {
             timeout_secs: h.timeout_secs,
         });
         let (orders, queue) = mpsc::unbounded_channel();
+        let epoch = Instant::now();
+        let state_file = cfg.state_file();
+        let boot_id = boot_id();
+        let terms = restore_terms(&state_file, &cfg.cluster, &boot_id);
         let db = Db {
             cluster: cfg.cluster.clone(),
             local,
             hooks,
             probe_interval: Duration::from_millis(cfg.probe_interval_ms),
             replication_timeout_ms: cfg.replication_timeout_ms,
-            epoch: Instant::now(),
-            terms: Mutex::new(Terms::default()),
+            epoch,
+            terms: Mutex::new(terms),
+            state_file,
+            boot_id,
+            save_failing: std::sync::atomic::AtomicBool::new(false),
             orders,
             out: Mutex::new(Outgoing::default()),
             ready: Notify::new(),
@@ -292,6 +313,34 @@ impl Db {
         }
     }
 
+    /// Writes `t` to the state file (temp file, then rename: a reader sees the old or the
+    /// new whole). Called with the terms lock held, so saves land in the order of changes.
+    fn save(&self, t: &Terms) {
+        use std::sync::atomic::Ordering;
+        let saved =
+            SavedTerms::capture(&self.cluster, &self.boot_id, t.known, t.lease.as_ref(), self.now_ms(), boottime_ms());
+        let tmp = self.state_file.with_extension("json.tmp");
+        let written = serde_json::to_vec(&saved)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, &self.state_file));
+        match written {
+            Ok(()) => {
+                if self.save_failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!(file = %self.state_file.display(), "database term and lease saved again");
+                }
+            }
+            Err(e) => {
+                if !self.save_failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        file = %self.state_file.display(),
+                        "cannot save the database term and lease ({e}); a restart of this agent would forget them"
+                    );
+                }
+            }
+        }
+    }
+
     /// When the watchdog must look next: the lease's expiry, if one is armed and still ahead.
     fn lease_deadline(&self) -> Option<Instant> {
         let lease = self.terms().lease?;
@@ -315,6 +364,7 @@ impl Db {
         }
         t.known = t.known.max(term);
         t.lease = Some(Lease::granted(term, now, ttl_ms));
+        self.save(&t);
         drop(t);
         self.lease_changed.notify_one();
     }
@@ -328,6 +378,7 @@ impl Db {
         let mut t = self.terms();
         if let Some(old) = t.lease.take() {
             tracing::info!(old_term = old.term, term, "writable by order: self-demotion waits for the next lease");
+            self.save(&t);
         }
     }
 
@@ -347,7 +398,10 @@ impl Db {
         if !accept_order(t.known, term) {
             return Err(stale(term, t.known));
         }
-        t.known = t.known.max(term);
+        if term > t.known {
+            t.known = term;
+            self.save(&t);
+        }
         Ok((step, extras))
     }
 
@@ -717,14 +771,67 @@ fn frame(msg: &AgentMessage) -> String {
     serde_json::to_string(msg).unwrap_or_default()
 }
 
+/// `CLOCK_BOOTTIME` in ms: runs on across process restarts and suspends, never steps.
+fn boottime_ms() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| (t.tv_sec() as u64).saturating_mul(1_000).saturating_add(t.tv_nsec() as u64 / 1_000_000))
+        .unwrap_or(0)
+}
+
+/// This boot's id; empty where the kernel does not say (then every saved lease matches
+/// no boot and counts as lapsed).
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+/// The terms saved by the agent before this one, in this process's clock.
+fn restore_terms(file: &Path, cluster: &str, boot_id: &str) -> Terms {
+    let text = match std::fs::read(file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Terms::default(),
+        Err(e) => {
+            tracing::warn!(file = %file.display(), "cannot read the saved database term and lease ({e}); starting unarmed");
+            return Terms::default();
+        }
+    };
+    let saved: SavedTerms = match serde_json::from_slice(&text) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(file = %file.display(), "saved database term and lease unreadable ({e}); starting unarmed");
+            return Terms::default();
+        }
+    };
+    if saved.cluster != cluster {
+        tracing::warn!(file = %file.display(), saved = %saved.cluster, ours = cluster, "saved terms are another cluster's; ignored");
+    }
+    // The new clock's zero is this moment (`Db::epoch` is taken just before).
+    let (known, lease) = saved.restore(cluster, boot_id, 0, boottime_ms());
+    if let Some(l) = &lease {
+        tracing::info!(
+            known_term = known,
+            lease_term = l.term,
+            left_ms = l.expires_at_ms,
+            "self-demotion armed from the saved lease ({} ms left)",
+            l.expires_at_ms
+        );
+    }
+    Terms { known, lease }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn db() -> Db {
+    /// An agent's state whose data dir (and so state file) is under `dir`.
+    fn db_in(dir: &Path) -> Db {
         let cfg: PostgresAgentConfig =
-            serde_json::from_value(serde_json::json!({"cluster": "main", "data_dir": "/tmp/x"})).unwrap();
+            serde_json::from_value(serde_json::json!({"cluster": "main", "data_dir": dir.join("data")})).unwrap();
         Db::new("pg1", &cfg).0
+    }
+
+    fn db() -> (Db, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        (db_in(dir.path()), dir)
     }
 
     #[test]
@@ -753,7 +860,7 @@ mod tests {
 
     #[test]
     fn replies_go_only_to_the_connection_that_carried_the_order() {
-        let db = db();
+        let (db, _dir) = db();
         let first = db.session_started();
         db.session_ended();
         let second = db.session_started();
@@ -767,7 +874,7 @@ mod tests {
 
     #[test]
     fn a_report_probed_across_an_order_or_while_disconnected_is_dropped() {
-        let db = db();
+        let (db, _dir) = db();
         let status = Ok(DbStatus::default());
         db.push_report(0, &status);
         assert!(!db.has_frames(), "disconnected: nothing is queued");
@@ -782,7 +889,7 @@ mod tests {
 
     #[test]
     fn the_highest_term_from_orders_and_leases_refuses_older_ones() {
-        let db = db();
+        let (db, _dir) = db();
         let fence = || serde_json::json!({"step": "fence_agent", "member": "pg1"});
         assert!(db.admit("main", 3, fence()).is_ok());
         assert!(db.admit("other", 9, fence()).is_err());
@@ -794,5 +901,39 @@ mod tests {
         assert_eq!(db.terms().lease.unwrap().term, 5, "an older lease does not replace a newer one");
         db.on_lease("other", 9, 1000);
         assert_eq!(db.terms().known, 5, "another cluster's lease is ignored");
+    }
+
+    #[test]
+    fn a_restarted_agent_keeps_the_term_it_knew_and_the_lease_it_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let fence = || serde_json::json!({"step": "fence_agent", "member": "pg1"});
+        let before = db_in(dir.path());
+        before.on_lease("main", 5, 60_000);
+        assert!(before.admit("main", 7, fence()).is_ok());
+        drop(before);
+        assert!(dir.path().join("data.drover-agent.json").exists(), "saved beside the data dir");
+
+        let after = db_in(dir.path());
+        assert_eq!(after.terms().known, 7);
+        let lease = after.terms().lease.expect("the watchdog is armed again");
+        assert_eq!(lease.term, 5);
+        assert!((59_000..=60_000).contains(&lease.expires_at_ms), "{lease:?}: the time it had left, no more");
+        assert!(after.admit("main", 6, fence()).unwrap_err().contains("stale term 6"));
+    }
+
+    #[test]
+    fn a_promotion_disarms_the_saved_lease_too_and_a_bad_file_starts_unarmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let before = db_in(dir.path());
+        before.on_lease("main", 2, 60_000);
+        before.disarm_after_becoming_writable(3);
+        drop(before);
+        let after = db_in(dir.path());
+        assert!(after.terms().lease.is_none(), "disarmed stays disarmed across a restart");
+        assert_eq!(after.terms().known, 2);
+
+        std::fs::write(dir.path().join("data.drover-agent.json"), b"{ not json").unwrap();
+        let broken = db_in(dir.path());
+        assert!(broken.terms().lease.is_none() && broken.terms().known == 0);
     }
 }

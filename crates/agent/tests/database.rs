@@ -134,6 +134,7 @@ async fn start_agent(server: SocketAddr, cluster: &PgCluster, member: &str) -> d
         probe_interval_ms: PROBE_MS,
         replication_timeout_ms: 4_000,
         hooks: None,
+        state_file: None,
     };
     let cfg = AgentConfig {
         name: Some(member.into()),

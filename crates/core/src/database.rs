@@ -21,6 +21,7 @@
 //! port = 5432
 //! run_as = "postgres"                    # when the agent runs as root
 //! replication_timeout_ms = 4000          # wal_receiver/sender_timeout kept on the server; 0 = leave
+//! state_file = "/var/lib/postgresql/15/main.drover-agent.json"  # term and lease across agent restarts (this default)
 //! ```
 
 use crate::resource::FieldError;
@@ -189,9 +190,24 @@ pub struct PostgresAgentConfig {
     pub replication_timeout_ms: u64,
     #[serde(default)]
     pub hooks: Option<DbHooksConfig>,
+    /// Where the agent keeps its fencing term and lease across its own restarts
+    /// (default: [`PostgresAgentConfig::state_file`]).
+    #[serde(default)]
+    pub state_file: Option<PathBuf>,
 }
 
 impl PostgresAgentConfig {
+    /// `state_file`, or `<data_dir>.drover-agent.json`: beside the data directory, not in
+    /// it, where `pg_basebackup` and `pg_rewind` would copy one member's file to another.
+    pub fn state_file(&self) -> PathBuf {
+        self.state_file.clone().unwrap_or_else(|| {
+            // Rebuilt from its components: a trailing `/` would put the file inside.
+            let mut name = self.data_dir.components().collect::<PathBuf>().into_os_string();
+            name.push(".drover-agent.json");
+            PathBuf::from(name)
+        })
+    }
+
     pub fn validate(&self) -> Result<(), FieldError> {
         crate::resource::validate_name("postgres.cluster", &self.cluster)?;
         if self.port == 0 {
@@ -217,6 +233,18 @@ mod tests {
     fn spec(text: &str) -> Result<DatabaseSpec, FieldError> {
         let s: DatabaseSpec = toml::from_str(text).unwrap();
         s.validate().map(|_| s)
+    }
+
+    #[test]
+    fn the_agent_state_file_sits_beside_the_data_dir_never_inside_it() {
+        for dir in ["/var/lib/postgresql/15/main", "/var/lib/postgresql/15/main/"] {
+            let cfg: PostgresAgentConfig =
+                toml::from_str(&format!("cluster = \"main\"\ndata_dir = {dir:?}\n")).unwrap();
+            assert_eq!(cfg.state_file(), PathBuf::from("/var/lib/postgresql/15/main.drover-agent.json"), "{dir}");
+        }
+        let cfg: PostgresAgentConfig =
+            toml::from_str("cluster = \"main\"\ndata_dir = \"/d\"\nstate_file = \"/s/x.json\"\n").unwrap();
+        assert_eq!(cfg.state_file(), PathBuf::from("/s/x.json"));
     }
 
     #[test]

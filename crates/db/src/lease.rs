@@ -82,6 +82,77 @@ pub fn check_timing(spec: &ClusterSpec, lease_ttl_ms: u64, fence_budget_ms: u64)
     }
 }
 
+/// The fencing term and lease as an agent keeps them on disk, so that its own restart
+/// neither forgets a lease that has lapsed (a restarted agent beside a partitioned
+/// primary would otherwise never fence it: it waits for a first lease that cannot
+/// come) nor lowers the term it refuses older orders below.
+///
+/// The expiry is kept in `CLOCK_BOOTTIME` milliseconds, a clock that runs on across
+/// process restarts (and suspends) and never steps, with the boot it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedTerms {
+    pub cluster: String,
+    /// `/proc/sys/kernel/random/boot_id` when written.
+    pub boot_id: String,
+    pub known_term: u64,
+    /// `None` while self-demotion is not armed (no lease yet, or disarmed by a promotion).
+    pub lease: Option<SavedLease>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedLease {
+    pub term: u64,
+    pub expires_boottime_ms: u64,
+}
+
+impl SavedTerms {
+    /// What to write for `known_term` and `lease` (agent clock `agent_now_ms`, boot clock
+    /// `boottime_now_ms` read at the same moment).
+    pub fn capture(
+        cluster: &str,
+        boot_id: &str,
+        known_term: u64,
+        lease: Option<&Lease>,
+        agent_now_ms: u64,
+        boottime_now_ms: u64,
+    ) -> SavedTerms {
+        SavedTerms {
+            cluster: cluster.to_string(),
+            boot_id: boot_id.to_string(),
+            known_term,
+            lease: lease.map(|l| SavedLease {
+                term: l.term,
+                expires_boottime_ms: boottime_now_ms.saturating_add(l.expires_at_ms.saturating_sub(agent_now_ms)),
+            }),
+        }
+    }
+
+    /// The known term and lease a restarted agent starts from, in its new clock.
+    ///
+    /// A lease written in another boot counts as lapsed: the machine went down, and
+    /// its PostgreSQL may have come back writable with nobody having renewed anything.
+    /// Another cluster's file gives nothing (the agent was re-pointed).
+    pub fn restore(
+        &self,
+        cluster: &str,
+        boot_id: &str,
+        agent_now_ms: u64,
+        boottime_now_ms: u64,
+    ) -> (u64, Option<Lease>) {
+        if self.cluster != cluster {
+            return (0, None);
+        }
+        let lease = self.lease.map(|l| {
+            let left_ms =
+                if self.boot_id == boot_id { l.expires_boottime_ms.saturating_sub(boottime_now_ms) } else { 0 };
+            Lease { term: l.term, expires_at_ms: agent_now_ms.saturating_add(left_ms) }
+        });
+        (self.known_term, lease)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,6 +168,42 @@ mod tests {
         assert_eq!(lease_verdict(&writable(), Some(&lease), 2_999), LeaseVerdict::Keep);
         let v = lease_verdict(&writable(), Some(&lease), 3_000);
         assert!(matches!(&v, LeaseVerdict::Demote { reason } if reason.contains("term 3")), "{v:?}");
+    }
+
+    #[test]
+    fn a_saved_lease_keeps_its_remaining_time_across_an_agent_restart_in_the_same_boot() {
+        // Granted at agent ms 1_000 for 2_000 ms; saved at agent ms 1_500 = boot ms 90_000.
+        let lease = Lease::granted(4, 1_000, 2_000);
+        let saved = SavedTerms::capture("main", "boot-a", 6, Some(&lease), 1_500, 90_000);
+        assert_eq!(saved.lease.unwrap().expires_boottime_ms, 91_500);
+        // The new process's clock starts near 0; 700 ms of boot time went by.
+        let (known, restored) = saved.restore("main", "boot-a", 5, 90_700);
+        assert_eq!(known, 6, "the known term survives");
+        let restored = restored.expect("still armed");
+        assert_eq!((restored.term, restored.expires_at_ms), (4, 5 + 800));
+        assert_eq!(lease_verdict(&writable(), Some(&restored), 5 + 799), LeaseVerdict::Keep);
+        assert!(matches!(lease_verdict(&writable(), Some(&restored), 5 + 800), LeaseVerdict::Demote { .. }));
+    }
+
+    #[test]
+    fn a_lease_that_lapsed_while_the_agent_was_down_or_before_a_reboot_is_lapsed_at_once() {
+        let lease = Lease::granted(4, 0, 1_000);
+        let saved = SavedTerms::capture("main", "boot-a", 4, Some(&lease), 0, 10_000);
+        let (_, later) = saved.restore("main", "boot-a", 0, 60_000);
+        assert!(matches!(lease_verdict(&writable(), later.as_ref(), 0), LeaseVerdict::Demote { .. }));
+        // A reboot: the boot clock starts over, so even "time left" by it means nothing.
+        let (known, rebooted) = saved.restore("main", "boot-b", 0, 5);
+        assert_eq!(known, 4);
+        assert!(matches!(lease_verdict(&writable(), rebooted.as_ref(), 0), LeaseVerdict::Demote { .. }));
+    }
+
+    #[test]
+    fn an_unarmed_or_other_clusters_file_leaves_the_watchdog_unarmed() {
+        let unarmed = SavedTerms::capture("main", "boot-a", 9, None, 0, 0);
+        assert_eq!(unarmed.restore("main", "boot-a", 0, 0), (9, None));
+        let lease = Lease::granted(9, 0, 1_000);
+        let other = SavedTerms::capture("main", "boot-a", 9, Some(&lease), 0, 0);
+        assert_eq!(other.restore("orders", "boot-a", 0, 0), (0, None));
     }
 
     #[test]

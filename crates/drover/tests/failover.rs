@@ -63,13 +63,16 @@ struct Hosts {
 
 impl Hosts {
     fn build(n: usize) -> Hosts {
-        let id = std::process::id() % 200 + 20;
+        // One id per set of hosts, so two tests of this binary never share a bridge, an
+        // address range or a namespace (the first dropped would tear down the other's).
+        static BUILT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let id = (std::process::id() + BUILT.fetch_add(1, Ordering::SeqCst)) % 200 + 20;
         let mut h = Hosts { id, bridge: format!("drb{id}"), netns: vec![], links: vec![] };
         ip(&["link", "add", &h.bridge, "type", "bridge"]);
         ip(&["addr", "add", &format!("{}/24", h.gateway()), "dev", &h.bridge]);
         ip(&["link", "set", &h.bridge, "up"]);
         for i in 0..n {
-            let ns = format!("drover-pg-{}-{i}", std::process::id());
+            let ns = format!("drover-pg-{}-{id}-{i}", std::process::id());
             ip(&["netns", "add", &ns]);
             h.netns.push(ns.clone());
             let (host_if, ns_if) = (format!("drv{id}h{i}"), format!("drv{id}n{i}"));
@@ -144,7 +147,8 @@ fn proxy_config(write_port: u16, read_port: u16) -> String {
 /// (write and read endpoints) and a fed name server (their names). Field order is drop
 /// order: drover processes before PostgreSQL, test hosts last.
 struct Fixture {
-    _agents: Vec<Proc>,
+    /// pg0's, pg1's, pg2's.
+    agents: Vec<Proc>,
     _proxy: Proc,
     _dns: Proc,
     srv: Server,
@@ -183,47 +187,7 @@ fn fixture_on(hosts: Option<&Hosts>) -> Fixture {
         Some(h) => Server::start_on(&h.gateway(), &[("db.toml", DB_CONFIG)]),
         None => Server::start(&[("db.toml", DB_CONFIG)]),
     };
-    let ka = ["--keepalive-interval-secs", "1", "--keepalive-warning-secs", "3", "--keepalive-critical-secs", "5"];
-    let mut agents = Vec::new();
-    for m in c.members() {
-        let cfg = srv.dir.path().join(format!("{}.toml", m.name));
-        std::fs::write(
-            &cfg,
-            format!(
-                "[postgres]\ncluster = \"main\"\nhost = {:?}\nport = {}\ndata_dir = {:?}\nrun_as = \"postgres\"\nstart_options = {:?}\nlog_file = {:?}\nprobe_interval_ms = 200\n",
-                m.host,
-                m.port,
-                m.data_dir.display().to_string(),
-                m.start_options(),
-                m.log_file.display().to_string(),
-            ),
-        )
-        .unwrap();
-        let label = format!("pg_port={}", m.port);
-        let mut extra = vec!["--config", cfg.to_str().unwrap(), "--address", &m.host, "--label", &label];
-        extra.extend(ka);
-        let agent = match &m.netns {
-            None => srv.agent(&m.name, "pg", &extra),
-            Some(ns) => {
-                let log = srv.dir.path().join(format!("agent-{}.log", m.name));
-                let out = std::fs::File::create(&log).unwrap();
-                let ws = srv.ws_url();
-                let child = Command::new("ip")
-                    .args(["netns", "exec", ns, common::drover_bin(), "agent", "--server", &ws, "--name", &m.name])
-                    .args(["--token", common::AGENT, "--api-listen", "", "--subscriptions", "pg"])
-                    .args(&extra)
-                    .env("RUST_LOG", "info")
-                    .stdin(std::process::Stdio::null())
-                    .stdout(out.try_clone().unwrap())
-                    .stderr(out)
-                    .spawn()
-                    .unwrap();
-                // `ip netns exec` execs the agent, so this pid is the agent's.
-                Proc { child, log }
-            }
-        };
-        agents.push(agent);
-    }
+    let agents = c.members().iter().map(|m| spawn_agent(&srv, m)).collect();
     let (write_port, read_port) = (free_port(), free_port());
     let dir = tempfile::tempdir().unwrap();
     let pcfg = dir.path().join("proxy.toml");
@@ -270,17 +234,49 @@ fn fixture_on(hosts: Option<&Hosts>) -> Fixture {
         (v["leader"]["member"] == "pg0" && psql(write_port, "SELECT 1").ok()? == "1").then_some(())
     });
     psql(write_port, "CREATE TABLE t (id bigint PRIMARY KEY)").unwrap();
-    Fixture {
-        _agents: agents,
-        _proxy: proxy,
-        _dns: dns,
-        srv,
-        c,
-        write_port,
-        read_port,
-        dns_port,
-        _dir: dir,
-        _serial: serial,
+    Fixture { agents, _proxy: proxy, _dns: dns, srv, c, write_port, read_port, dns_port, _dir: dir, _serial: serial }
+}
+
+/// The agent beside member `m` (in its namespace when it has one), with `[postgres]`
+/// for it; its state file is the default one, beside the member's data dir.
+fn spawn_agent(srv: &Server, m: &drover_db::testing::PgMember) -> Proc {
+    let ka = ["--keepalive-interval-secs", "1", "--keepalive-warning-secs", "3", "--keepalive-critical-secs", "5"];
+    let cfg = srv.dir.path().join(format!("{}.toml", m.name));
+    std::fs::write(
+        &cfg,
+        format!(
+            "[postgres]\ncluster = \"main\"\nhost = {:?}\nport = {}\ndata_dir = {:?}\nrun_as = \"postgres\"\nstart_options = {:?}\nlog_file = {:?}\nprobe_interval_ms = 200\n",
+            m.host,
+            m.port,
+            m.data_dir.display().to_string(),
+            m.start_options(),
+            m.log_file.display().to_string(),
+        ),
+    )
+    .unwrap();
+    let label = format!("pg_port={}", m.port);
+    let mut extra = vec!["--config", cfg.to_str().unwrap(), "--address", &m.host, "--label", &label];
+    extra.extend(ka);
+    match &m.netns {
+        None => srv.agent(&m.name, "pg", &extra),
+        Some(ns) => {
+            // Appended to, so a restarted agent's log follows its predecessor's.
+            let log = srv.dir.path().join(format!("agent-{}.log", m.name));
+            let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+            let ws = srv.ws_url();
+            let child = Command::new("ip")
+                .args(["netns", "exec", ns, common::drover_bin(), "agent", "--server", &ws, "--name", &m.name])
+                .args(["--token", common::AGENT, "--api-listen", "", "--subscriptions", "pg"])
+                .args(&extra)
+                .env("RUST_LOG", "info")
+                .stdin(std::process::Stdio::null())
+                .stdout(out.try_clone().unwrap())
+                .stderr(out)
+                .spawn()
+                .unwrap();
+            // `ip netns exec` execs the agent, so this pid is the agent's.
+            Proc { child, log }
+        }
     }
 }
 
@@ -587,4 +583,48 @@ fn a_partitioned_primary_fences_itself_its_clients_are_cut_off_and_there_are_nev
     assert!(samples > 20, "the watcher sampled only {samples} times");
     assert!(worst.len() <= 1, "two writable primaries at once: {worst:?} (outage {outage:?})");
     assert_eq!(c.psql("pg0", "SELECT pg_is_in_recovery()").unwrap(), "t");
+}
+
+#[test]
+fn an_agent_restarted_beside_a_partitioned_primary_fences_it_from_the_lease_it_saved() {
+    let hosts = Hosts::build(3);
+    let mut f = fixture_on(Some(&hosts));
+    let c = &f.c;
+    let pg0 = c.member("pg0").clone();
+    let saved = {
+        let mut name = pg0.data_dir.clone().into_os_string();
+        name.push(".drover-agent.json");
+        std::path::PathBuf::from(name)
+    };
+    wait_for(Duration::from_secs(30), "pg0's agent saved a lease", || {
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&saved).ok()?).ok()?;
+        v["lease"]["term"].as_u64()
+    });
+
+    // The agent dies holding its lease (no fence yet), the link goes, and the agent comes
+    // back on the cut-off host: no server to lease it anything, only what it saved.
+    f.agents[0].child.kill().unwrap();
+    f.agents[0].child.wait().unwrap();
+    let cut = Instant::now();
+    hosts.cut(0);
+    assert!(writable_members(c).contains(&"pg0".to_string()), "pg0 was still writable when its agent died");
+    f.agents[0] = spawn_agent(&f.srv, &pg0);
+
+    // Without the saved lease the new agent would wait for a first lease that cannot
+    // come, and pg0 would take writes beside the replica the server promotes.
+    wait_for(Duration::from_secs(15), "pg0 stops accepting writes", || {
+        (!writable_members(c).contains(&"pg0".to_string())).then_some(())
+    });
+    eprintln!("restarted agent on a partitioned primary: pg0 fenced {:?} after the cut", cut.elapsed());
+    let log = f.agents[0].log_text();
+    assert!(log.contains("self-demotion armed from the saved lease"), "{log}");
+
+    // The server promotes a replica; pg0 stays fenced beside it.
+    wait_for(Duration::from_secs(30), "a replica leads", || {
+        let (_, v) = f.srv.get("/api/v1/databases/main");
+        let leader = v["leader"]["member"].as_str()?.to_string();
+        (leader == "pg1" || leader == "pg2").then_some(())
+    });
+    let writable = writable_members(c);
+    assert!(writable.len() == 1 && writable[0] != "pg0", "writable: {writable:?}");
 }
