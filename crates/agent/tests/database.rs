@@ -351,3 +351,47 @@ async fn a_primary_without_a_lease_is_left_alone_and_fences_itself_once_a_grante
     .await;
     assert!(report.contains("cannot connect"), "{report}");
 }
+
+/// `wal_receiver_timeout,wal_sender_timeout` of `member` in ms ("" when it does not answer).
+async fn replication_timeouts(cluster: &Arc<PgCluster>, member: &str) -> String {
+    let sql = "SELECT string_agg(setting, ',' ORDER BY name) FROM pg_settings \
+               WHERE name IN ('wal_receiver_timeout', 'wal_sender_timeout')";
+    psql(cluster, member, sql).await.unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_restarted_with_other_replication_timeouts_gets_the_agents_back() {
+    let cluster = start_cluster(0).await;
+    let (server, addr) = StandIn::start().await;
+    let _pg0 = start_agent(addr, &cluster, "pg0").await;
+    let (_, mut ws) = server.accept().await;
+    let deadline = Instant::now() + WAIT;
+    while replication_timeouts(&cluster, "pg0").await != "4000,4000" {
+        assert!(Instant::now() < deadline, "the agent never set its timeouts");
+        next_status(&mut ws).await;
+    }
+
+    // Someone puts PostgreSQL's own minute back (in postgresql.auto.conf, where the agent
+    // keeps its values) and restarts the server: it comes back with 60 s unless the
+    // agent, having seen it go away, checks the settings again once it answers.
+    psql(&cluster, "pg0", "ALTER SYSTEM SET wal_sender_timeout = '60s'").await.unwrap();
+    psql(&cluster, "pg0", "ALTER SYSTEM SET wal_receiver_timeout = '60s'").await.unwrap();
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || c.stop_member("pg0").and_then(|()| c.start_member("pg0")))
+        .await
+        .unwrap()
+        .expect("pg0 restarted");
+    let restarted = Instant::now();
+    let mut seen = Vec::new();
+    loop {
+        let now = replication_timeouts(&cluster, "pg0").await;
+        if now == "4000,4000" {
+            break;
+        }
+        if seen.last() != Some(&now) {
+            seen.push(now);
+        }
+        assert!(restarted.elapsed() < WAIT, "timeouts read after the restart: {seen:?}");
+        next_status(&mut ws).await;
+    }
+}

@@ -145,8 +145,9 @@ impl SavedTerms {
             return (0, None);
         }
         let lease = self.lease.map(|l| {
-            let left_ms =
-                if self.boot_id == boot_id { l.expires_boottime_ms.saturating_sub(boottime_now_ms) } else { 0 };
+            // An unknown boot (empty id) matches none, not even another unknown one.
+            let same_boot = !boot_id.is_empty() && self.boot_id == boot_id;
+            let left_ms = if same_boot { l.expires_boottime_ms.saturating_sub(boottime_now_ms) } else { 0 };
             Lease { term: l.term, expires_at_ms: agent_now_ms.saturating_add(left_ms) }
         });
         (self.known_term, lease)
@@ -195,6 +196,9 @@ mod tests {
         let (known, rebooted) = saved.restore("main", "boot-b", 0, 5);
         assert_eq!(known, 4);
         assert!(matches!(lease_verdict(&writable(), rebooted.as_ref(), 0), LeaseVerdict::Demote { .. }));
+        let unknown = SavedTerms::capture("main", "", 4, Some(&lease), 0, 10_000);
+        let (_, unknown) = unknown.restore("main", "", 0, 10_000);
+        assert!(matches!(lease_verdict(&writable(), unknown.as_ref(), 0), LeaseVerdict::Demote { .. }));
     }
 
     #[test]
