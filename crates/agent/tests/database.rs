@@ -146,6 +146,16 @@ async fn start_agent(server: SocketAddr, cluster: &PgCluster, member: &str) -> d
     drover_agent::start(cfg).await.unwrap()
 }
 
+/// A primary with no replica, its agent, and the stand-in server's end of that agent's
+/// connection (the stand-in and the agent are returned to be kept alive).
+async fn lone_primary() -> (Arc<PgCluster>, StandIn, drover_agent::AgentHandle, Ws) {
+    let cluster = start_cluster(0).await;
+    let (server, addr) = StandIn::start().await;
+    let agent = start_agent(addr, &cluster, "pg0").await;
+    let (_, ws) = server.accept().await;
+    (cluster, server, agent, ws)
+}
+
 /// Runs the harness's blocking psql off the runtime's threads.
 async fn psql(cluster: &Arc<PgCluster>, member: &str, sql: &str) -> Result<String, String> {
     let (c, m, s) = (cluster.clone(), member.to_string(), sql.to_string());
@@ -256,10 +266,7 @@ async fn orders_fence_the_primary_promote_a_replica_and_repoint_and_rejoin_the_o
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orders_from_an_older_term_or_not_for_this_agent_are_refused_and_change_nothing() {
-    let cluster = start_cluster(0).await;
-    let (server, addr) = StandIn::start().await;
-    let _pg0 = start_agent(addr, &cluster, "pg0").await;
-    let (_, mut ws) = server.accept().await;
+    let (cluster, _server, _pg0, mut ws) = lone_primary().await;
     psql(&cluster, "pg0", "CREATE TABLE t (x int)").await.unwrap();
 
     // Term 5 becomes known through an order that changes nothing on a writable primary.
@@ -301,10 +308,7 @@ async fn orders_from_an_older_term_or_not_for_this_agent_are_refused_and_change_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_without_a_lease_is_left_alone_and_fences_itself_once_a_granted_lease_lapses() {
-    let cluster = start_cluster(0).await;
-    let (server, addr) = StandIn::start().await;
-    let _pg0 = start_agent(addr, &cluster, "pg0").await;
-    let (_, mut ws) = server.accept().await;
+    let (cluster, _server, _pg0, mut ws) = lone_primary().await;
     psql(&cluster, "pg0", "CREATE TABLE t (x int)").await.unwrap();
 
     // Never granted a lease: many probes later the primary is untouched.
@@ -361,10 +365,7 @@ async fn replication_timeouts(cluster: &Arc<PgCluster>, member: &str) -> String 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_restarted_with_other_replication_timeouts_gets_the_agents_back() {
-    let cluster = start_cluster(0).await;
-    let (server, addr) = StandIn::start().await;
-    let _pg0 = start_agent(addr, &cluster, "pg0").await;
-    let (_, mut ws) = server.accept().await;
+    let (cluster, _server, _pg0, mut ws) = lone_primary().await;
     let deadline = Instant::now() + WAIT;
     while replication_timeouts(&cluster, "pg0").await != "4000,4000" {
         assert!(Instant::now() < deadline, "the agent never set its timeouts");
