@@ -74,7 +74,9 @@
 //! restarted agent refuses the terms it refused before, and one restarted beside a
 //! partitioned primary fences it when the saved lease runs out, as the process before
 //! it would have (without the file it would wait for a first lease that cannot come).
-//! A lease saved in another boot counts as lapsed. No fsync: the file only has to
+//! A lease saved in another boot counts as lapsed. The cost: a restart of the primary's
+//! agent that outlasts the lease fences the primary (no grace is possible: the server
+//! promotes on the assumption that the lease plus the fence budget have passed). No fsync: the file only has to
 //! outlive the process; a machine crash changes the boot id, and a file that is
 //! missing or unreadable after one starts the agent unarmed, as on a first start.
 
