@@ -628,3 +628,34 @@ fn an_agent_restarted_beside_a_partitioned_primary_fences_it_from_the_lease_it_s
     let writable = writable_members(c);
     assert!(writable.len() == 1 && writable[0] != "pg0", "writable: {writable:?}");
 }
+
+#[test]
+fn restarting_the_primarys_agent_within_its_lease_leaves_the_primary_writable() {
+    let mut f = fixture();
+    let c = &f.c;
+    let pg0 = c.member("pg0").clone();
+    let log = f.agents[0].log.clone();
+    wait_for(Duration::from_secs(30), "pg0's agent holds a lease", || {
+        std::fs::read_to_string(&log).ok()?.contains("first lease received").then_some(())
+    });
+    let writer = Writer::start(f.write_port);
+    writer.wait_acked_since(writer.started, 10, "writes flowing");
+
+    f.agents[0].child.kill().unwrap();
+    f.agents[0].child.wait().unwrap();
+    let restarted = Instant::now();
+    f.agents[0] = spawn_agent(&f.srv, &pg0);
+    f.srv.wait_connected("pg0");
+    eprintln!("pg0's agent back and connected {:?} after the kill", restarted.elapsed());
+
+    // Well past the lease (0.5 s) and the server's grace (2 s): pg0 was never fenced.
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(writable_members(c), ["pg0"]);
+    let (_, v) = f.srv.get("/api/v1/databases/main");
+    assert_eq!(v["leader"]["member"], "pg0", "{v}");
+    let text = f.agents[0].log_text();
+    assert!(!text.contains("fenced"), "{text}");
+    writer.wait_acked_since(restarted + Duration::from_secs(4), 5, "writes still flowing to pg0");
+    let acked = writer.finish();
+    assert!(lost_writes(c, "pg0", &acked).is_empty());
+}
