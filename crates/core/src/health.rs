@@ -144,7 +144,43 @@ const KEEPALIVE: &str = "keepalive";
 
 /// Every member by entity name, as a data plane holds it: swapped whole on each change,
 /// so readers take one consistent view without a lock.
-pub type Members = std::sync::Arc<BTreeMap<String, MemberHealth>>;
+pub type Members = std::sync::Arc<View>;
+
+/// The members and the view's own clock. Reads as the map of members (`Deref`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct View {
+    pub members: BTreeMap<String, MemberHealth>,
+    /// When the server last changed the view, a removal included (ms since the epoch,
+    /// server clock; 0 when not known): the members' own `changed_ms` cannot say when
+    /// one of them left.
+    pub changed_ms: i64,
+}
+
+impl View {
+    pub fn new(members: BTreeMap<String, MemberHealth>, changed_ms: i64) -> View {
+        View { members, changed_ms }
+    }
+
+    /// The newest change the view records: its own clock or a member's, whichever is later.
+    pub fn clock_ms(&self) -> i64 {
+        self.members.values().map(|m| m.changed_ms).fold(self.changed_ms, i64::max)
+    }
+}
+
+/// A view of these members whose own clock is not known (0).
+impl FromIterator<(String, MemberHealth)> for View {
+    fn from_iter<I: IntoIterator<Item = (String, MemberHealth)>>(iter: I) -> View {
+        View::new(iter.into_iter().collect(), 0)
+    }
+}
+
+impl std::ops::Deref for View {
+    type Target = BTreeMap<String, MemberHealth>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.members
+    }
+}
 
 impl MemberHealth {
     /// Why the member is out for a consumer requiring `required` checks, or `None` when
@@ -166,11 +202,20 @@ impl MemberHealth {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum WatchMessage {
     /// Every member; sent first, and again whenever the watcher fell behind.
-    Snapshot { members: Vec<MemberHealth> },
+    /// `changed_ms`: the view's clock ([`View::changed_ms`]; absent from older servers).
+    Snapshot {
+        members: Vec<MemberHealth>,
+        #[serde(default)]
+        changed_ms: i64,
+    },
     /// A member appeared or its health view changed.
     Upsert { member: MemberHealth },
-    /// A member is gone (deregistered or deleted).
-    Remove { entity: String },
+    /// A member is gone (deregistered or deleted), at `changed_ms` (server clock).
+    Remove {
+        entity: String,
+        #[serde(default)]
+        changed_ms: i64,
+    },
 }
 
 #[cfg(test)]

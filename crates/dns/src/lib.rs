@@ -32,5 +32,5 @@ pub mod wire;
 pub mod zone;
 
 pub use config::DnsConfig;
-pub use pool::Members;
+pub use pool::{Members, View};
 pub use server::{DnsError, NameServer};

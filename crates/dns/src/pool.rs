@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 /// The control plane's view, as `drover-feed` hands it over.
-pub use drover_core::health::Members;
+pub use drover_core::health::{Members, View};
 
 /// Most pre-encoded variants per (name, type); rotations beyond this repeat.
 const MAX_VARIANTS: usize = 64;

@@ -1,13 +1,14 @@
 //! SOA serials that follow content and never go backwards, across restarts too.
 //!
 //! A zone's serial changes only when its content (every record but the SOA's serial)
-//! changes. Fed by a control plane, it becomes the view's clock — the newest
-//! `changed_ms` in the member view, in milliseconds modulo 2^32 — so name servers fed
-//! the same view agree on the serial whatever the order and timing in which they saw
-//! earlier views; only when that would not be greater (RFC 1982 serial arithmetic)
-//! than the previous serial does it become previous + 1.
+//! changes. Fed by a control plane, it becomes the view's clock — the newest change the
+//! server made to the view (a member's `changed_ms`, or a removal's time, carried by the
+//! watch stream: [`drover_core::health::View::clock_ms`]), in milliseconds modulo 2^32 —
+//! so name servers fed the same view agree on the serial whatever the order and timing in
+//! which they saw earlier views; only when that would not be greater (RFC 1982 serial
+//! arithmetic) than the previous serial does it become previous + 1.
 //!
-//! A view with no clock (standalone, not fed yet, or no members) takes this machine's
+//! A view with no clock (standalone, or not fed yet) takes this machine's
 //! clock in the same unit, set back by [`LOCAL_BACKDATE_MS`]: serials from two clocks
 //! that wrap at different rates (unix seconds against milliseconds, as before) compare
 //! at random under serial arithmetic, and a name server that stamped a serial on its own
@@ -15,12 +16,11 @@
 //! would disagree with its peers until the next change. The zone file's own serial is
 //! not used: "at least the file's serial" has no stable meaning on a clock that wraps.
 //!
-//! Two cases still part name servers until the content next changes: a member removed
-//! when it held the newest `changed_ms` (the view's clock then goes back, so one that saw
-//! the member counts on from its serial while a newcomer takes the older clock), and a
-//! name server that stamped its own serial while members last changed more than
-//! [`LOCAL_BACKDATE_MS`] before (no server and no state file at its start). A clock for the
-//! view itself, carried by the watch stream, would close both.
+//! One case still parts name servers until the content next changes: a name server that
+//! stamped its own serial while the view last changed more than [`LOCAL_BACKDATE_MS`]
+//! before (no server and no state file at its start) counts on from that serial, while
+//! one that had the view from the start takes the view's older clock. A serial once
+//! served cannot go back, so only serving nothing before the first view would close it.
 //! The last serial and a digest of the content are kept in a small JSON file when
 //! configured.
 

@@ -128,7 +128,9 @@ fn compile(
         .collect();
     let mut changed = Vec::new();
     // The control plane's clock, so every name server fed this view stamps the same serial.
-    let clock = members.values().map(|m| m.changed_ms).max().and_then(serial::view_clock);
+    // The view's own clock too: a member's removal changes the content and no member
+    // left in the view records when it happened.
+    let clock = serial::view_clock(members.clock_ms());
     let table = b.finish(zones, &mut |z: &ZoneData| {
         let d = serial::digest(&z.soa, &z.records);
         let (s, moved) = serials.serial(&z.origin.to_ascii(), &d, clock);

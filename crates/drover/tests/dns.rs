@@ -71,6 +71,42 @@ fn dead_members_address_leaves_the_answer_and_the_last_view_survives_the_server(
     });
 }
 
+/// The SOA serial `drover dns` on `port` answers.
+fn soa_serial(port: u16) -> u32 {
+    let soa = dig_short("127.0.0.1", port, "example.test", "SOA");
+    soa.first().and_then(|l| l.split(' ').nth(2)).and_then(|s| s.parse().ok()).expect("a SOA serial")
+}
+
+#[test]
+fn a_member_removed_while_it_held_the_newest_change_leaves_fed_name_servers_on_one_serial() {
+    let server = Server::start(&[]);
+    let ka = ["--keepalive-interval-secs", "1", "--keepalive-warning-secs", "3", "--keepalive-critical-secs", "5"];
+    let _w1 = server.agent("w1", "web", &[&ka[..], &["--address", "10.0.0.1"]].concat());
+    let dir = tempfile::tempdir().unwrap();
+    let ws = server.ws_url();
+    let feed = ["--server", &ws, "--token", common::AGENT];
+    let (_first, port1) = dns_proc(dir.path(), &feed);
+    let answer = |port| dig_short("127.0.0.1", port, "web.example.test", "A");
+    wait_for(Duration::from_secs(15), "w1 answered", || (answer(port1) == ["10.0.0.1"]).then_some(()));
+    // w2 comes after w1 has settled, so the newest change any member records is w2's.
+    let mut w2 = server.agent("w2", "web", &[&ka[..], &["--address", "10.0.0.2"]].concat());
+    wait_for(Duration::from_secs(15), "w2 answered too", || (answer(port1) == ["10.0.0.1", "10.0.0.2"]).then_some(()));
+    let with_w2 = soa_serial(port1);
+
+    // w2 is deregistered: the view's newest member change is now w1's, older than the
+    // serial already out. The first name server saw the removal happen; a second one,
+    // started after it, sees only the view that is left. RFC 1982 serials must agree.
+    w2.kill9();
+    let (status, body) = server.request("DELETE", "/api/v1/entities/w2", None, Some(common::ADMIN));
+    assert!(status < 300, "{status} {body}");
+    wait_for(Duration::from_secs(15), "w2 gone from the answer", || (answer(port1) == ["10.0.0.1"]).then_some(()));
+    let after = soa_serial(port1);
+    assert!(drover_dns::serial::serial_gt(after, with_w2), "the serial moved on with the content: {after} {with_w2}");
+    let (_second, port2) = dns_proc(dir.path(), &feed);
+    wait_for(Duration::from_secs(15), "the second name server fed", || (answer(port2) == ["10.0.0.1"]).then_some(()));
+    assert_eq!(soa_serial(port2), after, "a name server that never saw w2 stamps the same serial");
+}
+
 /// Two network namespaces, each joined to this one by a veth pair; removed on drop, even
 /// when the test fails.
 struct Netns {

@@ -23,11 +23,10 @@
 
 #![forbid(unsafe_code)]
 
-pub use drover_core::health::Members;
 use drover_core::health::{MemberHealth, WatchMessage};
+pub use drover_core::health::{Members, View};
 use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -91,6 +90,9 @@ struct StateFile {
     saved_at_ms: i64,
     server: String,
     members: Vec<MemberHealth>,
+    /// The view's clock ([`View::changed_ms`]); absent from older files.
+    #[serde(default)]
+    changed_ms: i64,
 }
 
 /// A running feed; dropping it stops the connection task.
@@ -141,7 +143,8 @@ pub fn load_state(path: &Path) -> Result<Option<Members>, String> {
         Err(e) => return Err(format!("{}: {e}", path.display())),
     };
     let state: StateFile = serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(Some(Arc::new(state.members.into_iter().map(|m| (m.entity.clone(), m)).collect())))
+    let members = state.members.into_iter().map(|m| (m.entity.clone(), m)).collect();
+    Ok(Some(Arc::new(View::new(members, state.changed_ms))))
 }
 
 /// Checks the options, publishes the state file's members (if any), and starts
@@ -229,12 +232,7 @@ fn backoff(failures: u32) -> Duration {
 
 /// Connects, follows, and reconnects, forever; the last known members stay published
 /// in between.
-async fn follow(
-    link: Link,
-    mut map: BTreeMap<String, MemberHealth>,
-    members: watch::Sender<Members>,
-    status: watch::Sender<FeedStatus>,
-) {
+async fn follow(link: Link, mut map: View, members: watch::Sender<Members>, status: watch::Sender<FeedStatus>) {
     let mut failures = 0u32;
     loop {
         let ended = match link.connect().await {
@@ -261,7 +259,7 @@ async fn follow(
 /// One connection's life; returns why it ended.
 async fn session(
     mut ws: Ws,
-    map: &mut BTreeMap<String, MemberHealth>,
+    map: &mut View,
     members: &watch::Sender<Members>,
     status: &watch::Sender<FeedStatus>,
 ) -> String {
@@ -302,16 +300,18 @@ async fn session(
     }
 }
 
-fn apply(map: &mut BTreeMap<String, MemberHealth>, msg: WatchMessage) {
+fn apply(view: &mut View, msg: WatchMessage) {
     match msg {
-        WatchMessage::Snapshot { members } => {
-            *map = members.into_iter().map(|m| (m.entity.clone(), m)).collect();
+        WatchMessage::Snapshot { members, changed_ms } => {
+            *view = View::new(members.into_iter().map(|m| (m.entity.clone(), m)).collect(), changed_ms);
         }
         WatchMessage::Upsert { member } => {
-            map.insert(member.entity.clone(), member);
+            view.changed_ms = view.changed_ms.max(member.changed_ms);
+            view.members.insert(member.entity.clone(), member);
         }
-        WatchMessage::Remove { entity } => {
-            map.remove(&entity);
+        WatchMessage::Remove { entity, changed_ms } => {
+            view.changed_ms = view.changed_ms.max(changed_ms);
+            view.members.remove(&entity);
         }
     }
 }
@@ -337,6 +337,7 @@ fn write_state(path: &Path, server: &str, members: &Members) -> std::io::Result<
         saved_at_ms: drover_core::time::now_ms(),
         server: server.to_string(),
         members: members.values().cloned().collect(),
+        changed_ms: members.changed_ms,
     };
     let bytes = serde_json::to_vec(&state).map_err(std::io::Error::other)?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -362,14 +363,32 @@ mod tests {
 
     #[test]
     fn snapshot_replaces_and_changes_apply() {
-        let mut map = BTreeMap::new();
-        apply(&mut map, WatchMessage::Snapshot { members: vec![member("a", true), member("b", false)] });
-        apply(&mut map, WatchMessage::Upsert { member: member("b", true) });
-        apply(&mut map, WatchMessage::Remove { entity: "a".into() });
-        assert_eq!(map.keys().collect::<Vec<_>>(), ["b"]);
-        assert!(map["b"].healthy);
-        apply(&mut map, WatchMessage::Snapshot { members: vec![member("c", false)] });
-        assert_eq!(map.keys().collect::<Vec<_>>(), ["c"], "a snapshot drops members it does not name");
+        let mut view = View::default();
+        let snapshot = vec![member("a", true), member("b", false)];
+        apply(&mut view, WatchMessage::Snapshot { members: snapshot, changed_ms: 0 });
+        apply(&mut view, WatchMessage::Upsert { member: member("b", true) });
+        apply(&mut view, WatchMessage::Remove { entity: "a".into(), changed_ms: 0 });
+        assert_eq!(view.keys().collect::<Vec<_>>(), ["b"]);
+        assert!(view["b"].healthy);
+        apply(&mut view, WatchMessage::Snapshot { members: vec![member("c", false)], changed_ms: 0 });
+        assert_eq!(view.keys().collect::<Vec<_>>(), ["c"], "a snapshot drops members it does not name");
+    }
+
+    #[test]
+    fn the_views_clock_moves_on_every_change_a_removal_included_and_a_snapshot_sets_it() {
+        let at = |name: &str, ms: i64| MemberHealth { changed_ms: ms, ..member(name, true) };
+        let mut view = View::default();
+        apply(&mut view, WatchMessage::Snapshot { members: vec![at("a", 100), at("b", 200)], changed_ms: 250 });
+        assert_eq!(view.clock_ms(), 250);
+        apply(&mut view, WatchMessage::Upsert { member: at("a", 300) });
+        assert_eq!(view.clock_ms(), 300);
+        // "a" held the newest change; its removal still moves the clock on, not back.
+        apply(&mut view, WatchMessage::Remove { entity: "a".into(), changed_ms: 400 });
+        assert_eq!(view.clock_ms(), 400);
+        // A watcher that connects now learns the same clock from the server's snapshot.
+        let mut late = View::default();
+        apply(&mut late, WatchMessage::Snapshot { members: vec![at("b", 200)], changed_ms: 400 });
+        assert_eq!(late.clock_ms(), view.clock_ms());
     }
 
     #[test]
@@ -377,9 +396,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/members.json");
         assert_eq!(load_state(&path).unwrap(), None);
-        let members: Members = Arc::new([("a".to_string(), member("a", true))].into());
+        let members: Members = Arc::new(View::new([("a".to_string(), member("a", true))].into(), 777));
         write_state(&path, "http://srv", &members).unwrap();
-        assert_eq!(load_state(&path).unwrap().unwrap(), members);
+        assert_eq!(load_state(&path).unwrap().unwrap(), members, "the view's clock included");
+        // A file written before the view had a clock still loads.
+        let old = r#"{"saved_at_ms": 1, "server": "http://srv", "members": []}"#;
+        std::fs::write(&path, old).unwrap();
+        assert_eq!(load_state(&path).unwrap().unwrap().changed_ms, 0);
         std::fs::write(&path, "{ not json").unwrap();
         assert!(load_state(&path).unwrap_err().contains("members.json"));
     }
@@ -398,7 +421,7 @@ mod tests {
     async fn unreachable_server_keeps_the_members_read_from_disk() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("members.json");
-        let members: Members = Arc::new([("a".to_string(), member("a", true))].into());
+        let members: Members = Arc::new([("a".to_string(), member("a", true))].into_iter().collect());
         write_state(&path, "http://srv", &members).unwrap();
         let feed = start(unreachable_server(&path)).unwrap();
         let mut status = feed.status_watch();

@@ -85,7 +85,7 @@ fn member_view(echo: std::net::SocketAddr, healthy: bool) -> drover_proxy::Membe
     let mut m = MemberHealth::new(&e);
     m.healthy = healthy;
     m.reason = if healthy { "keepalive passing".into() } else { "fenced".into() };
-    std::sync::Arc::new([("pg1".to_string(), m)].into())
+    std::sync::Arc::new([("pg1".to_string(), m)].into_iter().collect())
 }
 
 async fn echoes(conn: &mut tokio::net::TcpStream) -> bool {

@@ -23,6 +23,13 @@ use tokio::sync::watch;
 /// The check name of keepalive events, as in Sensu.
 pub const KEEPALIVE: &str = "keepalive";
 
+/// The members published on the watch stream, and when that set last changed (an
+/// upsert's time, or a removal's, which no remaining member records).
+struct MemberTable {
+    by_name: HashMap<String, MemberHealth>,
+    changed_ms: i64,
+}
+
 pub struct State {
     pub settings: ServerSettings,
     /// When this server process started; monitors measure ages from no earlier than
@@ -42,7 +49,7 @@ pub struct State {
     pub pipeline: std::sync::OnceLock<drover_pipeline::Pipeline>,
     /// Member health as published to proxies and name servers, kept incrementally: it
     /// changes only when an entity does or an event's status does, never per result.
-    members: Mutex<HashMap<String, MemberHealth>>,
+    members: Mutex<MemberTable>,
     watch_tx: tokio::sync::broadcast::Sender<WatchMessage>,
     /// Database members' reports and pending orders.
     pub databases: crate::databases::Registry,
@@ -149,7 +156,8 @@ impl State {
             events: Mutex::new(events),
             checks_generation,
             pipeline: std::sync::OnceLock::new(),
-            members: Mutex::new(members),
+            // Every member was just stamped now, so the view's clock starts there too.
+            members: Mutex::new(MemberTable { by_name: members, changed_ms: now_ms() }),
             watch_tx,
             databases: crate::databases::Registry::default(),
         }))
@@ -163,24 +171,25 @@ impl State {
 
     // ---- member health (the watch stream) --------------------------------------
 
-    /// The current members and a receiver for every change after them, taken together
-    /// so nothing falls between the snapshot and the stream.
-    pub fn watch(&self) -> (Vec<MemberHealth>, tokio::sync::broadcast::Receiver<WatchMessage>) {
+    /// A snapshot of the current members (with the view's clock) and a receiver for every
+    /// change after it, taken together so nothing falls between the two.
+    pub fn watch(&self) -> (WatchMessage, tokio::sync::broadcast::Receiver<WatchMessage>) {
         let members = self.members.lock().expect("members lock");
         let rx = self.watch_tx.subscribe();
-        let mut snapshot: Vec<MemberHealth> = members.values().cloned().collect();
+        let mut snapshot: Vec<MemberHealth> = members.by_name.values().cloned().collect();
         snapshot.sort_by(|a, b| a.entity.cmp(&b.entity));
-        (snapshot, rx)
+        (WatchMessage::Snapshot { members: snapshot, changed_ms: members.changed_ms }, rx)
     }
 
     pub fn member(&self, name: &str) -> Option<MemberHealth> {
-        self.members.lock().expect("members lock").get(name).cloned()
+        self.members.lock().expect("members lock").by_name.get(name).cloned()
     }
 
     fn member_entity(&self, e: &Entity) {
         use std::collections::hash_map::Entry;
         let mut members = self.members.lock().expect("members lock");
-        let (changed, m) = match members.entry(e.name.clone()) {
+        let table = &mut *members;
+        let (changed, m) = match table.by_name.entry(e.name.clone()) {
             // A new member is published at once, though it starts unhealthy.
             Entry::Vacant(v) => (true, v.insert(MemberHealth::new(e))),
             Entry::Occupied(o) => {
@@ -192,24 +201,30 @@ impl State {
         };
         if changed {
             m.changed_ms = now_ms();
+            table.changed_ms = m.changed_ms;
             let _ = self.watch_tx.send(WatchMessage::Upsert { member: m.clone() });
         }
     }
 
     fn member_update(&self, name: &str, f: impl FnOnce(&mut MemberHealth)) {
         let mut members = self.members.lock().expect("members lock");
-        let Some(m) = members.get_mut(name) else { return };
+        let table = &mut *members;
+        let Some(m) = table.by_name.get_mut(name) else { return };
         let before = m.clone();
         f(m);
         if !m.same_view(&before) {
             m.changed_ms = now_ms();
+            table.changed_ms = m.changed_ms;
             let _ = self.watch_tx.send(WatchMessage::Upsert { member: m.clone() });
         }
     }
 
     fn member_remove(&self, name: &str) {
-        if self.members.lock().expect("members lock").remove(name).is_some() {
-            let _ = self.watch_tx.send(WatchMessage::Remove { entity: name.to_string() });
+        let mut members = self.members.lock().expect("members lock");
+        if members.by_name.remove(name).is_some() {
+            members.changed_ms = now_ms();
+            let changed_ms = members.changed_ms;
+            let _ = self.watch_tx.send(WatchMessage::Remove { entity: name.to_string(), changed_ms });
         }
     }
 

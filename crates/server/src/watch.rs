@@ -16,9 +16,11 @@ fn frame(m: &WatchMessage) -> Message {
 }
 
 pub async fn serve(mut socket: WebSocket, state: Arc<State>, peer: String) {
-    let (members, mut rx) = state.watch();
-    tracing::info!(%peer, members = members.len(), "watcher connected");
-    if socket.send(frame(&WatchMessage::Snapshot { members })).await.is_err() {
+    let (snapshot, mut rx) = state.watch();
+    if let WatchMessage::Snapshot { members, .. } = &snapshot {
+        tracing::info!(%peer, members = members.len(), "watcher connected");
+    }
+    if socket.send(frame(&snapshot)).await.is_err() {
         return;
     }
     loop {
@@ -28,9 +30,9 @@ pub async fn serve(mut socket: WebSocket, state: Arc<State>, peer: String) {
                     Ok(m) => m,
                     Err(RecvError::Lagged(n)) => {
                         tracing::warn!(%peer, missed = n, "watcher fell behind; sending a fresh snapshot");
-                        let (members, fresh) = state.watch();
+                        let (snapshot, fresh) = state.watch();
                         rx = fresh;
-                        WatchMessage::Snapshot { members }
+                        snapshot
                     }
                     Err(RecvError::Closed) => break,
                 };

@@ -53,8 +53,8 @@ impl Dns {
     }
 
     pub fn set_members(&self, members: Vec<MemberHealth>) {
-        let map: BTreeMap<String, MemberHealth> = members.into_iter().map(|m| (m.entity.clone(), m)).collect();
-        self.members.send_replace(Arc::new(map));
+        let view: drover_dns::View = members.into_iter().map(|m| (m.entity.clone(), m)).collect();
+        self.members.send_replace(Arc::new(view));
     }
 }
 
