@@ -53,9 +53,10 @@
 //! `postgres-lease` result (at-least-once: it reaches the server after the partition
 //! heals); an OK result follows once the member answers again as a replica or under a
 //! valid lease. `lease_verdict` demotes a writable primary that has no lease at all; the
-//! agent applies it only once it has received a first lease for its cluster, so an
-//! agent started beside a running primary (bootstrap, server not up yet, a cluster the
-//! server does not manage) never fences it. Once armed, the watchdog stays armed for
+//! agent applies it only once it has received a first lease for its cluster (or restored
+//! one from its state file, below), so an agent started for the first time beside a
+//! running primary (bootstrap, server not up yet, a cluster the server does not manage)
+//! never fences it. Once armed, the watchdog stays armed for
 //! the life of the process: a writable primary whose lease has lapsed is fenced on every
 //! probe until the server grants a new lease. The one exception: a `Promote` or
 //! `MakeWritable` order disarms it (from the moment it starts) until the next lease, since an earlier lease (which
@@ -68,17 +69,16 @@
 //! `replication_timeout_ms` ([`drover_db::ops::ensure_replication_timeouts`]), so a
 //! replica notices a partitioned or frozen primary in seconds, not PostgreSQL's minute.
 //!
-//! **Across restarts.** The highest term and the lease are written to `[postgres]
-//! state_file` (default beside the data directory) on every change, the expiry in
-//! `CLOCK_BOOTTIME` ([`drover_db::lease::SavedTerms`]), and read back at start: a
-//! restarted agent refuses the terms it refused before, and one restarted beside a
-//! partitioned primary fences it when the saved lease runs out, as the process before
-//! it would have (without the file it would wait for a first lease that cannot come).
-//! A lease saved in another boot counts as lapsed. The cost: a restart of the primary's
-//! agent that outlasts the lease fences the primary (no grace is possible: the server
-//! promotes on the assumption that the lease plus the fence budget have passed). No fsync: the file only has to
-//! outlive the process; a machine crash changes the boot id, and a file that is
-//! missing or unreadable after one starts the agent unarmed, as on a first start.
+//! **Across restarts.** The highest term and whether self-demotion is armed (with the
+//! lease's term and TTL) are written to `[postgres] state_file` (default beside the data
+//! directory) whenever they change — a renewal of the same lease changes nothing — and
+//! read back at start ([`drover_db::lease::SavedTerms`]): a restarted agent refuses the
+//! terms it refused before, and one that was armed re-arms with a lease of one TTL from
+//! its start, so beside a partitioned primary it fences it one TTL after starting (without
+//! the file it would wait for a first lease that cannot come), while a restart with the
+//! server in reach is leased again before that. No fsync: a file lost with the machine
+//! starts the agent unarmed, as does an unreadable one (logged), as on a first start.
+//!
 
 use crate::Shared;
 use drover_core::database::PostgresAgentConfig;
@@ -122,8 +122,6 @@ pub(crate) struct Db {
     terms: Mutex<Terms>,
     /// `[postgres] state_file`: `terms` as of their last change.
     state_file: PathBuf,
-    /// This boot's id, stored with the lease (a lease from another boot has lapsed).
-    boot_id: String,
     /// A failed save is logged once, then again only after one succeeded.
     save_failing: std::sync::atomic::AtomicBool,
     /// To the order task (see [`run_orders`]).
@@ -141,8 +139,11 @@ pub(crate) struct Db {
 struct Terms {
     /// The highest term seen in an accepted order or lease (the fencing token).
     known: u64,
-    /// `None` until the first lease for this cluster: the watchdog is not armed.
+    /// `None` until the first lease for this cluster (or one restored from the state
+    /// file): the watchdog is not armed.
     lease: Option<Lease>,
+    /// What the state file holds, so a renewal that changes none of it writes nothing.
+    saved: Option<SavedTerms>,
 }
 
 /// Frames for the current connection only.
@@ -200,8 +201,7 @@ impl Db {
         let (orders, queue) = mpsc::unbounded_channel();
         let epoch = Instant::now();
         let state_file = cfg.state_file();
-        let boot_id = boot_id();
-        let terms = restore_terms(&state_file, &cfg.cluster, &boot_id);
+        let terms = restore_terms(&state_file, &cfg.cluster);
         let db = Db {
             cluster: cfg.cluster.clone(),
             local,
@@ -211,7 +211,6 @@ impl Db {
             epoch,
             terms: Mutex::new(terms),
             state_file,
-            boot_id,
             save_failing: std::sync::atomic::AtomicBool::new(false),
             orders,
             out: Mutex::new(Outgoing::default()),
@@ -315,19 +314,23 @@ impl Db {
         }
     }
 
-    /// Writes `t` to the state file (temp file, then rename: a reader sees the old or the
-    /// new whole). Called with the terms lock held, so saves land in the order of changes.
-    fn save(&self, t: &Terms) {
+    /// Writes `t` to the state file when what it keeps changed (temp file, then rename: a
+    /// reader sees the old or the new whole). Called with the terms lock held, so saves
+    /// land in the order of changes; they are rare (a new term, arming, disarming).
+    fn save(&self, t: &mut Terms) {
         use std::sync::atomic::Ordering;
-        let saved =
-            SavedTerms::capture(&self.cluster, &self.boot_id, t.known, t.lease.as_ref(), self.now_ms(), boottime_ms());
+        let now = SavedTerms::capture(&self.cluster, t.known, t.lease.as_ref());
+        if t.saved.as_ref() == Some(&now) {
+            return;
+        }
         let tmp = self.state_file.with_extension("json.tmp");
-        let written = serde_json::to_vec(&saved)
+        let written = serde_json::to_vec(&now)
             .map_err(std::io::Error::other)
             .and_then(|bytes| std::fs::write(&tmp, bytes))
             .and_then(|()| std::fs::rename(&tmp, &self.state_file));
         match written {
             Ok(()) => {
+                t.saved = Some(now);
                 if self.save_failing.swap(false, Ordering::Relaxed) {
                     tracing::info!(file = %self.state_file.display(), "database term and lease saved again");
                 }
@@ -366,7 +369,7 @@ impl Db {
         }
         t.known = t.known.max(term);
         t.lease = Some(Lease::granted(term, now, ttl_ms));
-        self.save(&t);
+        self.save(&mut t);
         drop(t);
         self.lease_changed.notify_one();
     }
@@ -380,7 +383,7 @@ impl Db {
         let mut t = self.terms();
         if let Some(old) = t.lease.take() {
             tracing::info!(old_term = old.term, term, "writable by order: self-demotion waits for the next lease");
-            self.save(&t);
+            self.save(&mut t);
         }
     }
 
@@ -402,7 +405,7 @@ impl Db {
         }
         if term > t.known {
             t.known = term;
-            self.save(&t);
+            self.save(&mut t);
         }
         Ok((step, extras))
     }
@@ -773,21 +776,8 @@ fn frame(msg: &AgentMessage) -> String {
     serde_json::to_string(msg).unwrap_or_default()
 }
 
-/// `CLOCK_BOOTTIME` in ms: runs on across process restarts and suspends, never steps.
-fn boottime_ms() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
-        .map(|t| (t.tv_sec() as u64).saturating_mul(1_000).saturating_add(t.tv_nsec() as u64 / 1_000_000))
-        .unwrap_or(0)
-}
-
-/// This boot's id; empty where the kernel does not say (then every saved lease matches
-/// no boot and counts as lapsed).
-fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
-}
-
 /// The terms saved by the agent before this one, in this process's clock.
-fn restore_terms(file: &Path, cluster: &str, boot_id: &str) -> Terms {
+fn restore_terms(file: &Path, cluster: &str) -> Terms {
     let text = match std::fs::read(file) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Terms::default(),
@@ -805,19 +795,19 @@ fn restore_terms(file: &Path, cluster: &str, boot_id: &str) -> Terms {
     };
     if saved.cluster != cluster {
         tracing::warn!(file = %file.display(), saved = %saved.cluster, ours = cluster, "saved terms are another cluster's; ignored");
+        return Terms::default();
     }
     // The new clock's zero is this moment (`Db::epoch` is taken just before).
-    let (known, lease) = saved.restore(cluster, boot_id, 0, boottime_ms());
+    let (known, lease) = saved.restore(cluster, 0);
     if let Some(l) = &lease {
         tracing::info!(
             known_term = known,
             lease_term = l.term,
-            left_ms = l.expires_at_ms,
-            "self-demotion armed from the saved lease ({} ms left)",
-            l.expires_at_ms
+            "self-demotion armed from the saved state: one lease TTL ({} ms) to be leased again",
+            l.ttl_ms
         );
     }
-    Terms { known, lease }
+    Terms { known, lease, saved: Some(saved) }
 }
 
 #[cfg(test)]
@@ -918,13 +908,12 @@ mod tests {
         let after = db_in(dir.path());
         assert_eq!(after.terms().known, 7);
         let lease = after.terms().lease.expect("the watchdog is armed again");
-        assert_eq!(lease.term, 5);
-        assert!((59_000..=60_000).contains(&lease.expires_at_ms), "{lease:?}: the time it had left, no more");
+        assert_eq!((lease.term, lease.expires_at_ms), (5, 60_000), "one TTL from the new process's start");
         assert!(after.admit("main", 6, fence()).unwrap_err().contains("stale term 6"));
     }
 
     #[test]
-    fn a_promotion_disarms_the_saved_lease_too_and_a_bad_file_starts_unarmed() {
+    fn a_promotion_disarms_the_saved_lease_too() {
         let dir = tempfile::tempdir().unwrap();
         let before = db_in(dir.path());
         before.on_lease("main", 2, 60_000);
@@ -933,7 +922,11 @@ mod tests {
         let after = db_in(dir.path());
         assert!(after.terms().lease.is_none(), "disarmed stays disarmed across a restart");
         assert_eq!(after.terms().known, 2);
+    }
 
+    #[test]
+    fn an_unreadable_state_file_starts_the_agent_unarmed() {
+        let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("data.drover-agent.json"), b"{ not json").unwrap();
         let broken = db_in(dir.path());
         assert!(broken.terms().lease.is_none() && broken.terms().known == 0);

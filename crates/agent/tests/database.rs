@@ -364,7 +364,7 @@ async fn replication_timeouts(cluster: &Arc<PgCluster>, member: &str) -> String 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_server_restarted_with_other_replication_timeouts_gets_the_agents_back() {
+async fn a_postgres_restarted_with_other_replication_timeouts_gets_the_agents_back() {
     let (cluster, _server, _pg0, mut ws) = lone_primary().await;
     let deadline = Instant::now() + WAIT;
     while replication_timeouts(&cluster, "pg0").await != "4000,4000" {

@@ -233,6 +233,15 @@ mod tests {
     }
 
     #[test]
+    fn watch_frames_without_the_view_clock_still_parse() {
+        // Frames from a server that predates the view's clock.
+        let remove: WatchMessage = serde_json::from_str(r#"{"type":"remove","entity":"x"}"#).unwrap();
+        assert_eq!(remove, WatchMessage::Remove { entity: "x".into(), changed_ms: 0 });
+        let snapshot: WatchMessage = serde_json::from_str(r#"{"type":"snapshot","members":[]}"#).unwrap();
+        assert_eq!(snapshot, WatchMessage::Snapshot { members: vec![], changed_ms: 0 });
+    }
+
+    #[test]
     fn agent_without_keepalive_is_not_yet_healthy() {
         let e = Entity::new("web1", EntityClass::Agent);
         let m = MemberHealth::derive(&e, std::iter::empty());

@@ -12,9 +12,8 @@
 //! ```
 //!
 //! The server starts counting the agent as gone at most when the last renewal was sent;
-//! the agent counts its lease from when it *asked* for the renewal (not when the answer
-//! arrived), so a delayed answer can only shorten the lease, never stretch it past the
-//! server's view.
+//! the agent counts its lease from when it reads the grant, so a grant delayed on the way
+//! outlasts the server's view by that delay, which the fence budget has to cover.
 
 use crate::decide::ClusterSpec;
 use crate::probe::{DbStatus, Role};
@@ -25,14 +24,17 @@ use serde::{Deserialize, Serialize};
 pub struct Lease {
     /// The leader term it belongs to.
     pub term: u64,
-    /// In the agent's monotonic clock: renewal request time + TTL.
+    /// In the agent's monotonic clock: when the grant was read + TTL.
     pub expires_at_ms: u64,
+    /// The TTL it was granted for.
+    #[serde(default)]
+    pub ttl_ms: u64,
 }
 
 impl Lease {
-    /// A lease asked for at `requested_at_ms` (agent clock) and granted for `ttl_ms`.
+    /// A lease read at `requested_at_ms` (agent clock) and granted for `ttl_ms`.
     pub fn granted(term: u64, requested_at_ms: u64, ttl_ms: u64) -> Self {
-        Lease { term, expires_at_ms: requested_at_ms.saturating_add(ttl_ms) }
+        Lease { term, expires_at_ms: requested_at_ms.saturating_add(ttl_ms), ttl_ms }
     }
 }
 
@@ -82,75 +84,49 @@ pub fn check_timing(spec: &ClusterSpec, lease_ttl_ms: u64, fence_budget_ms: u64)
     }
 }
 
-/// The fencing term and lease as an agent keeps them on disk, so that its own restart
-/// neither forgets a lease that has lapsed (a restarted agent beside a partitioned
-/// primary would otherwise never fence it: it waits for a first lease that cannot
-/// come) nor lowers the term it refuses older orders below.
+/// What an agent keeps on disk so that its own restart neither disarms self-demotion
+/// (restarted beside a partitioned primary, it would otherwise wait for a first lease
+/// that cannot come, and the primary would stay writable beside the one the server
+/// promotes) nor lowers the term it refuses older orders below.
 ///
-/// The expiry is kept in `CLOCK_BOOTTIME` milliseconds, a clock that runs on across
-/// process restarts (and suspends) and never steps, with the boot it belongs to.
+/// Not the lease's expiry: a restarted agent that was armed re-arms with a lease of one
+/// TTL from its own start. A dead agent fences nothing, so its restart can only shorten
+/// the time a cut-off primary stays writable; and a restart with the server in reach
+/// (an upgrade, a reboot, maintenance) is leased again within that TTL instead of
+/// fencing a healthy primary. No field is refused: a file written by a later version
+/// still loads.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct SavedTerms {
     pub cluster: String,
-    /// `/proc/sys/kernel/random/boot_id` when written.
-    pub boot_id: String,
     pub known_term: u64,
     /// `None` while self-demotion is not armed (no lease yet, or disarmed by a promotion).
     pub lease: Option<SavedLease>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct SavedLease {
     pub term: u64,
-    pub expires_boottime_ms: u64,
+    pub ttl_ms: u64,
 }
 
 impl SavedTerms {
-    /// What to write for `known_term` and `lease` (agent clock `agent_now_ms`, boot clock
-    /// `boottime_now_ms` read at the same moment).
-    pub fn capture(
-        cluster: &str,
-        boot_id: &str,
-        known_term: u64,
-        lease: Option<&Lease>,
-        agent_now_ms: u64,
-        boottime_now_ms: u64,
-    ) -> SavedTerms {
+    /// What to keep for `known_term` and `lease`. Renewals of one lease capture alike,
+    /// so only a new term, arming or disarming calls for a write.
+    pub fn capture(cluster: &str, known_term: u64, lease: Option<&Lease>) -> SavedTerms {
         SavedTerms {
             cluster: cluster.to_string(),
-            boot_id: boot_id.to_string(),
             known_term,
-            lease: lease.map(|l| SavedLease {
-                term: l.term,
-                expires_boottime_ms: boottime_now_ms.saturating_add(l.expires_at_ms.saturating_sub(agent_now_ms)),
-            }),
+            lease: lease.map(|l| SavedLease { term: l.term, ttl_ms: l.ttl_ms }),
         }
     }
 
-    /// The known term and lease a restarted agent starts from, in its new clock.
-    ///
-    /// A lease written in another boot counts as lapsed: the machine went down, and
-    /// its PostgreSQL may have come back writable with nobody having renewed anything.
-    /// Another cluster's file gives nothing (the agent was re-pointed).
-    pub fn restore(
-        &self,
-        cluster: &str,
-        boot_id: &str,
-        agent_now_ms: u64,
-        boottime_now_ms: u64,
-    ) -> (u64, Option<Lease>) {
+    /// The known term and lease an agent started at `agent_now_ms` (its clock) begins
+    /// with; another cluster's file gives nothing (the agent was re-pointed).
+    pub fn restore(&self, cluster: &str, agent_now_ms: u64) -> (u64, Option<Lease>) {
         if self.cluster != cluster {
             return (0, None);
         }
-        let lease = self.lease.map(|l| {
-            // An unknown boot (empty id) matches none, not even another unknown one.
-            let same_boot = !boot_id.is_empty() && self.boot_id == boot_id;
-            let left_ms = if same_boot { l.expires_boottime_ms.saturating_sub(boottime_now_ms) } else { 0 };
-            Lease { term: l.term, expires_at_ms: agent_now_ms.saturating_add(left_ms) }
-        });
-        (self.known_term, lease)
+        (self.known_term, self.lease.map(|l| Lease::granted(l.term, agent_now_ms, l.ttl_ms)))
     }
 }
 
@@ -172,42 +148,33 @@ mod tests {
     }
 
     #[test]
-    fn a_saved_lease_keeps_its_remaining_time_across_an_agent_restart_in_the_same_boot() {
-        // Granted at agent ms 1_000 for 2_000 ms; saved at agent ms 1_500 = boot ms 90_000.
+    fn a_restarted_agent_keeps_its_term_and_re_arms_for_one_ttl_from_its_start() {
         let lease = Lease::granted(4, 1_000, 2_000);
-        let saved = SavedTerms::capture("main", "boot-a", 6, Some(&lease), 1_500, 90_000);
-        assert_eq!(saved.lease.unwrap().expires_boottime_ms, 91_500);
-        // The new process's clock starts near 0; 700 ms of boot time went by.
-        let (known, restored) = saved.restore("main", "boot-a", 5, 90_700);
+        let saved = SavedTerms::capture("main", 6, Some(&lease));
+        // A renewal of the same lease saves nothing new.
+        assert_eq!(SavedTerms::capture("main", 6, Some(&Lease::granted(4, 1_500, 2_000))), saved);
+        let (known, restored) = saved.restore("main", 5);
         assert_eq!(known, 6, "the known term survives");
-        let restored = restored.expect("still armed");
-        assert_eq!((restored.term, restored.expires_at_ms), (4, 5 + 800));
-        assert_eq!(lease_verdict(&writable(), Some(&restored), 5 + 799), LeaseVerdict::Keep);
-        assert!(matches!(lease_verdict(&writable(), Some(&restored), 5 + 800), LeaseVerdict::Demote { .. }));
-    }
-
-    #[test]
-    fn a_lease_that_lapsed_while_the_agent_was_down_or_before_a_reboot_is_lapsed_at_once() {
-        let lease = Lease::granted(4, 0, 1_000);
-        let saved = SavedTerms::capture("main", "boot-a", 4, Some(&lease), 0, 10_000);
-        let (_, later) = saved.restore("main", "boot-a", 0, 60_000);
-        assert!(matches!(lease_verdict(&writable(), later.as_ref(), 0), LeaseVerdict::Demote { .. }));
-        // A reboot: the boot clock starts over, so even "time left" by it means nothing.
-        let (known, rebooted) = saved.restore("main", "boot-b", 0, 5);
-        assert_eq!(known, 4);
-        assert!(matches!(lease_verdict(&writable(), rebooted.as_ref(), 0), LeaseVerdict::Demote { .. }));
-        let unknown = SavedTerms::capture("main", "", 4, Some(&lease), 0, 10_000);
-        let (_, unknown) = unknown.restore("main", "", 0, 10_000);
-        assert!(matches!(lease_verdict(&writable(), unknown.as_ref(), 0), LeaseVerdict::Demote { .. }));
+        let restored = restored.expect("armed again");
+        assert_eq!((restored.term, restored.expires_at_ms), (4, 5 + 2_000));
+        assert_eq!(lease_verdict(&writable(), Some(&restored), 5 + 1_999), LeaseVerdict::Keep);
+        // Not leased again within that TTL (cut off from the server): it fences.
+        assert!(matches!(lease_verdict(&writable(), Some(&restored), 5 + 2_000), LeaseVerdict::Demote { .. }));
     }
 
     #[test]
     fn an_unarmed_or_other_clusters_file_leaves_the_watchdog_unarmed() {
-        let unarmed = SavedTerms::capture("main", "boot-a", 9, None, 0, 0);
-        assert_eq!(unarmed.restore("main", "boot-a", 0, 0), (9, None));
-        let lease = Lease::granted(9, 0, 1_000);
-        let other = SavedTerms::capture("main", "boot-a", 9, Some(&lease), 0, 0);
-        assert_eq!(other.restore("orders", "boot-a", 0, 0), (0, None));
+        let unarmed = SavedTerms::capture("main", 9, None);
+        assert_eq!(unarmed.restore("main", 0), (9, None));
+        let other = SavedTerms::capture("main", 9, Some(&Lease::granted(9, 0, 1_000)));
+        assert_eq!(other.restore("orders", 0), (0, None));
+    }
+
+    #[test]
+    fn a_file_with_fields_from_a_later_version_still_loads() {
+        let text = r#"{"cluster":"main","known_term":3,"lease":{"term":3,"ttl_ms":1000,"new":1},"more":true}"#;
+        let saved: SavedTerms = serde_json::from_str(text).unwrap();
+        assert_eq!(saved.restore("main", 0), (3, Some(Lease::granted(3, 0, 1_000))));
     }
 
     #[test]

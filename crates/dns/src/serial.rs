@@ -16,11 +16,13 @@
 //! would disagree with its peers until the next change. The zone file's own serial is
 //! not used: "at least the file's serial" has no stable meaning on a clock that wraps.
 //!
-//! One case still parts name servers until the content next changes: a name server that
-//! stamped its own serial while the view last changed more than [`LOCAL_BACKDATE_MS`]
-//! before (no server and no state file at its start) counts on from that serial, while
-//! one that had the view from the start takes the view's older clock. A serial once
-//! served cannot go back, so only serving nothing before the first view would close it.
+//! Two cases still part name servers until the zone's content next changes. The clock is
+//! the whole view's, so a change that leaves this zone's content alone (a member no pool
+//! of it selects) moves the clock but not a running server's serial, while one started
+//! after it stamps the later clock; a per-zone clock would need the server to know
+//! which members each zone selects. And a name server that stamped its own serial while
+//! the view last changed more than [`LOCAL_BACKDATE_MS`] before (no server and no state
+//! file at its start) counts on from that serial; a serial once served cannot go back.
 //! The last serial and a digest of the content are kept in a small JSON file when
 //! configured.
 

@@ -617,7 +617,7 @@ fn an_agent_restarted_beside_a_partitioned_primary_fences_it_from_the_lease_it_s
     });
     eprintln!("restarted agent on a partitioned primary: pg0 fenced {:?} after the cut", cut.elapsed());
     let log = f.agents[0].log_text();
-    assert!(log.contains("self-demotion armed from the saved lease"), "{log}");
+    assert!(log.contains("self-demotion armed from the saved state"), "{log}");
 
     // The server promotes a replica; pg0 stays fenced beside it.
     wait_for(Duration::from_secs(30), "a replica leads", || {

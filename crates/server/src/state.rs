@@ -30,6 +30,13 @@ struct MemberTable {
     changed_ms: i64,
 }
 
+/// The time to stamp a change of the view with, after one at `last_ms`: now, but always
+/// later than `last_ms`, so the view's clock only moves forward (a clock stepped back, or
+/// two changes in one ms, would give a removal a time a live watcher had already passed).
+fn next_change_ms(last_ms: i64) -> i64 {
+    now_ms().max(last_ms + 1)
+}
+
 pub struct State {
     pub settings: ServerSettings,
     /// When this server process started; monitors measure ages from no earlier than
@@ -200,7 +207,7 @@ impl State {
             }
         };
         if changed {
-            m.changed_ms = now_ms();
+            m.changed_ms = next_change_ms(table.changed_ms);
             table.changed_ms = m.changed_ms;
             let _ = self.watch_tx.send(WatchMessage::Upsert { member: m.clone() });
         }
@@ -213,7 +220,7 @@ impl State {
         let before = m.clone();
         f(m);
         if !m.same_view(&before) {
-            m.changed_ms = now_ms();
+            m.changed_ms = next_change_ms(table.changed_ms);
             table.changed_ms = m.changed_ms;
             let _ = self.watch_tx.send(WatchMessage::Upsert { member: m.clone() });
         }
@@ -222,7 +229,7 @@ impl State {
     fn member_remove(&self, name: &str) {
         let mut members = self.members.lock().expect("members lock");
         if members.by_name.remove(name).is_some() {
-            members.changed_ms = now_ms();
+            members.changed_ms = next_change_ms(members.changed_ms);
             let changed_ms = members.changed_ms;
             let _ = self.watch_tx.send(WatchMessage::Remove { entity: name.to_string(), changed_ms });
         }
@@ -597,5 +604,20 @@ impl State {
             }
             None => Vec::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_view_clock_never_goes_back_even_when_the_wall_clock_does() {
+        // The last change was stamped ahead of this machine's clock now (it was stepped
+        // back since), or in this very millisecond: the next one still comes after it.
+        let ahead = now_ms() + 60_000;
+        assert_eq!(next_change_ms(ahead), ahead + 1);
+        let before = now_ms();
+        assert!(next_change_ms(0) >= before);
     }
 }
