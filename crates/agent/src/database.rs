@@ -314,8 +314,7 @@ impl Db {
         }
     }
 
-    /// Writes `t` to the state file when what it keeps changed (temp file, then rename: a
-    /// reader sees the old or the new whole). Called with the terms lock held, so saves
+    /// Writes `t` to the state file when what it keeps changed. Called with the terms lock held, so saves
     /// land in the order of changes; they are rare (a new term, arming, disarming).
     fn save(&self, t: &mut Terms) {
         use std::sync::atomic::Ordering;
@@ -323,12 +322,8 @@ impl Db {
         if t.saved.as_ref() == Some(&now) {
             return;
         }
-        let tmp = self.state_file.with_extension("json.tmp");
-        let written = serde_json::to_vec(&now)
-            .map_err(std::io::Error::other)
-            .and_then(|bytes| std::fs::write(&tmp, bytes))
-            .and_then(|()| std::fs::rename(&tmp, &self.state_file));
-        match written {
+        // Not durable: it only has to outlive this process (module docs).
+        match drover_core::state_file::write_json(&self.state_file, &now, false) {
             Ok(()) => {
                 t.saved = Some(now);
                 if self.save_failing.swap(false, Ordering::Relaxed) {

@@ -1,8 +1,8 @@
 //! drover-core: the vocabulary every drover role shares.
 //!
-//! Nothing here does I/O beyond reading config files; the server, agent, proxy and
-//! name server all depend on these types so that "a check", "an entity" and "healthy"
-//! mean one thing across the system.
+//! Nothing here does I/O beyond reading config files and writing small state files;
+//! the server, agent, proxy and name server all depend on these types so that "a
+//! check", "an entity" and "healthy" mean one thing across the system.
 //!
 //! - [`status`]: Nagios plugin exit codes (0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN).
 //! - [`resource`]: declared resources: [`resource::CheckSpec`], [`resource::Entity`],
@@ -21,6 +21,8 @@
 //! - [`database`]: failover resources: the server's `[databases.NAME]`, the agent's `[postgres]`.
 //! - [`config`]: TOML config files, loaded with errors that name file, line and field.
 //! - [`time`]: wall-clock helpers (milliseconds since the Unix epoch).
+//! - [`state_file`]: small JSON files written whole (temp file, rename) for state kept
+//!   across restarts.
 #![forbid(unsafe_code)]
 
 pub mod client;
@@ -32,6 +34,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod protocol;
 pub mod resource;
+pub mod state_file;
 pub mod status;
 pub mod time;
 pub mod tokens;

@@ -103,10 +103,8 @@ impl Serials {
 
     fn save(&self) {
         let Some(p) = &self.path else { return };
-        let tmp = p.with_extension("tmp");
-        let body = serde_json::to_vec_pretty(&self.zones).expect("serializable");
-        // Write then rename, so a crash leaves the old file or the new one, never half of one.
-        if let Err(e) = std::fs::write(&tmp, body).and_then(|_| std::fs::rename(&tmp, p)) {
+        // A serial may never go back, so it must outlive the machine too.
+        if let Err(e) = drover_core::state_file::write_json(p, &self.zones, true) {
             tracing::warn!(path = %p.display(), error = %e, "could not save SOA serials");
         }
     }

@@ -332,22 +332,13 @@ async fn persist(path: PathBuf, server: String, mut rx: watch::Receiver<Members>
 }
 
 fn write_state(path: &Path, server: &str, members: &Members) -> std::io::Result<()> {
-    use std::io::Write;
     let state = StateFile {
         saved_at_ms: drover_core::time::now_ms(),
         server: server.to_string(),
         members: members.values().cloned().collect(),
         changed_ms: members.changed_ms,
     };
-    let bytes = serde_json::to_vec(&state).map_err(std::io::Error::other)?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    drover_core::state_file::write_json(path, &state, true)
 }
 
 #[cfg(test)]
