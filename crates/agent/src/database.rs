@@ -788,12 +788,11 @@ fn restore_terms(file: &Path, cluster: &str) -> Terms {
             return Terms::default();
         }
     };
-    if saved.cluster != cluster {
+    // The new clock's zero is this moment (`Db::epoch` is taken just before).
+    let Some((known, lease)) = saved.restore(cluster, 0) else {
         tracing::warn!(file = %file.display(), saved = %saved.cluster, ours = cluster, "saved terms are another cluster's; ignored");
         return Terms::default();
-    }
-    // The new clock's zero is this moment (`Db::epoch` is taken just before).
-    let (known, lease) = saved.restore(cluster, 0);
+    };
     if let Some(l) = &lease {
         tracing::info!(
             known_term = known,

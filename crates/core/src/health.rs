@@ -150,9 +150,9 @@ pub type Members = std::sync::Arc<View>;
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct View {
     pub members: BTreeMap<String, MemberHealth>,
-    /// When the server last changed the view, a removal included (ms since the epoch,
-    /// server clock; 0 when not known): the members' own `changed_ms` cannot say when
-    /// one of them left.
+    /// The server's clock for the view as of its snapshot, moved on by each removal since
+    /// (ms since the epoch; 0 when not known): the members' own `changed_ms` cannot say
+    /// when one of them left. [`View::clock_ms`] adds theirs.
     pub changed_ms: i64,
 }
 

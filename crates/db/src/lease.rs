@@ -120,13 +120,11 @@ impl SavedTerms {
         }
     }
 
-    /// The known term and lease an agent started at `agent_now_ms` (its clock) begins
-    /// with; another cluster's file gives nothing (the agent was re-pointed).
-    pub fn restore(&self, cluster: &str, agent_now_ms: u64) -> (u64, Option<Lease>) {
-        if self.cluster != cluster {
-            return (0, None);
-        }
-        (self.known_term, self.lease.map(|l| Lease::granted(l.term, agent_now_ms, l.ttl_ms)))
+    /// The known term and lease an agent of `cluster` started at `agent_now_ms` (its
+    /// clock) begins with; `None` for another cluster's file (the agent was re-pointed).
+    pub fn restore(&self, cluster: &str, agent_now_ms: u64) -> Option<(u64, Option<Lease>)> {
+        (self.cluster == cluster)
+            .then(|| (self.known_term, self.lease.map(|l| Lease::granted(l.term, agent_now_ms, l.ttl_ms))))
     }
 }
 
@@ -153,7 +151,7 @@ mod tests {
         let saved = SavedTerms::capture("main", 6, Some(&lease));
         // A renewal of the same lease saves nothing new.
         assert_eq!(SavedTerms::capture("main", 6, Some(&Lease::granted(4, 1_500, 2_000))), saved);
-        let (known, restored) = saved.restore("main", 5);
+        let (known, restored) = saved.restore("main", 5).unwrap();
         assert_eq!(known, 6, "the known term survives");
         let restored = restored.expect("armed again");
         assert_eq!((restored.term, restored.expires_at_ms), (4, 5 + 2_000));
@@ -165,16 +163,16 @@ mod tests {
     #[test]
     fn an_unarmed_or_other_clusters_file_leaves_the_watchdog_unarmed() {
         let unarmed = SavedTerms::capture("main", 9, None);
-        assert_eq!(unarmed.restore("main", 0), (9, None));
+        assert_eq!(unarmed.restore("main", 0), Some((9, None)));
         let other = SavedTerms::capture("main", 9, Some(&Lease::granted(9, 0, 1_000)));
-        assert_eq!(other.restore("orders", 0), (0, None));
+        assert_eq!(other.restore("orders", 0), None);
     }
 
     #[test]
     fn a_file_with_fields_from_a_later_version_still_loads() {
         let text = r#"{"cluster":"main","known_term":3,"lease":{"term":3,"ttl_ms":1000,"new":1},"more":true}"#;
         let saved: SavedTerms = serde_json::from_str(text).unwrap();
-        assert_eq!(saved.restore("main", 0), (3, Some(Lease::granted(3, 0, 1_000))));
+        assert_eq!(saved.restore("main", 0), Some((3, Some(Lease::granted(3, 0, 1_000)))));
     }
 
     #[test]

@@ -305,8 +305,9 @@ fn apply(view: &mut View, msg: WatchMessage) {
         WatchMessage::Snapshot { members, changed_ms } => {
             *view = View::new(members.into_iter().map(|m| (m.entity.clone(), m)).collect(), changed_ms);
         }
+        // A member's own `changed_ms` counts in `View::clock_ms`; only a removal, which
+        // leaves no member to carry it, moves the view's clock itself.
         WatchMessage::Upsert { member } => {
-            view.changed_ms = view.changed_ms.max(member.changed_ms);
             view.members.insert(member.entity.clone(), member);
         }
         WatchMessage::Remove { entity, changed_ms } => {
