@@ -60,7 +60,8 @@ pub fn digest(soa: &Record, records: &[Record]) -> String {
 }
 
 impl Serials {
-    /// Loads `path` if given; an unreadable file starts empty (serials then start from unix time).
+    /// Loads `path` if given; an unreadable file starts empty (serials then start from the
+    /// view's clock, or this machine's set back, as for a zone never served).
     pub fn open(path: Option<PathBuf>) -> Serials {
         let zones = path
             .as_ref()
@@ -74,9 +75,7 @@ impl Serials {
     /// is the control plane's time of the content (see [`view_clock`]; `None`: this
     /// machine's clock).
     pub fn serial(&mut self, zone: &str, digest: &str, view_clock: Option<u32>) -> (u32, bool) {
-        let now_ms =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-        self.serial_at(zone, digest, view_clock, now_ms)
+        self.serial_at(zone, digest, view_clock, drover_core::time::now_ms().max(0) as u64)
     }
 
     fn serial_at(&mut self, zone: &str, digest: &str, view_clock: Option<u32>, now_ms: u64) -> (u32, bool) {
@@ -117,13 +116,15 @@ pub const LOCAL_BACKDATE_MS: u64 = 3_600_000;
 
 /// This machine's clock in the unit of [`view_clock`], set back by [`LOCAL_BACKDATE_MS`].
 fn local_clock(now_ms: u64) -> u32 {
-    (now_ms.saturating_sub(LOCAL_BACKDATE_MS) % (1u64 << 32)) as u32
+    // `as u32` keeps the low 32 bits: the clock modulo 2^32.
+    now_ms.saturating_sub(LOCAL_BACKDATE_MS) as u32
 }
 
 /// The control plane's clock for a view: its newest `changed_ms`, modulo 2^32
 /// (milliseconds, so two changes in one second still get two serials).
 pub fn view_clock(changed_ms: i64) -> Option<u32> {
-    (changed_ms > 0).then_some((changed_ms as u64 % (1u64 << 32)) as u32)
+    // `as u32` keeps the low 32 bits: the clock modulo 2^32.
+    (changed_ms > 0).then_some(changed_ms as u32)
 }
 
 /// RFC 1982 §3.2: `a` is greater than `b` when it is ahead by less than 2^31.

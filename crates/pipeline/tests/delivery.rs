@@ -62,7 +62,7 @@ async fn webhook_is_delivered_after_the_receiver_was_down_for_a_while() {
     assert_eq!(json["text"], "web1/disk: disk \"/\" at 97%\nsecond line");
     assert_eq!(json["status"], 2);
     // The receiver has the request before the handler has read the answer and counted it.
-    let attempt_over = || (p.stats().handlers["hook"].in_progress == 0).then(|| p.stats());
+    let attempt_over = || Some(p.stats()).filter(|st| st.handlers["hook"].in_progress == 0);
     let st = wait_for(Duration::from_secs(5), attempt_over).await.unwrap_or_else(|| p.stats());
     assert_eq!((st.delivered, st.dead_lettered), (1, 0), "{st:?}");
     assert!(st.retried >= 2);
