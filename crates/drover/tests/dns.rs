@@ -180,10 +180,11 @@ fn two_fed_name_servers_in_two_network_namespaces_answer_alike_serial_included()
             "--state-file",
             state.to_str().unwrap(),
         ];
-        let log = std::fs::File::create(dir.path().join(format!("{name}.log"))).unwrap();
-        procs.push(KillOnDrop(
-            Command::new("ip").args(args).stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap(),
-        ));
+        // A `Proc`, so a failing test prints what this name server said.
+        let log = dir.path().join(format!("{name}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new("ip").args(args).stdout(out.try_clone().unwrap()).stderr(out).spawn().unwrap();
+        procs.push(Proc { child, log });
         // Started seconds apart, so serials from their own clocks could not agree; and
         // the first before any member exists, so it stamps a serial of its own on an
         // empty view before the members come (the path that once made the two disagree).
@@ -228,12 +229,4 @@ fn two_fed_name_servers_in_two_network_namespaces_answer_alike_serial_included()
     }
     assert!(drover_dns::serial::serial_gt(serial(&addrs[0].1), before), "the serial moved with the content");
     drop(procs);
-}
-
-struct KillOnDrop(std::process::Child);
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }

@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(40);
@@ -27,41 +27,34 @@ class H(http.server.BaseHTTPRequestHandler):
 http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()
 "#;
 
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn http_receiver(port: u16, out: &Path) -> Kill {
-    Kill(
-        Command::new("python3")
-            .args(["-c", RECEIVER, &port.to_string(), out.to_str().unwrap()])
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
+/// The helpers below run as `Proc`s, so a failing test prints what they said.
+fn http_receiver(port: u16, out: &Path) -> Proc {
+    let log = out.with_extension("receiver.log");
+    let child = Command::new("python3")
+        .args(["-c", RECEIVER, &port.to_string(), out.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    Proc { child, log }
 }
 
 /// aiosmtpd on `port`, once it is the one answering there: it greets with `220` and is
 /// still running (a process that lost the bind exits, and something else may answer).
-fn smtp_server(port: u16, maildir: &Path) -> Kill {
+fn smtp_server(port: u16, maildir: &Path) -> Proc {
     use std::io::Read;
-    let log = std::fs::File::create(maildir.with_extension("smtp.log")).unwrap();
+    let log = maildir.with_extension("smtp.log");
     let child = Command::new("python3")
         .args(["-m", "aiosmtpd", "-n", "-l", &format!("127.0.0.1:{port}"), "-c", "aiosmtpd.handlers.Mailbox"])
         .arg(maildir)
         .stdin(Stdio::null())
-        .stderr(log)
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .expect("python3 with aiosmtpd (scripts/test.sh installs it)");
-    let mut k = Kill(child);
+    let mut k = Proc { child, log };
     wait_for(Duration::from_secs(15), "aiosmtpd greeting on its port", || {
-        if let Ok(Some(status)) = k.0.try_wait() {
-            let said = std::fs::read_to_string(maildir.with_extension("smtp.log")).unwrap_or_default();
-            panic!("aiosmtpd exited ({status}): {said}");
+        if let Ok(Some(status)) = k.child.try_wait() {
+            panic!("aiosmtpd exited ({status}): {}", k.log_text());
         }
         let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
         conn.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
