@@ -64,9 +64,10 @@
 //! the server has just made; the server should lease a new leader as soon as its leader
 //! record is written, which closes that unguarded window.
 //!
-//! **Replication timeouts.** After the first good probe (and again after the local
-//! PostgreSQL was unreachable, since a restart may bring other values back) the agent keeps `wal_receiver_timeout` and `wal_sender_timeout` at
-//! `replication_timeout_ms` ([`drover_db::ops::ensure_replication_timeouts`]), so a
+//! **Replication timeouts.** After the first good probe, and again whenever the local
+//! PostgreSQL was unreachable or reports a new `pg_conf_load_time()` (a restart or a
+//! reload may bring other values back), the agent keeps `wal_receiver_timeout` and
+//! `wal_sender_timeout` at `replication_timeout_ms` ([`drover_db::ops::ensure_replication_timeouts`]), so a
 //! replica notices a partitioned or frozen primary in seconds, not PostgreSQL's minute.
 //!
 //! **Across restarts.** The highest term and whether self-demotion is armed (with the
@@ -597,10 +598,12 @@ pub(crate) async fn run(shared: Arc<Shared>, db: Arc<Db>) {
     tokio::pin!(stop);
     // A self-fence was reported critical and awaits its OK.
     let mut self_fenced = false;
-    // The replication timeouts were checked since the server last answered; a restart
-    // (or a rebuilt data dir) may bring other values back, so a failed probe resets it.
+    // The replication timeouts were checked since the server last answered and last
+    // loaded its configuration; a restart (or a rebuilt data dir) or a reload may bring
+    // other values back, so a failed probe or a new load time resets it.
     let mut timeouts_checked = db.replication_timeout_ms == 0;
     let mut timeouts_retry_at = Instant::now();
+    let mut conf_loaded_ms = None;
     loop {
         let lease_due = db.lease_deadline();
         let probe = tokio::select! {
@@ -641,6 +644,15 @@ pub(crate) async fn run(shared: Arc<Shared>, db: Arc<Db>) {
         // After the lease verdict, so a check on a server that just came back never
         // delays a self-fence; a failure (say, a user that may not ALTER SYSTEM) is
         // retried after TIMEOUTS_RETRY, not on every probe.
+        if let Ok(status) = &probed
+            && status.conf_loaded_ms != conf_loaded_ms
+        {
+            // A restart quicker than a probe interval, or a reload, is seen here; the
+            // agent's own reload after setting the values costs one more (unchanged) read.
+            conf_loaded_ms = status.conf_loaded_ms;
+            timeouts_checked = db.replication_timeout_ms == 0;
+            timeouts_retry_at = Instant::now();
+        }
         match &probed {
             Ok(_) if !timeouts_checked && Instant::now() >= timeouts_retry_at => {
                 let ms = db.replication_timeout_ms;

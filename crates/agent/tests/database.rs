@@ -396,3 +396,32 @@ async fn a_postgres_restarted_with_other_replication_timeouts_gets_the_agents_ba
         next_status(&mut ws).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_brings_other_replication_timeouts_gets_the_agents_back() {
+    let (cluster, _server, _pg0, mut ws) = lone_primary().await;
+    let deadline = Instant::now() + WAIT;
+    while replication_timeouts(&cluster, "pg0").await != "4000,4000" {
+        assert!(Instant::now() < deadline, "the agent never set its timeouts");
+        next_status(&mut ws).await;
+    }
+
+    // PostgreSQL never stops here, so no probe fails: only the new configuration load
+    // time the probe reads tells the agent to look at its settings again.
+    psql(&cluster, "pg0", "ALTER SYSTEM SET wal_sender_timeout = '60s'").await.unwrap();
+    psql(&cluster, "pg0", "ALTER SYSTEM SET wal_receiver_timeout = '60s'").await.unwrap();
+    psql(&cluster, "pg0", "SELECT pg_reload_conf()").await.unwrap();
+    let reloaded = Instant::now();
+    let mut seen = Vec::new();
+    loop {
+        let now = replication_timeouts(&cluster, "pg0").await;
+        if now == "4000,4000" {
+            break;
+        }
+        if seen.last() != Some(&now) {
+            seen.push(now);
+        }
+        assert!(reloaded.elapsed() < WAIT, "timeouts read after the reload: {seen:?}");
+        next_status(&mut ws).await;
+    }
+}

@@ -145,6 +145,10 @@ pub struct DbStatus {
     pub sync_standbys: Vec<String>,
     pub synchronous_standby_names: String,
     pub server_version_num: u32,
+    /// `pg_conf_load_time()` in ms since the Unix epoch: it moves on every start and
+    /// configuration reload, either of which may have changed a setting the agent keeps.
+    #[serde(default)]
+    pub conf_loaded_ms: Option<u64>,
 }
 
 impl DbStatus {
@@ -189,7 +193,8 @@ const SELF_SQL: &str = "SELECT pg_is_in_recovery(),
          ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END,
     pg_last_wal_receive_lsn()::text,
     pg_last_wal_replay_lsn()::text,
-    (SELECT timeline_id FROM pg_control_checkpoint())";
+    (SELECT timeline_id FROM pg_control_checkpoint()),
+    (extract(epoch FROM pg_conf_load_time()) * 1000)::bigint";
 
 const RECEIVER_SQL: &str = "SELECT status, received_tli, sender_host, sender_port,
     (extract(epoch FROM (now() - last_msg_receipt_time)) * 1000)::bigint
@@ -211,6 +216,7 @@ pub async fn probe_client(client: &tokio_postgres::Client, addr: &str) -> Result
         accepting_writes: !in_recovery && !read_only,
         server_version_num: row.get::<_, i32>(2) as u32,
         synchronous_standby_names: row.get(3),
+        conf_loaded_ms: row.get::<_, Option<i64>>(9).map(|ms| ms.max(0) as u64),
         ..DbStatus::default()
     };
     let checkpoint_tli: Option<i32> = row.get(8);
