@@ -17,6 +17,9 @@
 //! name = "web"
 //! bind = "0.0.0.0:8080"
 //! protocol = "http"                      # HTTP/1.1 and h2c
+//! request_head_timeout_secs = 60         # http/https: a request head must be complete this long
+//!                                        # after accept (and TLS) or the previous response, else
+//!                                        # the connection closes: idle keep-alive and slowloris
 //! accept_proxy_protocol = false          # any protocol (https: before TLS): each connection must
 //!                                        # start with a PROXY v1 line or v2 header (read within 3 s,
 //!                                        # at most 107 / 16+2048 bytes, else that connection is
@@ -45,6 +48,7 @@
 //! bind = "0.0.0.0:5433"
 //! protocol = "tcp"
 //! service = "db"
+//! idle_timeout_secs = 3600               # tcp: close a connection idle both ways this long (default never)
 //!
 //! [[routes]]                             # first match in file order wins
 //! listener = "web"
@@ -271,6 +275,41 @@ pub struct ListenerConfig {
     /// http listeners only: answer every request with 308 to the same URL over https.
     #[serde(default)]
     pub redirect_https: bool,
+    /// http and https listeners: the longest a client may take to send a complete
+    /// request head, counted from accept (after any PROXY header and TLS handshake) or
+    /// from the end of the previous response; the connection is closed then. It bounds
+    /// both an idle keep-alive connection and a head trickled in (slowloris). Default 60
+    /// (nginx's `client_header_timeout`); 0 = never. HTTP/2 connections (h2 over TLS,
+    /// h2c) are not covered: their requests are multiplexed and hyper keeps no idle timer.
+    #[serde(default)]
+    pub request_head_timeout_secs: Option<u64>,
+    /// tcp listeners: a connection that passes no byte either way for this long is
+    /// closed on both sides. Default 0 = never (database pools keep idle connections
+    /// open for long).
+    #[serde(default)]
+    pub idle_timeout_secs: Option<u64>,
+}
+
+/// `request_head_timeout_secs` when absent.
+pub const DEFAULT_REQUEST_HEAD_TIMEOUT_SECS: u64 = 60;
+
+impl ListenerConfig {
+    /// How long a request head may take on this http/https listener (`None`: no limit,
+    /// or a tcp listener).
+    pub fn request_head_timeout(&self) -> Option<std::time::Duration> {
+        let secs = match self.protocol {
+            Protocol::Tcp => 0,
+            _ => self.request_head_timeout_secs.unwrap_or(DEFAULT_REQUEST_HEAD_TIMEOUT_SECS),
+        };
+        (secs > 0).then(|| std::time::Duration::from_secs(secs))
+    }
+
+    /// How long a connection of this tcp listener may pass nothing (`None`: no limit,
+    /// or an http/https listener).
+    pub fn idle_timeout(&self) -> Option<std::time::Duration> {
+        let secs = if self.protocol == Protocol::Tcp { self.idle_timeout_secs.unwrap_or(0) } else { 0 };
+        (secs > 0).then(|| std::time::Duration::from_secs(secs))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -610,6 +649,18 @@ impl ProxyConfig {
             if l.redirect_https && l.protocol != Protocol::Http {
                 return Err(bad(&["listeners", &i, "redirect_https"], "only http listeners redirect to https"));
             }
+            if l.request_head_timeout_secs.is_some() && l.protocol == Protocol::Tcp {
+                return Err(bad(
+                    &["listeners", &i, "request_head_timeout_secs"],
+                    "only http and https listeners read request heads (tcp listeners take `idle_timeout_secs`)",
+                ));
+            }
+            if l.idle_timeout_secs.is_some() && l.protocol != Protocol::Tcp {
+                return Err(bad(
+                    &["listeners", &i, "idle_timeout_secs"],
+                    "only tcp listeners take it (http and https listeners take `request_head_timeout_secs`)",
+                ));
+            }
             if l.protocol == Protocol::Tcp
                 && let Some(s) = l.service.as_ref().and_then(|s| self.services.get(s))
             {
@@ -857,6 +908,16 @@ backends = [{ address = "10.0.0.3:5432" }]
         assert_eq!((cache.max_bytes, cache.object_limit(), cache.default_ttl_secs), (4096, 4096, 0));
         assert_eq!(c.services["db"].hash_on, Some(HashOn::ClientIp));
         assert!(c.listeners[1].accept_proxy_protocol && c.listeners[0].redirect_https);
+        // Timeouts: http listeners wait 60 s for a request head unless told, tcp ones never time out unless told.
+        let defaults = ProxyConfig::parse(Path::new("p.toml"), BASE).unwrap();
+        assert_eq!(defaults.listeners[0].request_head_timeout(), Some(std::time::Duration::from_secs(60)));
+        assert_eq!((defaults.listeners[1].request_head_timeout(), defaults.listeners[1].idle_timeout()), (None, None));
+        let set = BASE
+            .replace("protocol = \"http\"", "protocol = \"http\"\nrequest_head_timeout_secs = 0")
+            .replace("protocol = \"tcp\"", "protocol = \"tcp\"\nidle_timeout_secs = 600");
+        let set = ProxyConfig::parse(Path::new("p.toml"), &set).unwrap();
+        assert_eq!(set.listeners[0].request_head_timeout(), None, "0 = never");
+        assert_eq!(set.listeners[1].idle_timeout(), Some(std::time::Duration::from_secs(600)));
         let p2c = BASE.replace("least_outstanding", "p2c_ewma");
         assert_eq!(ProxyConfig::parse(Path::new("p.toml"), &p2c).unwrap().services["app"].balance, Balance::P2cEwma);
     }
@@ -890,6 +951,14 @@ backends = [{ address = "10.0.0.3:5432" }]
             (
                 BASE.replace("protocol = \"tcp\"", "protocol = \"tcp\"\nredirect_https = true"),
                 "listeners.1.redirect_https: only http listeners redirect to https",
+            ),
+            (
+                BASE.replace("protocol = \"tcp\"", "protocol = \"tcp\"\nrequest_head_timeout_secs = 5"),
+                "listeners.1.request_head_timeout_secs: only http and https listeners read request heads",
+            ),
+            (
+                BASE.replace("protocol = \"http\"", "protocol = \"http\"\nidle_timeout_secs = 5"),
+                "listeners.0.idle_timeout_secs: only tcp listeners take it",
             ),
         ];
         for (text, want) in cases {

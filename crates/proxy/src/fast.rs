@@ -576,8 +576,12 @@ impl Conn<'_> {
     }
 
     /// Waits for a complete request head in `rbuf`; while none has begun, a shutdown
-    /// closes the connection.
+    /// closes the connection, and a head not complete `request_head_timeout_secs` after
+    /// the wait began (accept, or the end of the previous response) closes it too.
     async fn read_head(&mut self) -> Next {
+        // Set at the first read that has to wait: a head already buffered or in the
+        // socket costs no clock reading.
+        let mut deadline = None;
         loop {
             if !self.rbuf.is_empty() {
                 match parse_request(&self.rbuf, &mut self.req) {
@@ -590,37 +594,44 @@ impl Conn<'_> {
             if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
                 self.rbuf.reserve(READ_CHUNK);
             }
-            let r = if self.rbuf.is_empty() {
-                if self.draining() {
-                    return Next::Close;
+            let idle = self.rbuf.is_empty();
+            if idle && self.draining() {
+                return Next::Close;
+            }
+            let (down, rbuf) = (&mut self.down, &mut self.rbuf);
+            let (shutdown, drained, armed) = (&self.shutdown, &mut self.drained, &mut self.drained_armed);
+            let (limit, timer) = (self.flags.head_timeout, &mut self.timer);
+            let mut read = std::pin::pin!(down.read_buf(rbuf));
+            let r = std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) = read.as_mut().poll(cx) {
+                    return Poll::Ready(Some(r));
                 }
-                let (down, rbuf) = (&mut self.down, &mut self.rbuf);
-                let (shutdown, drained, armed) = (&self.shutdown, &mut self.drained, &mut self.drained_armed);
-                let mut read = std::pin::pin!(down.read_buf(rbuf));
-                let r = std::future::poll_fn(|cx| {
-                    if let Poll::Ready(r) = read.as_mut().poll(cx) {
-                        return Poll::Ready(Some(r));
+                if idle && (!*armed || shutdown.has_changed().unwrap_or(true)) {
+                    *armed = true;
+                    // Never polled again after it ends: the connection closes.
+                    if drained.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(None);
                     }
-                    if !*armed || shutdown.has_changed().unwrap_or(true) {
-                        *armed = true;
-                        // Never polled again after it ends: the connection closes.
-                        if drained.as_mut().poll(cx).is_ready() {
+                }
+                if let (Some(limit), Some(timer)) = (limit, timer.as_mut()) {
+                    let due = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + limit);
+                    if timer.deadline() > due {
+                        timer.as_mut().reset(due);
+                    }
+                    // The timer may still be set for an earlier request (see `within`).
+                    while timer.as_mut().poll(cx).is_ready() {
+                        if timer.deadline() >= due {
                             return Poll::Ready(None);
                         }
+                        timer.as_mut().reset(due);
                     }
-                    Poll::Pending
-                })
-                .await;
-                match r {
-                    Some(r) => r,
-                    None => return Next::Close,
                 }
-            } else {
-                self.down.read_buf(&mut self.rbuf).await
-            };
+                Poll::Pending
+            })
+            .await;
             match r {
-                Ok(0) | Err(_) => return Next::Close,
-                Ok(_) => {}
+                Some(Ok(n)) if n > 0 => {}
+                _ => return Next::Close,
             }
         }
     }

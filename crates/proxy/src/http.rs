@@ -68,7 +68,7 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::body::{Body as _, Incoming};
 use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use std::collections::HashSet;
 use std::convert::Infallible;
@@ -90,10 +90,6 @@ pub(crate) async fn serve(
     mut stop: StopRx,
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
-    let builder = Arc::new(hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()));
-    let graceful = GracefulShutdown::new();
-    // Fast-path connections hold a receiver; the sender's `closed` says they have all ended.
-    let (fast_stop, _) = tokio::sync::watch::channel(false);
     // Read once: a reload that changes this listener's settings starts a new task for it.
     let flags = {
         let snap = shared.snapshot();
@@ -102,8 +98,17 @@ pub(crate) async fn serve(
             https: tls.is_some(),
             redirect_https: l.is_some_and(|l| l.redirect_https),
             accept_proxy_protocol: l.is_some_and(|l| l.accept_proxy_protocol),
+            head_timeout: l.and_then(|l| l.request_head_timeout()),
         }
     };
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // hyper starts this timer whenever it waits for a head, after accept or a response:
+    // the fast path's rule (`fast::Conn::read_head`).
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(flags.head_timeout);
+    let builder = Arc::new(builder);
+    let graceful = GracefulShutdown::new();
+    // Fast-path connections hold a receiver; the sender's `closed` says they have all ended.
+    let (fast_stop, _) = tokio::sync::watch::channel(false);
     let drain = loop {
         tokio::select! {
             r = listener.accept() => {
@@ -203,6 +208,8 @@ pub(crate) struct ConnFlags {
     pub(crate) https: bool,
     redirect_https: bool,
     accept_proxy_protocol: bool,
+    /// `request_head_timeout_secs`.
+    pub(crate) head_timeout: Option<Duration>,
 }
 
 /// 308 to the same host (default port) and path over https.

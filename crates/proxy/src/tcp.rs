@@ -1,5 +1,6 @@
 //! The L4 listener: each connection goes to one backend in rotation and bytes are
-//! copied both ways until either side closes.
+//! copied both ways until either side closes, or, with `idle_timeout_secs`, until
+//! neither side has sent a byte for that long.
 //!
 //! Only the connect can be retried (on another backend, up to `retries`): once bytes
 //! flow, the proxy cannot know what the backend did with them.
@@ -13,9 +14,12 @@ use crate::config::{Balance, HashOn};
 use crate::{Shared, StopRx};
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
@@ -61,6 +65,7 @@ async fn handle(shared: Arc<Shared>, listener: Arc<str>, mut inbound: TcpStream)
     let Some(l) = snap.cfg.listeners.iter().find(|l| *l.name == *listener) else { return };
     let Some(svc) = l.service.as_ref().and_then(|s| snap.services.get(s)) else { return };
     let (Ok(peer), Ok(local)) = (inbound.peer_addr(), inbound.local_addr()) else { return };
+    let idle_timeout = l.idle_timeout();
     let (src, dst) = if l.accept_proxy_protocol {
         match crate::proxy_protocol::read_header(&mut inbound, crate::proxy_protocol::HEADER_TIMEOUT).await {
             Ok(Some(c)) => (c.src, c.dst),
@@ -107,12 +112,24 @@ async fn handle(shared: Arc<Shared>, listener: Arc<str>, mut inbound: TcpStream)
                         false => std::future::pending().await,
                     }
                 };
+                let reads = AtomicU64::new(0);
+                let (mut down, mut up) =
+                    (Counted { io: &mut inbound, reads: &reads }, Counted { io: &mut out, reads: &reads });
+                let idle = async {
+                    match idle_timeout {
+                        Some(limit) => quiet_for(limit, &reads).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
-                    r = tokio::io::copy_bidirectional(&mut inbound, &mut out) => if let Err(e) = r {
+                    r = tokio::io::copy_bidirectional(&mut down, &mut up) => if let Err(e) = r {
                         tracing::debug!(backend = %b.addr, "tcp copy ended: {e}");
                     },
                     true = leaves => {
                         tracing::info!(backend = %b.addr, client = %src, "backend left rotation; closing its connection");
+                    }
+                    () = idle => {
+                        tracing::debug!(backend = %b.addr, client = %src, "idle timeout; closing the connection");
                     }
                 }
                 return;
@@ -122,4 +139,52 @@ async fn handle(shared: Arc<Shared>, listener: Arc<str>, mut inbound: TcpStream)
         }
     }
     tracing::debug!(listener = %listener, service = %svc.name, "no healthy backend; closing the connection");
+}
+
+/// One side of a proxied connection, counting the reads that brought bytes (either
+/// side's, into one counter) so [`quiet_for`] can tell an idle connection.
+struct Counted<'a, S> {
+    io: &'a mut S,
+    reads: &'a AtomicU64,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut *self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut *self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.io).poll_shutdown(cx)
+    }
+}
+
+/// Ends once `reads` has not moved for `limit` (give or take an eighth of it): the
+/// counter is looked at eight times per `limit` rather than a clock read per read.
+async fn quiet_for(limit: Duration, reads: &AtomicU64) {
+    let step = (limit / 8).max(Duration::from_millis(100));
+    let (mut seen, mut quiet_since) = (reads.load(Ordering::Relaxed), tokio::time::Instant::now());
+    loop {
+        tokio::time::sleep(step).await;
+        let now = reads.load(Ordering::Relaxed);
+        if now != seen {
+            (seen, quiet_since) = (now, tokio::time::Instant::now());
+        } else if quiet_since.elapsed() >= limit {
+            return;
+        }
+    }
 }

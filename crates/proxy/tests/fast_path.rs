@@ -491,3 +491,70 @@ async fn each_request_on_a_kept_alive_connection_gets_its_own_whole_timeout() {
     assert!(head.starts_with("HTTP/1.1 200"), "the connection is still served: {head}");
     p.shutdown(Duration::from_secs(1)).await;
 }
+
+/// Reads until the proxy closes `s` (or `limit` passes): how long that took, or `None`
+/// if it never closed. Bytes the proxy sends first are read and dropped.
+async fn closed_within(s: &mut TcpStream, limit: Duration) -> Option<Duration> {
+    let started = std::time::Instant::now();
+    let mut sink = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at((started + limit).into(), s.read(&mut sink)).await {
+            Ok(Ok(0) | Err(_)) => return Some(started.elapsed()),
+            Ok(Ok(_)) => {}
+            Err(_) => return None,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_head_not_complete_in_time_closes_idle_and_trickling_clients_but_not_busy_ones() {
+    let b = RawBackend::start(|_, _| ok("fine")).await;
+    let cfg =
+        config(&[b.addr], "").replace("protocol = \"http\"", "protocol = \"http\"\nrequest_head_timeout_secs = 1");
+    let p = Proxy::start(parse(&cfg)).await.unwrap();
+    let addr = p.local_addr("web").unwrap();
+
+    // Idle after a response: closed one second after it, not before.
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    let mut buf = Vec::new();
+    idle.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    read_message(&mut idle, &mut buf, false).await.expect("an answer");
+    let took = closed_within(&mut idle, Duration::from_secs(5)).await.expect("an idle keep-alive connection is closed");
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(3), "closed after {took:?}");
+
+    // Never a request: closed one second after accept.
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    let took = closed_within(&mut silent, Duration::from_secs(5)).await.expect("a silent connection is closed");
+    assert!(took >= Duration::from_millis(900), "closed after {took:?}");
+
+    // Slowloris: bytes keep coming, the head never completes; the bytes do not buy time.
+    let mut slow = TcpStream::connect(addr).await.unwrap();
+    let started = std::time::Instant::now();
+    let trickle = async {
+        slow.write_all(b"GET /slow HTTP/1.1\r\n").await.unwrap();
+        for i in 0..20 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if slow.write_all(format!("X-Pad-{i}: 1\r\n").as_bytes()).await.is_err() {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), trickle).await;
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut rest)).await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(3), "the trickling client was closed only after {took:?}");
+    assert!(rest.is_empty(), "no answer to a head that never completed: {}", String::from_utf8_lossy(&rest));
+
+    // Busy: a request every 400 ms for 2.4 s on one connection, each within its own second.
+    let mut busy = TcpStream::connect(addr).await.unwrap();
+    let mut buf = Vec::new();
+    for i in 0..6 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        busy.write_all(format!("GET /busy{i} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+        let (head, _) = read_message(&mut busy, &mut buf, false).await.expect("the same connection answers");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    }
+    assert_eq!(b.seen().len(), 7, "the trickled head never reached the backend");
+    p.shutdown(Duration::from_secs(1)).await;
+}

@@ -128,3 +128,49 @@ async fn close_on_leave_cuts_the_open_connections_of_a_member_the_control_plane_
         p.shutdown(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_connection_idle_both_ways_is_closed_after_idle_timeout_and_a_busy_one_is_not() {
+    let (echo, _t) = echo_server().await;
+    let cfg = format!(
+        r#"
+[[listeners]]
+name = "pg"
+bind = "127.0.0.1:0"
+protocol = "tcp"
+service = "db"
+idle_timeout_secs = 1
+[services.db]
+backends = [{{ address = "{echo}" }}]
+"#
+    );
+    let p = Proxy::start(parse(&cfg)).await.unwrap();
+    let front = p.local_addr("pg").unwrap();
+    let mut idle = tokio::net::TcpStream::connect(front).await.unwrap();
+    let mut busy = tokio::net::TcpStream::connect(front).await.unwrap();
+    let mut back = [0u8; 64];
+    for c in [&mut idle, &mut busy] {
+        c.write_all(b"ping").await.unwrap();
+        c.read_exact(&mut back[..4]).await.unwrap();
+    }
+    let quiet_from = std::time::Instant::now();
+    // The busy one echoes every 300 ms for 2.4 s: never a second without bytes.
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        busy.write_all(b"ping").await.unwrap();
+        busy.read_exact(&mut back[..4]).await.expect("a connection with traffic stays open");
+    }
+    // By now the idle one has been closed: its read ends at once, with nothing.
+    let n = tokio::time::timeout(Duration::from_secs(1), idle.read(&mut back)).await.expect("closed, not waiting");
+    assert_eq!(n.unwrap_or(0), 0, "the idle connection is closed");
+    assert!(quiet_from.elapsed() < Duration::from_secs(4));
+    // And it was not closed early: a fresh connection is still open 800 ms into its quiet.
+    let mut fresh = tokio::net::TcpStream::connect(front).await.unwrap();
+    fresh.write_all(b"ping").await.unwrap();
+    fresh.read_exact(&mut back[..4]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    fresh.write_all(b"pong").await.unwrap();
+    fresh.read_exact(&mut back[..4]).await.expect("open 800 ms into a one-second idle timeout");
+    assert_eq!(&back[..4], b"pong");
+    p.shutdown(Duration::from_secs(1)).await;
+}

@@ -165,6 +165,67 @@ backends = [{{ address = "{}" }}]
     p.shutdown(Duration::from_secs(1)).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_connection_idle_past_the_request_head_timeout_is_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let b = TestBackend::start("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    write_cert(dir.path(), "a", "a.test");
+    let text = format!(
+        r#"
+[[listeners]]
+name = "web"
+bind = "127.0.0.1:0"
+protocol = "https"
+request_head_timeout_secs = 1
+tls = [{{ cert = "a.pem", key = "a.key", server_names = ["a.test"] }}]
+[[routes]]
+listener = "web"
+service = "app"
+[services.app]
+backends = [{{ address = "{}" }}]
+"#,
+        b.addr
+    );
+    let p = Proxy::start(ProxyConfig::parse(&dir.path().join("proxy.toml"), &text).unwrap()).await.unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(p.local_addr("web").unwrap()).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from("a.test").unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.write_all(b"GET /one HTTP/1.1\r\nHost: a.test\r\n\r\n").await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("app /one") {
+        let n = tls.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before the answer: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    // hyper's path (TLS here) starts the same timer after a response as the fast path.
+    let idle_from = std::time::Instant::now();
+    let end = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "an idle https connection stayed open past 5 s");
+    let took = idle_from.elapsed();
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(3), "closed after {took:?}");
+    p.shutdown(Duration::from_secs(1)).await;
+}
+
 #[test]
 fn bad_certificate_files_are_config_errors_at_the_field() {
     let dir = tempfile::tempdir().unwrap();
