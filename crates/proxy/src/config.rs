@@ -68,6 +68,7 @@
 //! retry_budget_percent = 20
 //! connect_timeout_ms = 1000
 //! request_timeout_ms = 30000             # to the response head
+//! stall_timeout_ms = 60000               # then at most this long without a byte either way
 //! max_in_flight_per_backend = 100       # 0 = no limit; beyond it requests queue...
 //! queue_timeout_ms = 1000                # ...this long, then 503
 //! slow_start_ms = 30000                  # weight ramps 10% -> 100% after (re-)entering rotation
@@ -189,6 +190,11 @@ fn d_connect_timeout_ms() -> u64 {
 }
 fn d_request_timeout_ms() -> u64 {
     30_000
+}
+/// `stall_timeout_ms` when absent.
+pub const DEFAULT_STALL_TIMEOUT_MS: u64 = 60_000;
+fn d_stall_timeout_ms() -> u64 {
+    DEFAULT_STALL_TIMEOUT_MS
 }
 fn d_queue_timeout_ms() -> u64 {
     1_000
@@ -445,6 +451,15 @@ pub struct ServiceConfig {
     /// From sending the request to the response head.
     #[serde(default = "d_request_timeout_ms")]
     pub request_timeout_ms: u64,
+    /// HTTP: while a request body is read or a response relayed, the longest wait for
+    /// a peer to move a byte (the client to send or take one, the backend to send one);
+    /// then both connections close and the client's response is cut short. Default
+    /// 60000 (nginx's `proxy_read_timeout`, `send_timeout` and `client_body_timeout`);
+    /// 0 = never. It applies to plain HTTP/1.1 requests (the fast path); requests on
+    /// hyper's path (TLS, HTTP/2, uploads over 64 KiB, upgrades) are not bounded once
+    /// their response head has come.
+    #[serde(default = "d_stall_timeout_ms")]
+    pub stall_timeout_ms: u64,
     /// After a backend (re-)enters rotation its weight ramps from 10% to 100% over
     /// this long, so a cold cache or JIT is not hit with a full share at once; 0 = off.
     #[serde(default)]

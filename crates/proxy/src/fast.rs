@@ -398,35 +398,67 @@ impl Chunked {
 /// or fires early (it was set for an earlier request): a request nearly always finishes
 /// long before its deadline, and arming a fresh timer per request, as
 /// `tokio::time::timeout` does, costs two timer-wheel operations under the runtime's
-/// timer lock and a clock reading each time.
-async fn within<F: Future>(timer: &mut Pin<Box<Sleep>>, deadline: tokio::time::Instant, fut: F) -> Option<F::Output> {
-    if timer.deadline() > deadline {
-        timer.as_mut().reset(deadline);
-    }
+/// timer lock and a clock reading each time. `deadline` is asked for only once `fut`
+/// has to wait, so a future ready at once costs no clock reading either.
+async fn within<F: Future>(
+    timer: &mut Pin<Box<Sleep>>,
+    deadline: impl FnOnce() -> tokio::time::Instant,
+    fut: F,
+) -> Option<F::Output> {
     let mut fut = std::pin::pin!(fut);
+    let (mut deadline, mut due) = (Some(deadline), None);
     std::future::poll_fn(|cx| {
         if let Poll::Ready(v) = fut.as_mut().poll(cx) {
             return Poll::Ready(Some(v));
         }
+        let due = *due.get_or_insert_with(|| {
+            let due = deadline.take().expect("asked for once")();
+            if timer.deadline() > due {
+                timer.as_mut().reset(due);
+            }
+            due
+        });
         while timer.as_mut().poll(cx).is_ready() {
-            if timer.deadline() >= deadline {
+            if timer.deadline() >= due {
                 return Poll::Ready(None);
             }
-            timer.as_mut().reset(deadline);
+            timer.as_mut().reset(due);
         }
         Poll::Pending
     })
     .await
 }
 
+/// `fut`, failing with `TimedOut` once it has waited `limit` (see `stall_timeout_ms`);
+/// unbounded without a limit or without the timer (taken out while an attempt runs,
+/// whose own deadline then bounds it).
+async fn bounded<T>(
+    timer: &mut Option<Pin<Box<Sleep>>>,
+    limit: Option<Duration>,
+    fut: impl Future<Output = std::io::Result<T>>,
+) -> std::io::Result<T> {
+    match (limit, timer.as_mut()) {
+        (Some(limit), Some(timer)) => within(timer, || tokio::time::Instant::now() + limit, fut)
+            .await
+            .unwrap_or_else(|| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "stall_timeout_ms passed"))),
+        _ => fut.await,
+    }
+}
+
 /// `write_all`, trying the write at once first: a socket with room (nearly always, for
 /// a head and a small body) takes it in one system call without the write future, the
 /// task budget and the readiness registration of a polled write.
-async fn send(s: &mut TcpStream, buf: &[u8]) -> std::io::Result<()> {
+/// A write that has to wait is bounded by `limit` (see [`bounded`]).
+async fn send(
+    s: &mut TcpStream,
+    buf: &[u8],
+    timer: &mut Option<Pin<Box<Sleep>>>,
+    limit: Option<Duration>,
+) -> std::io::Result<()> {
     match s.try_write(buf) {
         Ok(n) if n == buf.len() => Ok(()),
-        Ok(n) => s.write_all(&buf[n..]).await,
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => s.write_all(buf).await,
+        Ok(n) => bounded(timer, limit, s.write_all(&buf[n..])).await,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => bounded(timer, limit, s.write_all(buf)).await,
         Err(e) => Err(e),
     }
 }
@@ -493,6 +525,8 @@ struct Conn<'a> {
     drained_armed: bool,
     /// The connection's one request timer (see [`within`]); taken out while an attempt runs.
     timer: Option<Pin<Box<Sleep>>>,
+    /// The current request's service's `stall_timeout_ms` (see [`bounded`]).
+    stall: Option<Duration>,
     /// The config generation the last request used, kept while it is current (taken
     /// out for the length of a request).
     snapshot: Option<(u64, Arc<Snapshot>)>,
@@ -537,6 +571,7 @@ pub(crate) async fn serve(
         drained_armed: false,
         shutdown,
         timer: Some(Box::pin(tokio::time::sleep_until(tokio::time::Instant::now()))),
+        stall: None,
         snapshot: None,
     };
     loop {
@@ -600,9 +635,8 @@ impl Conn<'_> {
             }
             let (down, rbuf) = (&mut self.down, &mut self.rbuf);
             let (shutdown, drained, armed) = (&self.shutdown, &mut self.drained, &mut self.drained_armed);
-            let (limit, timer) = (self.flags.head_timeout, &mut self.timer);
             let mut read = std::pin::pin!(down.read_buf(rbuf));
-            let r = std::future::poll_fn(|cx| {
+            let read = std::future::poll_fn(|cx| {
                 if let Poll::Ready(r) = read.as_mut().poll(cx) {
                     return Poll::Ready(Some(r));
                 }
@@ -613,22 +647,15 @@ impl Conn<'_> {
                         return Poll::Ready(None);
                     }
                 }
-                if let (Some(limit), Some(timer)) = (limit, timer.as_mut()) {
-                    let due = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + limit);
-                    if timer.deadline() > due {
-                        timer.as_mut().reset(due);
-                    }
-                    // The timer may still be set for an earlier request (see `within`).
-                    while timer.as_mut().poll(cx).is_ready() {
-                        if timer.deadline() >= due {
-                            return Poll::Ready(None);
-                        }
-                        timer.as_mut().reset(due);
-                    }
-                }
                 Poll::Pending
-            })
-            .await;
+            });
+            let r = match (self.flags.head_timeout, self.timer.as_mut()) {
+                (Some(limit), Some(timer)) => {
+                    let due = || *deadline.get_or_insert_with(|| tokio::time::Instant::now() + limit);
+                    within(timer, due, read).await.flatten()
+                }
+                _ => read.await,
+            };
             match r {
                 Some(Ok(n)) if n > 0 => {}
                 _ => return Next::Close,
@@ -642,7 +669,7 @@ impl Conn<'_> {
         let mut read = false;
         while self.rbuf.len() < n {
             self.rbuf.reserve(n - self.rbuf.len());
-            match self.down.read_buf(&mut self.rbuf).await {
+            match bounded(&mut self.timer, self.stall, self.down.read_buf(&mut self.rbuf)).await {
                 Ok(0) | Err(_) => return None,
                 Ok(_) => read = true,
             }
@@ -728,6 +755,10 @@ impl Conn<'_> {
             None => write_request_id(&mut self.id, start),
         }
         let end = self.req.len + body_len as usize;
+        self.stall = match svc.map_or(crate::config::DEFAULT_STALL_TIMEOUT_MS, |s| s.cfg.stall_timeout_ms) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        };
         let Some(waited) = self.fill(end).await else { return Next::Close };
         // The request timeout runs from the first attempt: `start` is that moment unless
         // the body had to be waited for.
@@ -901,7 +932,7 @@ impl Conn<'_> {
             let connect_timeout = Duration::from_millis(svc.cfg.connect_timeout_ms);
             let deadline = tokio::time::Instant::from_std(at) + Duration::from_millis(ms);
             let mut timer = self.timer.take().expect("the timer is put back after each attempt");
-            let r = within(&mut timer, deadline, self.exchange(b, connect_timeout, at)).await;
+            let r = within(&mut timer, || deadline, self.exchange(b, connect_timeout, at)).await;
             self.timer = Some(timer);
             let r = r.unwrap_or(Err(Failed::Timeout));
             if let Some(started) = started {
@@ -947,7 +978,7 @@ impl Conn<'_> {
                 Some(s) => (s, true),
                 None => (connect_stream(b.addr, connect_timeout).await.map_err(Failed::Connect)?, false),
             };
-            match send(&mut up, &self.out).await {
+            match send(&mut up, &self.out, &mut None, None).await {
                 Ok(()) => break up,
                 Err(_) if reused => continue,
                 Err(e) => return Err(Failed::Lost(e.to_string())),
@@ -1090,7 +1121,7 @@ impl Conn<'_> {
         let complete = match framing {
             Framing::None => {
                 guard = None;
-                send(&mut self.down, &self.out).await.ok().map(|()| true)
+                send(&mut self.down, &self.out, &mut self.timer, self.stall).await.ok().map(|()| true)
             }
             Framing::Length(n) => self.relay_length(&mut up, n, &mut guard).await,
             Framing::Chunked => self.relay_chunked(&mut up, &mut guard).await,
@@ -1118,10 +1149,10 @@ impl Conn<'_> {
     async fn send_head_and_body(&mut self, n: usize) -> Option<()> {
         if n <= COALESCE {
             self.out.extend_from_slice(&self.ubuf[..n]);
-            send(&mut self.down, &self.out).await.ok()?;
+            send(&mut self.down, &self.out, &mut self.timer, self.stall).await.ok()?;
         } else {
-            send(&mut self.down, &self.out).await.ok()?;
-            send(&mut self.down, &self.ubuf[..n]).await.ok()?;
+            send(&mut self.down, &self.out, &mut self.timer, self.stall).await.ok()?;
+            send(&mut self.down, &self.ubuf[..n], &mut self.timer, self.stall).await.ok()?;
         }
         consume(&mut self.ubuf, n);
         Some(())
@@ -1140,7 +1171,7 @@ impl Conn<'_> {
         while left > 0 {
             self.ubuf.clear();
             self.ubuf.reserve(READ_CHUNK);
-            match up.read_buf(&mut self.ubuf).await {
+            match bounded(&mut self.timer, self.stall, up.read_buf(&mut self.ubuf)).await {
                 Ok(0) | Err(_) => return Some(false),
                 Ok(_) => {}
             }
@@ -1148,7 +1179,7 @@ impl Conn<'_> {
             if take as u64 == left {
                 guard.take();
             }
-            send(&mut self.down, &self.ubuf[..take]).await.ok()?;
+            send(&mut self.down, &self.ubuf[..take], &mut self.timer, self.stall).await.ok()?;
             consume(&mut self.ubuf, take);
             left -= take as u64;
         }
@@ -1165,7 +1196,7 @@ impl Conn<'_> {
         while !dec.done() {
             self.ubuf.clear();
             self.ubuf.reserve(READ_CHUNK);
-            match up.read_buf(&mut self.ubuf).await {
+            match bounded(&mut self.timer, self.stall, up.read_buf(&mut self.ubuf)).await {
                 Ok(0) | Err(_) => return Some(false),
                 Ok(_) => {}
             }
@@ -1173,7 +1204,7 @@ impl Conn<'_> {
             if dec.done() {
                 guard.take();
             }
-            send(&mut self.down, &self.ubuf[..n]).await.ok()?;
+            send(&mut self.down, &self.ubuf[..n], &mut self.timer, self.stall).await.ok()?;
             consume(&mut self.ubuf, n);
         }
         Some(true)
@@ -1190,18 +1221,18 @@ impl Conn<'_> {
                 self.ubuf.clear();
             }
             if !self.out.is_empty() {
-                send(&mut self.down, &self.out).await.ok()?;
+                send(&mut self.down, &self.out, &mut self.timer, self.stall).await.ok()?;
                 self.out.clear();
             }
             self.ubuf.reserve(READ_CHUNK);
-            match up.read_buf(&mut self.ubuf).await {
+            match bounded(&mut self.timer, self.stall, up.read_buf(&mut self.ubuf)).await {
                 Ok(0) => break,
                 Ok(_) => {}
                 Err(_) => return Some(false),
             }
         }
         guard.take();
-        send(&mut self.down, b"0\r\n\r\n").await.ok()?;
+        send(&mut self.down, b"0\r\n\r\n", &mut self.timer, self.stall).await.ok()?;
         Some(true)
     }
 
@@ -1228,7 +1259,7 @@ impl Conn<'_> {
         }
         out.extend_from_slice(b"\r\n");
         out.extend_from_slice(body.as_bytes());
-        match send(&mut self.down, &self.out).await {
+        match send(&mut self.down, &self.out, &mut self.timer, self.stall).await {
             Ok(()) => Next::Request,
             Err(_) => Next::Close,
         }
@@ -1305,13 +1336,13 @@ mod tests {
         let t0 = tokio::time::Instant::now();
         let mut timer = Box::pin(tokio::time::sleep_until(t0));
         // First request: done long before its deadline.
-        let first = within(&mut timer, t0 + Duration::from_secs(30), async { 1 }).await;
+        let first = within(&mut timer, || t0 + Duration::from_secs(30), async { 1 }).await;
         assert_eq!(first, Some(1));
         // The next one, 40 s later, takes 5 s; the timer still says t0, long past.
         tokio::time::advance(Duration::from_secs(40)).await;
         let start = tokio::time::Instant::now();
         let slow =
-            within(&mut timer, start + Duration::from_secs(30), tokio::time::sleep(Duration::from_secs(5))).await;
+            within(&mut timer, || start + Duration::from_secs(30), tokio::time::sleep(Duration::from_secs(5))).await;
         assert_eq!(slow, Some(()));
         assert_eq!(start.elapsed(), Duration::from_secs(5));
         assert_eq!(timer.deadline(), start + Duration::from_secs(30), "moved to this request's deadline");
@@ -1321,12 +1352,12 @@ mod tests {
     async fn a_request_still_waiting_at_its_deadline_times_out_then() {
         let t0 = tokio::time::Instant::now();
         let mut timer = Box::pin(tokio::time::sleep_until(t0 + Duration::from_secs(100)));
-        let never = within(&mut timer, t0 + Duration::from_secs(2), std::future::pending::<()>()).await;
+        let never = within(&mut timer, || t0 + Duration::from_secs(2), std::future::pending::<()>()).await;
         assert_eq!(never, None);
         assert_eq!(t0.elapsed(), Duration::from_secs(2), "a timer set later is brought forward");
         // A later request with a shorter timeout than the timer's leftover deadline.
         let t1 = tokio::time::Instant::now();
-        let never = within(&mut timer, t1 + Duration::from_millis(300), std::future::pending::<()>()).await;
+        let never = within(&mut timer, || t1 + Duration::from_millis(300), std::future::pending::<()>()).await;
         assert_eq!(never, None);
         assert_eq!(t1.elapsed(), Duration::from_millis(300));
     }

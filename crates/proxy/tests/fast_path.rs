@@ -558,3 +558,34 @@ async fn a_request_head_not_complete_in_time_closes_idle_and_trickling_clients_b
     assert_eq!(b.seen().len(), 7, "the trickled head never reached the backend");
     p.shutdown(Duration::from_secs(1)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_stops_moving_is_cut_after_stall_timeout_on_either_side() {
+    // The backend promises 100 bytes, sends 10 and then nothing, keeping its socket open.
+    let b =
+        RawBackend::start(|_, _| Reply::Bytes(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789".to_vec()))
+            .await;
+    let (p, addr) = proxy_for(b.addr, "stall_timeout_ms = 300").await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /stuck HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got)).await;
+    assert!(read.is_ok(), "a stalled response body was still open after 5 s");
+    let took = started.elapsed();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200") && text.ends_with("0123456789"), "{text}");
+    assert!(took >= Duration::from_millis(280) && took < Duration::from_secs(3), "cut after {took:?}");
+
+    // The client promises 100 bytes of body, sends 10 and then nothing.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\ncontent-length: 100\r\n\r\n0123456789").await.unwrap();
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got)).await;
+    assert!(read.is_ok(), "a stalled request body was still open after 5 s");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(280) && took < Duration::from_secs(3), "cut after {took:?}");
+    assert_eq!(b.seen().len(), 1, "the unfinished POST never reached the backend");
+    p.shutdown(Duration::from_secs(1)).await;
+}
