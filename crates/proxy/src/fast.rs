@@ -401,7 +401,7 @@ impl Chunked {
 /// timer lock and a clock reading each time. `deadline` is asked for only once `fut`
 /// has to wait, so a future ready at once costs no clock reading either.
 async fn within<F: Future>(
-    timer: &mut Pin<Box<Sleep>>,
+    timer: &mut Timer,
     deadline: impl FnOnce() -> tokio::time::Instant,
     fut: F,
 ) -> Option<F::Output> {
@@ -414,26 +414,62 @@ async fn within<F: Future>(
         let due = *due.get_or_insert_with(|| {
             let due = deadline.take().expect("asked for once")();
             if timer.deadline() > due {
-                timer.as_mut().reset(due);
+                timer.reset(due);
             }
             due
         });
-        while timer.as_mut().poll(cx).is_ready() {
-            if timer.deadline() >= due {
-                return Poll::Ready(None);
-            }
-            timer.as_mut().reset(due);
-        }
-        Poll::Pending
+        timer.poll_due(cx, due).map(|()| None)
     })
     .await
+}
+
+/// A connection's one timer (see [`within`]).
+struct Timer {
+    sleep: Pin<Box<Sleep>>,
+    /// Polled since it was last set: its waker (the connection's task, which a `Conn`
+    /// never leaves) is in place, so until it fires or moves it needs no poll, which
+    /// would look up its entry and register the waker again, twice per request.
+    registered: bool,
+}
+
+impl Timer {
+    fn new(at: tokio::time::Instant) -> Timer {
+        Timer { sleep: Box::pin(tokio::time::sleep_until(at)), registered: false }
+    }
+
+    fn deadline(&self) -> tokio::time::Instant {
+        self.sleep.deadline()
+    }
+
+    fn reset(&mut self, at: tokio::time::Instant) {
+        self.sleep.as_mut().reset(at);
+        self.registered = false;
+    }
+
+    /// Ready once the timer fires at or after `due`; firing earlier (it was set for an
+    /// earlier request or wait) moves it to `due`.
+    fn poll_due(&mut self, cx: &mut Context<'_>, due: tokio::time::Instant) -> Poll<()> {
+        loop {
+            if self.registered && !self.sleep.is_elapsed() {
+                return Poll::Pending;
+            }
+            if self.sleep.as_mut().poll(cx).is_pending() {
+                self.registered = true;
+                return Poll::Pending;
+            }
+            if self.sleep.deadline() >= due {
+                return Poll::Ready(());
+            }
+            self.reset(due);
+        }
+    }
 }
 
 /// `fut`, failing with `TimedOut` once it has waited `limit` (see `stall_timeout_ms`);
 /// unbounded without a limit or without the timer (taken out while an attempt runs,
 /// whose own deadline then bounds it).
 async fn bounded<T>(
-    timer: &mut Option<Pin<Box<Sleep>>>,
+    timer: &mut Option<Timer>,
     limit: Option<Duration>,
     fut: impl Future<Output = std::io::Result<T>>,
 ) -> std::io::Result<T> {
@@ -452,7 +488,7 @@ async fn bounded<T>(
 async fn send(
     s: &mut TcpStream,
     buf: &[u8],
-    timer: &mut Option<Pin<Box<Sleep>>>,
+    timer: &mut Option<Timer>,
     limit: Option<Duration>,
 ) -> std::io::Result<()> {
     match s.try_write(buf) {
@@ -523,8 +559,8 @@ struct Conn<'a> {
     /// stays so until the channel changes: it is polled again only then, as each poll of
     /// a registered waiter takes the channel's lock.
     drained_armed: bool,
-    /// The connection's one request timer (see [`within`]); taken out while an attempt runs.
-    timer: Option<Pin<Box<Sleep>>>,
+    /// The connection's one timer (see [`within`]); taken out while an attempt runs.
+    timer: Option<Timer>,
     /// The current request's service's `stall_timeout_ms` (see [`bounded`]).
     stall: Option<Duration>,
     /// The config generation the last request used, kept while it is current (taken
@@ -570,7 +606,7 @@ pub(crate) async fn serve(
         },
         drained_armed: false,
         shutdown,
-        timer: Some(Box::pin(tokio::time::sleep_until(tokio::time::Instant::now()))),
+        timer: Some(Timer::new(tokio::time::Instant::now())),
         stall: None,
         snapshot: None,
     };
@@ -1334,7 +1370,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_timer_left_from_an_earlier_request_is_moved_on_not_taken_as_this_ones_expiry() {
         let t0 = tokio::time::Instant::now();
-        let mut timer = Box::pin(tokio::time::sleep_until(t0));
+        let mut timer = Timer::new(t0);
         // First request: done long before its deadline.
         let first = within(&mut timer, || t0 + Duration::from_secs(30), async { 1 }).await;
         assert_eq!(first, Some(1));
@@ -1351,7 +1387,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_request_still_waiting_at_its_deadline_times_out_then() {
         let t0 = tokio::time::Instant::now();
-        let mut timer = Box::pin(tokio::time::sleep_until(t0 + Duration::from_secs(100)));
+        let mut timer = Timer::new(t0 + Duration::from_secs(100));
         let never = within(&mut timer, || t0 + Duration::from_secs(2), std::future::pending::<()>()).await;
         assert_eq!(never, None);
         assert_eq!(t0.elapsed(), Duration::from_secs(2), "a timer set later is brought forward");
