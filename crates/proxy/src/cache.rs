@@ -500,9 +500,9 @@ impl Tee {
 
 impl hyper::body::Body for Tee {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = crate::BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
         let r = Pin::new(&mut this.inner).poll_frame(cx);
         match &r {

@@ -455,9 +455,9 @@ pub struct ServiceConfig {
     /// a peer to move a byte (the client to send or take one, the backend to send one);
     /// then both connections close and the client's response is cut short. Default
     /// 60000 (nginx's `proxy_read_timeout`, `send_timeout` and `client_body_timeout`);
-    /// 0 = never. It applies to plain HTTP/1.1 requests (the fast path); requests on
-    /// hyper's path (TLS, HTTP/2, uploads over 64 KiB, upgrades) are not bounded once
-    /// their response head has come.
+    /// 0 = never. On hyper's path (TLS, HTTP/2, uploads over 64 KiB) it bounds the waits
+    /// for the backend's response body and a streamed request body, not a client that
+    /// stops reading.
     #[serde(default = "d_stall_timeout_ms")]
     pub stall_timeout_ms: u64,
     /// After a backend (re-)enters rotation its weight ramps from 10% to 100% over
@@ -551,6 +551,11 @@ pub struct HealthConfig {
 }
 
 impl ServiceConfig {
+    /// `stall_timeout_ms` (`None`: never).
+    pub fn stall_timeout(&self) -> Option<std::time::Duration> {
+        (self.stall_timeout_ms > 0).then(|| std::time::Duration::from_millis(self.stall_timeout_ms))
+    }
+
     /// A service for unit tests: no backends, no active checks, short timeouts and
     /// ejections.
     #[cfg(test)]

@@ -48,13 +48,16 @@ pub enum ForwardError {
     Timeout { addr: SocketAddr, ms: u64 },
     #[error("reading the request body: {0}")]
     ClientBody(String),
+    /// The client stopped sending a request body that was being streamed.
+    #[error("reading the request body: {0}")]
+    ClientStalled(String),
 }
 
 impl ForwardError {
     pub fn side(&self) -> Side {
         match self {
             ForwardError::NoRoute { .. } => Side::Config,
-            ForwardError::ClientBody(_) => Side::Client,
+            ForwardError::ClientBody(_) | ForwardError::ClientStalled(_) => Side::Client,
             _ => Side::Backend,
         }
     }
@@ -77,6 +80,7 @@ impl ForwardError {
             ForwardError::Connect { .. } | ForwardError::Reset { .. } => S::BAD_GATEWAY,
             ForwardError::Timeout { .. } => S::GATEWAY_TIMEOUT,
             ForwardError::ClientBody(_) => S::BAD_REQUEST,
+            ForwardError::ClientStalled(_) => S::REQUEST_TIMEOUT,
         }
     }
 }

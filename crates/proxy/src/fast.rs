@@ -791,10 +791,8 @@ impl Conn<'_> {
             None => write_request_id(&mut self.id, start),
         }
         let end = self.req.len + body_len as usize;
-        self.stall = match svc.map_or(crate::config::DEFAULT_STALL_TIMEOUT_MS, |s| s.cfg.stall_timeout_ms) {
-            0 => None,
-            ms => Some(Duration::from_millis(ms)),
-        };
+        self.stall =
+            svc.map_or(Some(Duration::from_millis(crate::config::DEFAULT_STALL_TIMEOUT_MS)), |s| s.cfg.stall_timeout());
         let Some(waited) = self.fill(end).await else { return Next::Close };
         // The request timeout runs from the first attempt: `start` is that moment unless
         // the body had to be waited for.

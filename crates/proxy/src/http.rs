@@ -230,6 +230,17 @@ fn redirect_to_https(req: &Request<Incoming>) -> Response<Body> {
     }
 }
 
+/// `body` as a [`Body`], failing after `limit` without a frame (see `stall`).
+fn stall_limited<B>(body: B, limit: Option<Duration>) -> Body
+where
+    B: hyper::body::Body<Data = Bytes, Error = hyper::Error> + Unpin + Send + Sync + 'static,
+{
+    match limit {
+        Some(limit) => crate::stall::StallLimited::new(body, limit).boxed(),
+        None => body.map_err(Into::into).boxed(),
+    }
+}
+
 fn empty_body() -> Body {
     Empty::new().map_err(|n: Infallible| match n {}).boxed()
 }
@@ -626,7 +637,9 @@ async fn route_and_forward(
         let send_body = match &mut body {
             ReqBody::Replay(bytes) if bytes.is_empty() => empty_body(),
             ReqBody::Replay(bytes) => Full::new(bytes.clone()).map_err(|n: Infallible| match n {}).boxed(),
-            ReqBody::Stream(s) => s.take().map(BodyExt::boxed).unwrap_or_else(empty_body),
+            ReqBody::Stream(s) => {
+                s.take().map(|b| stall_limited(b, svc.cfg.stall_timeout())).unwrap_or_else(empty_body)
+            }
         };
         // Origin form (authority form for CONNECT), as a pooled HTTP/1.1 client sends it.
         let uri = if parts.method == Method::CONNECT {
@@ -755,7 +768,7 @@ async fn attempt(
             }
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            let body = PooledBody::new(body, conn, b.clone(), guard).boxed();
+            let body = stall_limited(PooledBody::new(body, conn, b.clone(), guard), svc.cfg.stall_timeout());
             Ok(Response::from_parts(parts, body))
         }
         Ok(Err(SendError::Connect(e, req))) => {
@@ -764,6 +777,10 @@ async fn attempt(
             Err((ForwardError::Connect { addr: b.addr, reason }, Some(req)))
         }
         Ok(Err(SendError::Lost(e))) => {
+            // The request body the client stopped sending: not the backend's failure.
+            if let Some(stalled) = crate::stall::cause(&e) {
+                return Err((ForwardError::ClientStalled(stalled.to_string()), None));
+            }
             b.record_failure("connection lost");
             Err((ForwardError::Reset { addr: b.addr, reason: chain(&e) }, None))
         }

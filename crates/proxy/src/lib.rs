@@ -10,6 +10,7 @@
 //! | `workers` | threads with a single-threaded runtime each that HTTP connections are handed to and stay on |
 //! | `pool` | upstream HTTP/1.1 connections (hyper's, and plain sockets for `fast`): a stack of idle ones per backend, given back once a response was read |
 //! | `tls` | TLS termination for https listeners: rustls (ring), SNI certificate choice, ALPN h2/http1.1 |
+//! | `stall` | bodies on hyper's path that fail once a peer stops sending (`stall_timeout_ms`) |
 //! | `tcp` | the L4 listener: one backend per connection, bytes copied both ways |
 //! | `admin` | the loopback endpoint: `GET /backends` and `GET /health` (JSON), `GET /metrics` (Prometheus text) |
 //! | [`error`] | errors classified by side (client, backend, config) and retryability |
@@ -38,6 +39,7 @@ mod http;
 mod pool;
 mod proxy_protocol;
 pub mod spec;
+mod stall;
 mod tcp;
 mod tls;
 mod workers;
@@ -53,7 +55,9 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-pub(crate) type Body = http_body_util::combinators::BoxBody<bytes::Bytes, hyper::Error>;
+/// Errors of the bodies the proxy passes on (hyper's, or a [`stall::Stalled`]).
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type Body = http_body_util::combinators::BoxBody<bytes::Bytes, BoxError>;
 
 /// HTTP counters for `/metrics`: responses by listener, service and status; resends
 /// and cache outcomes by service.

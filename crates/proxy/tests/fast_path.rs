@@ -589,3 +589,26 @@ async fn a_body_that_stops_moving_is_cut_after_stall_timeout_on_either_side() {
     assert_eq!(b.seen().len(), 1, "the unfinished POST never reached the backend");
     p.shutdown(Duration::from_secs(1)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_upload_that_stops_gets_408_and_counts_against_the_client_not_the_backend() {
+    let b = RawBackend::start(|_, _| ok("stored")).await;
+    // passive_failures = 1: one failure blamed on the backend would take it out.
+    let cfg = web_to_app("", &[b.addr], "passive_failures = 1\nstall_timeout_ms = 300");
+    let p = Proxy::start(parse(&cfg)).await.unwrap();
+    let addr = p.local_addr("web").unwrap();
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    // Over the 64 KiB the fast path buffers, so hyper streams it; half is sent.
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\ncontent-length: 200000\r\n\r\n").await.unwrap();
+    s.write_all(&vec![b'u'; 100_000]).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let answer = tokio::time::timeout(Duration::from_secs(5), read_message(&mut s, &mut buf, false)).await;
+    let (head, body) = answer.expect("an answer within 5 s").expect("an answer, not a bare close");
+    let took = started.elapsed();
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    assert!(String::from_utf8_lossy(&body).contains("stall_timeout_ms"), "{}", String::from_utf8_lossy(&body));
+    assert!(took >= Duration::from_millis(280) && took < Duration::from_secs(3), "answered after {took:?}");
+    assert_eq!(state_of(&p, "app", b.addr).unwrap()["state"], "healthy", "the backend is not blamed");
+    p.shutdown(Duration::from_secs(1)).await;
+}

@@ -226,6 +226,80 @@ backends = [{{ address = "{}" }}]
     p.shutdown(Duration::from_secs(1)).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_response_whose_backend_stops_sending_is_cut_after_stall_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A backend that promises 100 bytes, sends 10 and then holds its socket open.
+    let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let baddr = backend.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut socks = Vec::new();
+        while let Ok((mut s, _)) = backend.accept().await {
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789").await;
+            socks.push(s);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    write_cert(dir.path(), "a", "a.test");
+    let text = format!(
+        r#"
+[[listeners]]
+name = "web"
+bind = "127.0.0.1:0"
+protocol = "https"
+tls = [{{ cert = "a.pem", key = "a.key", server_names = ["a.test"] }}]
+[[routes]]
+listener = "web"
+service = "app"
+[services.app]
+backends = [{{ address = "{baddr}" }}]
+stall_timeout_ms = 300
+"#
+    );
+    let p = Proxy::start(ProxyConfig::parse(&dir.path().join("proxy.toml"), &text).unwrap()).await.unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(p.local_addr("web").unwrap()).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from("a.test").unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.write_all(b"GET /stuck HTTP/1.1\r\nHost: a.test\r\n\r\n").await.unwrap();
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let end = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "a stalled response was still open after 5 s");
+    let took = started.elapsed();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200") && text.ends_with("0123456789"), "{text}");
+    assert!(took >= Duration::from_millis(280) && took < Duration::from_secs(3), "cut after {took:?}");
+    p.shutdown(Duration::from_secs(1)).await;
+    held.abort();
+}
+
 #[test]
 fn bad_certificate_files_are_config_errors_at_the_field() {
     let dir = tempfile::tempdir().unwrap();

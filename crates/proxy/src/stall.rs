@@ -1,0 +1,124 @@
+//! Bodies on hyper's path that give up on a peer which stops sending (`stall_timeout_ms`).
+//!
+//! A response body from a backend, or a request body streamed from a client, fails
+//! once its reader has waited `limit` for the next frame; hyper then cuts the
+//! connection it was writing to (the client's, or the backend's). The fast path bounds
+//! its own reads and writes (`fast::bounded`). Not covered: a client that stops
+//! reading its response, since hyper then stops asking the body for frames.
+
+use crate::BoxError;
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::time::Sleep;
+
+/// The error a stalled body ends with.
+#[derive(Debug, thiserror::Error)]
+#[error("no data for {0:?} (stall_timeout_ms)")]
+pub(crate) struct Stalled(Duration);
+
+/// The [`Stalled`] somewhere in `e`'s chain of causes.
+pub(crate) fn cause<'e>(e: &'e (dyn std::error::Error + 'static)) -> Option<&'e Stalled> {
+    let mut at = Some(e);
+    while let Some(e) = at {
+        if let Some(s) = e.downcast_ref::<Stalled>() {
+            return Some(s);
+        }
+        at = e.source();
+    }
+    None
+}
+
+/// `inner`, failing with [`Stalled`] after `limit` without a frame.
+pub(crate) struct StallLimited<B> {
+    inner: B,
+    limit: Duration,
+    /// Made at the first wait; armed at the start of each wait.
+    timer: Option<Pin<Box<Sleep>>>,
+    armed: bool,
+}
+
+impl<B> StallLimited<B> {
+    pub(crate) fn new(inner: B, limit: Duration) -> StallLimited<B> {
+        StallLimited { inner, limit, timer: None, armed: false }
+    }
+}
+
+impl<B> Body for StallLimited<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if let Poll::Ready(r) = Pin::new(&mut this.inner).poll_frame(cx) {
+            this.armed = false;
+            return Poll::Ready(r.map(|r| r.map_err(Into::into)));
+        }
+        let due = tokio::time::Instant::now() + this.limit;
+        let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        if !this.armed {
+            timer.as_mut().reset(due);
+            this.armed = true;
+        }
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(Stalled(this.limit).into()))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    /// A body that yields `frames` then never ends.
+    struct Then {
+        frames: Vec<Bytes>,
+    }
+
+    impl Body for Then {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            match self.frames.pop() {
+                Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
+                None => Poll::Pending,
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_stops_fails_after_its_limit_and_not_before() {
+        let mut body = StallLimited::new(
+            Then { frames: vec![Bytes::from_static(b"b"), Bytes::from_static(b"a")] },
+            Duration::from_secs(5),
+        );
+        assert_eq!(body.frame().await.unwrap().unwrap().into_data().unwrap(), "a");
+        assert_eq!(body.frame().await.unwrap().unwrap().into_data().unwrap(), "b");
+        let started = tokio::time::Instant::now();
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        assert!(err.to_string().contains("stall_timeout_ms"), "{err}");
+        assert!(cause(&*err).is_some(), "found in a chain of causes");
+        assert!(cause(&std::io::Error::other("unrelated")).is_none());
+    }
+}
