@@ -65,8 +65,8 @@
 //! record is written, which closes that unguarded window.
 //!
 //! **Replication timeouts.** After the first good probe, and again whenever the local
-//! PostgreSQL was unreachable or reports a new `pg_conf_load_time()` (a restart or a
-//! reload may bring other values back), the agent keeps `wal_receiver_timeout` and
+//! PostgreSQL reports a new `pg_conf_load_time()` (a restart or a reload, either of
+//! which may bring other values back), the agent keeps `wal_receiver_timeout` and
 //! `wal_sender_timeout` at `replication_timeout_ms` ([`drover_db::ops::ensure_replication_timeouts`]), so a
 //! replica notices a partitioned or frozen primary in seconds, not PostgreSQL's minute.
 //!
@@ -598,9 +598,9 @@ pub(crate) async fn run(shared: Arc<Shared>, db: Arc<Db>) {
     tokio::pin!(stop);
     // A self-fence was reported critical and awaits its OK.
     let mut self_fenced = false;
-    // The replication timeouts were checked since the server last answered and last
-    // loaded its configuration; a restart (or a rebuilt data dir) or a reload may bring
-    // other values back, so a failed probe or a new load time resets it.
+    // The replication timeouts were checked since the server last loaded its
+    // configuration; a restart (or a rebuilt data dir) or a reload may bring other
+    // values back, and each moves `pg_conf_load_time()`.
     let mut timeouts_checked = db.replication_timeout_ms == 0;
     let mut timeouts_retry_at = Instant::now();
     let mut conf_loaded_ms = None;
@@ -669,7 +669,6 @@ pub(crate) async fn run(shared: Arc<Shared>, db: Arc<Db>) {
                     }
                 }
             }
-            Err(_) if db.replication_timeout_ms != 0 => timeouts_checked = false,
             _ => {}
         }
         db.push_report(orders_before, &probed);

@@ -407,15 +407,20 @@ async fn a_reload_that_brings_other_replication_timeouts_gets_the_agents_back() 
     }
 
     // PostgreSQL never stops here, so no probe fails: only the new configuration load
-    // time the probe reads tells the agent to look at its settings again.
+    // time the probe reads tells the agent to look at its settings again. 4000 read
+    // after a load later than `before` (ours or the agent's, both after the ALTERs)
+    // can only be the agent's doing; 4000 alone might predate our reload.
+    let load_time = || psql(&cluster, "pg0", "SELECT pg_conf_load_time()::text");
+    let before = load_time().await.unwrap();
     psql(&cluster, "pg0", "ALTER SYSTEM SET wal_sender_timeout = '60s'").await.unwrap();
     psql(&cluster, "pg0", "ALTER SYSTEM SET wal_receiver_timeout = '60s'").await.unwrap();
     psql(&cluster, "pg0", "SELECT pg_reload_conf()").await.unwrap();
     let reloaded = Instant::now();
     let mut seen = Vec::new();
     loop {
+        let loaded = load_time().await.unwrap();
         let now = replication_timeouts(&cluster, "pg0").await;
-        if now == "4000,4000" {
+        if now == "4000,4000" && loaded != before {
             break;
         }
         if seen.last() != Some(&now) {

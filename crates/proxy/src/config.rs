@@ -68,7 +68,7 @@
 //! retry_budget_percent = 20
 //! connect_timeout_ms = 1000
 //! request_timeout_ms = 30000             # to the response head
-//! stall_timeout_ms = 60000               # then at most this long without a byte either way
+//! stall_timeout_ms = 60000               # then each body read or write may wait this long
 //! max_in_flight_per_backend = 100       # 0 = no limit; beyond it requests queue...
 //! queue_timeout_ms = 1000                # ...this long, then 503
 //! slow_start_ms = 30000                  # weight ramps 10% -> 100% after (re-)entering rotation
@@ -451,9 +451,10 @@ pub struct ServiceConfig {
     /// From sending the request to the response head.
     #[serde(default = "d_request_timeout_ms")]
     pub request_timeout_ms: u64,
-    /// HTTP: while a request body is read or a response relayed, the longest wait for
-    /// a peer to move a byte (the client to send or take one, the backend to send one);
-    /// then both connections close and the client's response is cut short. Default
+    /// HTTP: while a request body is read or a response relayed, the longest one read
+    /// from or write to a peer may wait (the client to send or take the next part, the
+    /// backend to send it); then both connections close and the client's response is
+    /// cut short (a stalled upload gets 408). Default
     /// 60000 (nginx's `proxy_read_timeout`, `send_timeout` and `client_body_timeout`);
     /// 0 = never. On hyper's path (TLS, HTTP/2, uploads over 64 KiB) it bounds the waits
     /// for the backend's response body and a streamed request body, not a client that

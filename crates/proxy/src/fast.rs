@@ -453,7 +453,10 @@ impl Timer {
             if self.registered && !self.sleep.is_elapsed() {
                 return Poll::Pending;
             }
-            if self.sleep.as_mut().poll(cx).is_pending() {
+            // Outside the task's budget: a Sleep polled with none left answers Pending
+            // without registering the waker, and `registered` would then never be cleared.
+            let polled = std::pin::pin!(tokio::task::coop::unconstrained(self.sleep.as_mut())).poll(cx);
+            if polled.is_pending() {
                 self.registered = true;
                 return Poll::Pending;
             }
@@ -628,6 +631,16 @@ pub(crate) async fn serve(
     }
 }
 
+/// How waiting for a request body ended.
+enum Filled {
+    /// All there; `true` if any of it had to be waited for.
+    Read(bool),
+    /// The client closed or failed.
+    Gone,
+    /// Nothing came for `stall_timeout_ms`.
+    Stalled,
+}
+
 enum Next {
     Request,
     Close,
@@ -699,18 +712,19 @@ impl Conn<'_> {
         }
     }
 
-    /// Reads until `rbuf` holds `n` bytes: `Some(true)` when it had to read, `None`
-    /// when the client went away first.
-    async fn fill(&mut self, n: usize) -> Option<bool> {
+    /// Reads until `rbuf` holds `n` bytes.
+    async fn fill(&mut self, n: usize) -> Filled {
         let mut read = false;
         while self.rbuf.len() < n {
             self.rbuf.reserve(n - self.rbuf.len());
             match bounded(&mut self.timer, self.stall, self.down.read_buf(&mut self.rbuf)).await {
-                Ok(0) | Err(_) => return None,
+                Ok(0) => return Filled::Gone,
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Filled::Stalled,
+                Err(_) => return Filled::Gone,
                 Ok(_) => read = true,
             }
         }
-        Some(read)
+        Filled::Read(read)
     }
 
     /// One request whose head is parsed in `rbuf`, from routing to the last byte of
@@ -793,7 +807,15 @@ impl Conn<'_> {
         let end = self.req.len + body_len as usize;
         self.stall =
             svc.map_or(Some(Duration::from_millis(crate::config::DEFAULT_STALL_TIMEOUT_MS)), |s| s.cfg.stall_timeout());
-        let Some(waited) = self.fill(end).await else { return Next::Close };
+        let (waited, stalled) = match self.fill(end).await {
+            Filled::Read(waited) => (waited, false),
+            Filled::Gone => return Next::Close,
+            // Answered (408) and closed: the rest of the body may still come.
+            Filled::Stalled => {
+                self.closing = true;
+                (false, true)
+            }
+        };
         // The request timeout runs from the first attempt: `start` is that moment unless
         // the body had to be waited for.
         let sent_at = if waited { Instant::now() } else { start };
@@ -802,6 +824,11 @@ impl Conn<'_> {
             .then(|| (String::from_utf8_lossy(&self.rbuf[self.req.method.clone()]).into_owned(), path()));
         let mut o = Outcome { status: 0, service: None, backend: None, tries: 0, error: None };
         let next = match (route, svc) {
+            _ if stalled => {
+                o.service = svc.map(|s| s.name.as_str());
+                let limit = self.stall.unwrap_or_default();
+                self.answer_error(&ForwardError::ClientStalled(crate::stall::Stalled(limit).to_string()), &mut o).await
+            }
             (None, _) => {
                 let e = ForwardError::NoRoute { host: String::from_utf8_lossy(&self.host).into_owned(), path: path() };
                 self.answer_error(&e, &mut o).await
@@ -815,7 +842,8 @@ impl Conn<'_> {
                 self.forward(svc, body_len as usize, conn, sent_at, &mut o).await
             }
         };
-        consume(&mut self.rbuf, end);
+        let taken = end.min(self.rbuf.len());
+        consume(&mut self.rbuf, taken);
         self.shared.count_response(self.listener, o.service.unwrap_or("-"), o.status, o.tries, None);
         if let Some((method, path)) = logged {
             tracing::info!(

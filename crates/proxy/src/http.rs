@@ -65,7 +65,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
-use http_body_util::{BodyExt, Empty, Full, Limited};
+use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body as _, Incoming};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -102,8 +102,9 @@ pub(crate) async fn serve(
         }
     };
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    // hyper starts this timer whenever it waits for a head, after accept or a response:
-    // the fast path's rule (`fast::Conn::read_head`).
+    // hyper starts this timer whenever it waits for a head, after a response or once
+    // its first bytes told HTTP/1 from HTTP/2 (`stall::FirstByteWithin` bounds that
+    // wait): the fast path's rule (`fast::Conn::read_head`).
     builder.http1().timer(TokioTimer::new()).header_read_timeout(flags.head_timeout);
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
@@ -157,11 +158,12 @@ pub(crate) async fn serve(
                         // Plain HTTP: the fast path, unless every request is redirected.
                         let io = if flags.redirect_https {
                             drop(fast_stop);
-                            crate::fast::Prefixed::new(stream)
+                            crate::stall::FirstByteWithin::new(crate::fast::Prefixed::new(stream), flags.head_timeout)
                         } else {
                             match crate::fast::serve(stream, client, flags, &shared, &name, fast_stop).await {
                                 crate::fast::Ended::Closed => return,
-                                crate::fast::Ended::Fallback(io) => io,
+                                // The head that made it fall back is already read.
+                                crate::fast::Ended::Fallback(io) => crate::stall::FirstByteWithin::new(io, None),
                             }
                         };
                         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service(client, shared, name));
@@ -176,6 +178,7 @@ pub(crate) async fn serve(
                         Ok(Err(e)) => return tracing::debug!(%peer, "TLS handshake: {e}"),
                         Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
                     };
+                    let stream = crate::stall::FirstByteWithin::new(stream, flags.head_timeout);
                     let conn = builder
                         .serve_connection_with_upgrades(TokioIo::new(stream), service(client, shared, name))
                         .into_owned();
@@ -235,10 +238,27 @@ fn stall_limited<B>(body: B, limit: Option<Duration>) -> Body
 where
     B: hyper::body::Body<Data = Bytes, Error = hyper::Error> + Unpin + Send + Sync + 'static,
 {
-    match limit {
-        Some(limit) => crate::stall::StallLimited::new(body, limit).boxed(),
-        None => body.map_err(Into::into).boxed(),
+    crate::stall::StallLimited::new(body, limit).boxed()
+}
+
+/// A request body declared at most [`REPLAY_BODY_LIMIT`] long, read whole so it can be
+/// resent; each wait for it bounded by `limit`.
+async fn read_small_body(body: Incoming, limit: Option<Duration>) -> Result<Bytes, ForwardError> {
+    let mut body = crate::stall::StallLimited::new(body, limit);
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| match crate::stall::cause(&*e) {
+            Some(stalled) => ForwardError::ClientStalled(stalled.to_string()),
+            None => ForwardError::ClientBody(e.to_string()),
+        })?;
+        if let Ok(data) = frame.into_data() {
+            if (buf.len() + data.len()) as u64 > REPLAY_BODY_LIMIT {
+                return Err(ForwardError::ClientBody("longer than its content-length".into()));
+            }
+            buf.extend_from_slice(&data);
+        }
     }
+    Ok(buf.freeze())
 }
 
 fn empty_body() -> Body {
@@ -553,11 +573,7 @@ async fn route_and_forward(
     let mut body = if body.is_end_stream() {
         ReqBody::Replay(Bytes::new())
     } else if declared.is_some_and(|n| n <= REPLAY_BODY_LIMIT) {
-        let collected = Limited::new(body, REPLAY_BODY_LIMIT as usize)
-            .collect()
-            .await
-            .map_err(|e| ForwardError::ClientBody(e.to_string()))?;
-        ReqBody::Replay(collected.to_bytes())
+        ReqBody::Replay(read_small_body(body, svc.cfg.stall_timeout()).await?)
     } else {
         ReqBody::Stream(Some(body))
     };
@@ -744,7 +760,9 @@ async fn attempt(
     let started = (svc.cfg.balance == Balance::P2cEwma).then(Instant::now);
     let connect_timeout = Duration::from_millis(svc.cfg.connect_timeout_ms);
     let result = tokio::time::timeout(Duration::from_millis(ms), pool::send(b, connect_timeout, req)).await;
-    if let Some(started) = started {
+    // A streamed upload the client stopped sending: the backend is neither failed nor slow.
+    let client_stalled = matches!(&result, Ok(Err(SendError::Lost(e))) if crate::stall::cause(e).is_some());
+    if let Some(started) = started.filter(|_| !client_stalled) {
         let ok = matches!(&result, Ok(Ok((r, _))) if !r.status().is_server_error());
         b.observe_latency(if ok { started.elapsed() } else { started.elapsed().max(EWMA_FAILURE_PENALTY) });
     }
@@ -777,7 +795,6 @@ async fn attempt(
             Err((ForwardError::Connect { addr: b.addr, reason }, Some(req)))
         }
         Ok(Err(SendError::Lost(e))) => {
-            // The request body the client stopped sending: not the backend's failure.
             if let Some(stalled) = crate::stall::cause(&e) {
                 return Err((ForwardError::ClientStalled(stalled.to_string()), None));
             }

@@ -1,4 +1,5 @@
-//! Bodies on hyper's path that give up on a peer which stops sending (`stall_timeout_ms`).
+//! hyper's path giving up on a peer that stops sending: bodies (`stall_timeout_ms`) and
+//! a connection's first bytes (`request_head_timeout_secs`).
 //!
 //! A response body from a backend, or a request body streamed from a client, fails
 //! once its reader has waited `limit` for the next frame; hyper then cuts the
@@ -12,12 +13,13 @@ use hyper::body::{Body, Frame, SizeHint};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
 /// The error a stalled body ends with.
 #[derive(Debug, thiserror::Error)]
 #[error("no data for {0:?} (stall_timeout_ms)")]
-pub(crate) struct Stalled(Duration);
+pub(crate) struct Stalled(pub(crate) Duration);
 
 /// The [`Stalled`] somewhere in `e`'s chain of causes.
 pub(crate) fn cause<'e>(e: &'e (dyn std::error::Error + 'static)) -> Option<&'e Stalled> {
@@ -31,17 +33,17 @@ pub(crate) fn cause<'e>(e: &'e (dyn std::error::Error + 'static)) -> Option<&'e 
     None
 }
 
-/// `inner`, failing with [`Stalled`] after `limit` without a frame.
+/// `inner`, failing with [`Stalled`] after `limit` without a frame (`None`: never).
 pub(crate) struct StallLimited<B> {
     inner: B,
-    limit: Duration,
+    limit: Option<Duration>,
     /// Made at the first wait; armed at the start of each wait.
     timer: Option<Pin<Box<Sleep>>>,
     armed: bool,
 }
 
 impl<B> StallLimited<B> {
-    pub(crate) fn new(inner: B, limit: Duration) -> StallLimited<B> {
+    pub(crate) fn new(inner: B, limit: Option<Duration>) -> StallLimited<B> {
         StallLimited { inner, limit, timer: None, armed: false }
     }
 }
@@ -60,14 +62,18 @@ where
             this.armed = false;
             return Poll::Ready(r.map(|r| r.map_err(Into::into)));
         }
-        let due = tokio::time::Instant::now() + this.limit;
-        let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        let Some(limit) = this.limit else { return Poll::Pending };
         if !this.armed {
-            timer.as_mut().reset(due);
+            let due = tokio::time::Instant::now() + limit;
+            match &mut this.timer {
+                Some(t) => t.as_mut().reset(due),
+                None => this.timer = Some(Box::pin(tokio::time::sleep_until(due))),
+            }
             this.armed = true;
         }
+        let timer = this.timer.as_mut().expect("armed above");
         match timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Some(Err(Stalled(this.limit).into()))),
+            Poll::Ready(()) => Poll::Ready(Some(Err(Stalled(limit).into()))),
             Poll::Pending => Poll::Pending,
         }
     }
@@ -78,6 +84,70 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// An accepted connection whose first byte must come within a limit: hyper's auto
+/// builder reads the first bytes (to tell HTTP/2's preface from HTTP/1) before any of
+/// its own timers run, so a client that connects (and shakes hands) and then sends
+/// nothing would otherwise be held forever. After the first byte it only passes through.
+pub(crate) struct FirstByteWithin<I> {
+    io: I,
+    /// Until the first byte.
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl<I> FirstByteWithin<I> {
+    pub(crate) fn new(io: I, limit: Option<Duration>) -> FirstByteWithin<I> {
+        FirstByteWithin { io, timer: limit.map(|l| Box::pin(tokio::time::sleep(l))) }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for FirstByteWithin<I> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.io).poll_read(cx, buf);
+        if let Some(timer) = this.timer.as_mut() {
+            match r {
+                Poll::Ready(Ok(())) if buf.filled().len() == before => {}
+                Poll::Ready(_) => this.timer = None,
+                Poll::Pending => {
+                    if timer.as_mut().poll(cx).is_ready() {
+                        let e =
+                            std::io::Error::new(std::io::ErrorKind::TimedOut, "no request (request_head_timeout_secs)");
+                        return Poll::Ready(Err(e));
+                    }
+                }
+            }
+        }
+        r
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for FirstByteWithin<I> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -110,7 +180,7 @@ mod tests {
     async fn a_body_that_stops_fails_after_its_limit_and_not_before() {
         let mut body = StallLimited::new(
             Then { frames: vec![Bytes::from_static(b"b"), Bytes::from_static(b"a")] },
-            Duration::from_secs(5),
+            Some(Duration::from_secs(5)),
         );
         assert_eq!(body.frame().await.unwrap().unwrap().into_data().unwrap(), "a");
         assert_eq!(body.frame().await.unwrap().unwrap().into_data().unwrap(), "b");

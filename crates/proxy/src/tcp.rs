@@ -114,7 +114,7 @@ async fn handle(shared: Arc<Shared>, listener: Arc<str>, mut inbound: TcpStream)
                 };
                 let reads = AtomicU64::new(0);
                 let (mut down, mut up) =
-                    (Counted { io: &mut inbound, reads: &reads }, Counted { io: &mut out, reads: &reads });
+                    (Activity { io: &mut inbound, reads: &reads }, Activity { io: &mut out, reads: &reads });
                 let idle = async {
                     match idle_timeout {
                         Some(limit) => quiet_for(limit, &reads).await,
@@ -142,13 +142,14 @@ async fn handle(shared: Arc<Shared>, listener: Arc<str>, mut inbound: TcpStream)
 }
 
 /// One side of a proxied connection, counting the reads that brought bytes (either
-/// side's, into one counter) so [`quiet_for`] can tell an idle connection.
-struct Counted<'a, S> {
+/// side's, into one counter) so [`quiet_for`] can tell an idle connection. One relaxed
+/// add per read, beside the read's system call, whether or not a limit is set.
+struct Activity<'a, S> {
     io: &'a mut S,
     reads: &'a AtomicU64,
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
+impl<S: AsyncRead + Unpin> AsyncRead for Activity<'_, S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut *self.io).poll_read(cx, buf);
@@ -159,7 +160,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Activity<'_, S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut *self.io).poll_write(cx, buf)
     }

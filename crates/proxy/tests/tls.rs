@@ -49,9 +49,8 @@ impl ServerCertVerifier for AnyCert {
     }
 }
 
-/// Connects with SNI `name` (after sending `prefix` in the clear); returns the leaf
-/// certificate presented, the ALPN protocol and the body of `GET /tls` sent over the connection.
-async fn fetch_after(addr: std::net::SocketAddr, name: &str, prefix: &[u8]) -> (Vec<u8>, Option<Vec<u8>>, String) {
+/// A client that accepts any certificate, offering `alpn`.
+fn client_config(alpn: &[u8]) -> rustls::ClientConfig {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -59,7 +58,44 @@ async fn fetch_after(addr: std::net::SocketAddr, name: &str, prefix: &[u8]) -> (
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
         .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    cfg
+}
+
+/// A TLS connection to `addr` with SNI `name`, offering only HTTP/1.1.
+async fn connect_http1(
+    addr: std::net::SocketAddr,
+    name: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(client_config(b"http/1.1")))
+        .connect(ServerName::try_from(name.to_string()).unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+/// Reads from `s` until it ends (close or error); `None` if that takes over `limit`.
+async fn read_until_closed<S: tokio::io::AsyncRead + Unpin>(s: &mut S, limit: Duration) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(limit, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .ok()?;
+    Some(got)
+}
+
+/// Connects with SNI `name` (after sending `prefix` in the clear); returns the leaf
+/// certificate presented, the ALPN protocol and the body of `GET /tls` sent over the connection.
+async fn fetch_after(addr: std::net::SocketAddr, name: &str, prefix: &[u8]) -> (Vec<u8>, Option<Vec<u8>>, String) {
+    let cfg = client_config(b"h2");
     let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     tokio::io::AsyncWriteExt::write_all(&mut tcp, prefix).await.unwrap();
     let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
@@ -166,8 +202,8 @@ backends = [{{ address = "{}" }}]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_https_connection_idle_past_the_request_head_timeout_is_closed() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+async fn an_https_connection_idle_or_silent_past_the_request_head_timeout_is_closed() {
+    use tokio::io::AsyncWriteExt;
     let b = TestBackend::start("app").await;
     let dir = tempfile::tempdir().unwrap();
     write_cert(dir.path(), "a", "a.test");
@@ -188,41 +224,24 @@ backends = [{{ address = "{}" }}]
         b.addr
     );
     let p = Proxy::start(ProxyConfig::parse(&dir.path().join("proxy.toml"), &text).unwrap()).await.unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(p.local_addr("web").unwrap()).await.unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(ServerName::try_from("a.test").unwrap(), tcp)
-        .await
-        .unwrap();
+    let addr = p.local_addr("web").unwrap();
+
+    // Idle after a response, measured from before the request (hyper starts its timer
+    // when it waits for the next head, after answering).
+    let mut tls = connect_http1(addr, "a.test").await;
+    let asked = std::time::Instant::now();
     tls.write_all(b"GET /one HTTP/1.1\r\nHost: a.test\r\n\r\n").await.unwrap();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&got).contains("app /one") {
-        let n = tls.read(&mut buf).await.unwrap();
-        assert!(n > 0, "closed before the answer: {}", String::from_utf8_lossy(&got));
-        got.extend_from_slice(&buf[..n]);
-    }
-    // hyper's path (TLS here) starts the same timer after a response as the fast path.
-    let idle_from = std::time::Instant::now();
-    let end = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match tls.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
-    assert!(end.is_ok(), "an idle https connection stayed open past 5 s");
-    let took = idle_from.elapsed();
-    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(3), "closed after {took:?}");
+    let got = read_until_closed(&mut tls, Duration::from_secs(5)).await.expect("an idle https connection is closed");
+    let took = asked.elapsed();
+    assert!(String::from_utf8_lossy(&got).contains("app /one"), "{}", String::from_utf8_lossy(&got));
+    assert!(took >= Duration::from_secs(1) && took < Duration::from_secs(3), "closed {took:?} after the request");
+
+    // A client that completes the handshake and never sends a byte.
+    let mut silent = connect_http1(addr, "a.test").await;
+    let shook = std::time::Instant::now();
+    let got = read_until_closed(&mut silent, Duration::from_secs(5)).await.expect("a silent https client is closed");
+    assert!(got.is_empty(), "no answer to nothing: {}", String::from_utf8_lossy(&got));
+    assert!(shook.elapsed() < Duration::from_secs(3), "closed after {:?}", shook.elapsed());
     p.shutdown(Duration::from_secs(1)).await;
 }
 
@@ -265,33 +284,11 @@ stall_timeout_ms = 300
 "#
     );
     let p = Proxy::start(ProxyConfig::parse(&dir.path().join("proxy.toml"), &text).unwrap()).await.unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(p.local_addr("web").unwrap()).await.unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(ServerName::try_from("a.test").unwrap(), tcp)
-        .await
-        .unwrap();
-    tls.write_all(b"GET /stuck HTTP/1.1\r\nHost: a.test\r\n\r\n").await.unwrap();
+    let mut tls = connect_http1(p.local_addr("web").unwrap(), "a.test").await;
     let started = std::time::Instant::now();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    let end = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match tls.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    assert!(end.is_ok(), "a stalled response was still open after 5 s");
+    tls.write_all(b"GET /stuck HTTP/1.1\r\nHost: a.test\r\n\r\n").await.unwrap();
+    let got = read_until_closed(&mut tls, Duration::from_secs(5)).await;
+    let got = got.expect("a stalled response is cut within 5 s");
     let took = started.elapsed();
     let text = String::from_utf8_lossy(&got);
     assert!(text.starts_with("HTTP/1.1 200") && text.ends_with("0123456789"), "{text}");
