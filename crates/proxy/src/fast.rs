@@ -65,31 +65,52 @@ pub(crate) enum Ended {
     Fallback(Prefixed),
 }
 
-/// A socket with bytes already read from it put back in front.
-pub(crate) struct Prefixed {
+/// A connection as hyper's path gets it: bytes the fast path already read put back in
+/// front, and optionally a limit on the wait for its first byte. hyper's auto builder
+/// reads the first bytes (to tell HTTP/2's preface from HTTP/1) before any timer of its
+/// own runs, so a client that connects (and shakes hands) and then sends nothing would
+/// otherwise be held forever (`request_head_timeout_secs`).
+pub(crate) struct Prefixed<I = TcpStream> {
     prefix: Bytes,
-    io: TcpStream,
+    io: I,
+    /// Until the first byte.
+    first_byte: Option<Pin<Box<Sleep>>>,
 }
 
-impl Prefixed {
-    pub(crate) fn new(io: TcpStream) -> Prefixed {
-        Prefixed { prefix: Bytes::new(), io }
+impl<I> Prefixed<I> {
+    /// `io` whose first byte must come within `limit`.
+    pub(crate) fn new(io: I, limit: Option<Duration>) -> Prefixed<I> {
+        Prefixed { prefix: Bytes::new(), io, first_byte: limit.map(|l| Box::pin(tokio::time::sleep(l))) }
     }
 }
 
-impl AsyncRead for Prefixed {
+impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix[..n]);
-            self.prefix.advance(n);
+        let this = &mut *self;
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix.advance(n);
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.io).poll_read(cx, buf);
+        if let Some(timer) = this.first_byte.as_mut() {
+            match r {
+                Poll::Ready(Ok(())) if buf.filled().len() == before => {}
+                Poll::Ready(_) => this.first_byte = None,
+                Poll::Pending if timer.as_mut().poll(cx).is_ready() => {
+                    let e = std::io::Error::new(std::io::ErrorKind::TimedOut, "no request (request_head_timeout_secs)");
+                    return Poll::Ready(Err(e));
+                }
+                Poll::Pending => {}
+            }
+        }
+        r
     }
 }
 
-impl AsyncWrite for Prefixed {
+impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
@@ -649,7 +670,7 @@ enum Next {
 
 impl Conn<'_> {
     fn fallback(self) -> Ended {
-        Ended::Fallback(Prefixed { prefix: self.rbuf.freeze(), io: self.down })
+        Ended::Fallback(Prefixed { prefix: self.rbuf.freeze(), io: self.down, first_byte: None })
     }
 
     /// The listener is draining. Read per request: an atomic load of the channel's

@@ -103,8 +103,8 @@ pub(crate) async fn serve(
     };
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     // hyper starts this timer whenever it waits for a head, after a response or once
-    // its first bytes told HTTP/1 from HTTP/2 (`stall::FirstByteWithin` bounds that
-    // wait): the fast path's rule (`fast::Conn::read_head`).
+    // its first bytes told HTTP/1 from HTTP/2 (`fast::Prefixed` bounds that wait): the
+    // fast path's rule (`fast::Conn::read_head`).
     builder.http1().timer(TokioTimer::new()).header_read_timeout(flags.head_timeout);
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
@@ -158,12 +158,11 @@ pub(crate) async fn serve(
                         // Plain HTTP: the fast path, unless every request is redirected.
                         let io = if flags.redirect_https {
                             drop(fast_stop);
-                            crate::stall::FirstByteWithin::new(crate::fast::Prefixed::new(stream), flags.head_timeout)
+                            crate::fast::Prefixed::new(stream, flags.head_timeout)
                         } else {
                             match crate::fast::serve(stream, client, flags, &shared, &name, fast_stop).await {
                                 crate::fast::Ended::Closed => return,
-                                // The head that made it fall back is already read.
-                                crate::fast::Ended::Fallback(io) => crate::stall::FirstByteWithin::new(io, None),
+                                crate::fast::Ended::Fallback(io) => io,
                             }
                         };
                         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service(client, shared, name));
@@ -178,7 +177,7 @@ pub(crate) async fn serve(
                         Ok(Err(e)) => return tracing::debug!(%peer, "TLS handshake: {e}"),
                         Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
                     };
-                    let stream = crate::stall::FirstByteWithin::new(stream, flags.head_timeout);
+                    let stream = crate::fast::Prefixed::new(stream, flags.head_timeout);
                     let conn = builder
                         .serve_connection_with_upgrades(TokioIo::new(stream), service(client, shared, name))
                         .into_owned();

@@ -10,7 +10,7 @@
 //! | `workers` | threads with a single-threaded runtime each that HTTP connections are handed to and stay on |
 //! | `pool` | upstream HTTP/1.1 connections (hyper's, and plain sockets for `fast`): a stack of idle ones per backend, given back once a response was read |
 //! | `tls` | TLS termination for https listeners: rustls (ring), SNI certificate choice, ALPN h2/http1.1 |
-//! | `stall` | hyper's path giving up on a silent peer: bodies (`stall_timeout_ms`), a connection's first bytes (`request_head_timeout_secs`) |
+//! | `stall` | bodies on hyper's path that fail once a peer stops sending (`stall_timeout_ms`) |
 //! | `tcp` | the L4 listener: one backend per connection, bytes copied both ways |
 //! | `admin` | the loopback endpoint: `GET /backends` and `GET /health` (JSON), `GET /metrics` (Prometheus text) |
 //! | [`error`] | errors classified by side (client, backend, config) and retryability |

@@ -1,5 +1,4 @@
-//! hyper's path giving up on a peer that stops sending: bodies (`stall_timeout_ms`) and
-//! a connection's first bytes (`request_head_timeout_secs`).
+//! Bodies on hyper's path that give up on a peer which stops sending (`stall_timeout_ms`).
 //!
 //! A response body from a backend, or a request body streamed from a client, fails
 //! once its reader has waited `limit` for the next frame; hyper then cuts the
@@ -13,7 +12,6 @@ use hyper::body::{Body, Frame, SizeHint};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
 /// The error a stalled body ends with.
@@ -84,70 +82,6 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
-    }
-}
-
-/// An accepted connection whose first byte must come within a limit: hyper's auto
-/// builder reads the first bytes (to tell HTTP/2's preface from HTTP/1) before any of
-/// its own timers run, so a client that connects (and shakes hands) and then sends
-/// nothing would otherwise be held forever. After the first byte it only passes through.
-pub(crate) struct FirstByteWithin<I> {
-    io: I,
-    /// Until the first byte.
-    timer: Option<Pin<Box<Sleep>>>,
-}
-
-impl<I> FirstByteWithin<I> {
-    pub(crate) fn new(io: I, limit: Option<Duration>) -> FirstByteWithin<I> {
-        FirstByteWithin { io, timer: limit.map(|l| Box::pin(tokio::time::sleep(l))) }
-    }
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for FirstByteWithin<I> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        let this = &mut *self;
-        let before = buf.filled().len();
-        let r = Pin::new(&mut this.io).poll_read(cx, buf);
-        if let Some(timer) = this.timer.as_mut() {
-            match r {
-                Poll::Ready(Ok(())) if buf.filled().len() == before => {}
-                Poll::Ready(_) => this.timer = None,
-                Poll::Pending => {
-                    if timer.as_mut().poll(cx).is_ready() {
-                        let e =
-                            std::io::Error::new(std::io::ErrorKind::TimedOut, "no request (request_head_timeout_secs)");
-                        return Poll::Ready(Err(e));
-                    }
-                }
-            }
-        }
-        r
-    }
-}
-
-impl<I: AsyncWrite + Unpin> AsyncWrite for FirstByteWithin<I> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

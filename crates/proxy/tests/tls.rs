@@ -128,6 +128,29 @@ fn write_cert(dir: &std::path::Path, file: &str, name: &str) -> rcgen::Certified
     c
 }
 
+/// One https listener `web` (a certificate for `a.test`, written to `dir`, and the
+/// `listener` keys) routing everything to service `app` at `backend` (with `service` keys).
+fn one_cert(dir: &std::path::Path, listener: &str, backend: std::net::SocketAddr, service: &str) -> ProxyConfig {
+    write_cert(dir, "a", "a.test");
+    let text = format!(
+        r#"
+[[listeners]]
+name = "web"
+bind = "127.0.0.1:0"
+protocol = "https"
+{listener}
+tls = [{{ cert = "a.pem", key = "a.key", server_names = ["a.test"] }}]
+[[routes]]
+listener = "web"
+service = "app"
+[services.app]
+backends = [{{ address = "{backend}" }}]
+{service}
+"#
+    );
+    ProxyConfig::parse(&dir.join("proxy.toml"), &text).unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_listener_picks_the_certificate_by_sni_and_speaks_h2() {
     let b = TestBackend::start("app").await;
@@ -176,24 +199,7 @@ backends = [{{ address = "{}" }}]
 async fn https_listener_reads_the_proxy_header_before_the_tls_handshake() {
     let b = TestBackend::start("app").await;
     let dir = tempfile::tempdir().unwrap();
-    write_cert(dir.path(), "a", "a.test");
-    let text = format!(
-        r#"
-[[listeners]]
-name = "web"
-bind = "127.0.0.1:0"
-protocol = "https"
-accept_proxy_protocol = true
-tls = [{{ cert = "a.pem", key = "a.key", server_names = ["a.test"] }}]
-[[routes]]
-listener = "web"
-service = "app"
-[services.app]
-backends = [{{ address = "{}" }}]
-"#,
-        b.addr
-    );
-    let p = Proxy::start(ProxyConfig::parse(&dir.path().join("proxy.toml"), &text).unwrap()).await.unwrap();
+    let p = Proxy::start(one_cert(dir.path(), "accept_proxy_protocol = true", b.addr, "")).await.unwrap();
     let addr = p.local_addr("web").unwrap();
     let (_, _, body) = fetch_after(addr, "a.test", b"PROXY TCP4 192.0.2.44 192.0.2.1 40000 443\r\n").await;
     assert!(body.contains("xff=192.0.2.44 proto=https"), "{body}");
@@ -206,24 +212,7 @@ async fn an_https_connection_idle_or_silent_past_the_request_head_timeout_is_clo
     use tokio::io::AsyncWriteExt;
     let b = TestBackend::start("app").await;
     let dir = tempfile::tempdir().unwrap();
-    write_cert(dir.path(), "a", "a.test");
-    let text = format!(
-        r#"
-[[listeners]]
-name = "web"
-bind = "127.0.0.1:0"
-protocol = "https"
-request_head_timeout_secs = 1
-tls = [{{ cert = "a.pem", key = "a.key", server_names = ["a.test"] }}]
-[[routes]]
-listener = "web"
-service = "app"
-[services.app]
-backends = [{{ address = "{}" }}]
-"#,
-        b.addr
-    );
-    let p = Proxy::start(ProxyConfig::parse(&dir.path().join("proxy.toml"), &text).unwrap()).await.unwrap();
+    let p = Proxy::start(one_cert(dir.path(), "request_head_timeout_secs = 1", b.addr, "")).await.unwrap();
     let addr = p.local_addr("web").unwrap();
 
     // Idle after a response, measured from before the request (hyper starts its timer
@@ -267,23 +256,7 @@ async fn an_https_response_whose_backend_stops_sending_is_cut_after_stall_timeou
         }
     });
     let dir = tempfile::tempdir().unwrap();
-    write_cert(dir.path(), "a", "a.test");
-    let text = format!(
-        r#"
-[[listeners]]
-name = "web"
-bind = "127.0.0.1:0"
-protocol = "https"
-tls = [{{ cert = "a.pem", key = "a.key", server_names = ["a.test"] }}]
-[[routes]]
-listener = "web"
-service = "app"
-[services.app]
-backends = [{{ address = "{baddr}" }}]
-stall_timeout_ms = 300
-"#
-    );
-    let p = Proxy::start(ProxyConfig::parse(&dir.path().join("proxy.toml"), &text).unwrap()).await.unwrap();
+    let p = Proxy::start(one_cert(dir.path(), "", baddr, "stall_timeout_ms = 300")).await.unwrap();
     let mut tls = connect_http1(p.local_addr("web").unwrap(), "a.test").await;
     let started = std::time::Instant::now();
     tls.write_all(b"GET /stuck HTTP/1.1\r\nHost: a.test\r\n\r\n").await.unwrap();
