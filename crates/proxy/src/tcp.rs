@@ -113,8 +113,10 @@ async fn handle(shared: Arc<Shared>, listener: Arc<str>, mut inbound: TcpStream)
                     }
                 };
                 let reads = AtomicU64::new(0);
+                // Counted only when something reads the count.
+                let counted = idle_timeout.map(|_| &reads);
                 let (mut down, mut up) =
-                    (Activity { io: &mut inbound, reads: &reads }, Activity { io: &mut out, reads: &reads });
+                    (Activity { io: &mut inbound, reads: counted }, Activity { io: &mut out, reads: counted });
                 let idle = async {
                     match idle_timeout {
                         Some(limit) => quiet_for(limit, &reads).await,
@@ -142,19 +144,20 @@ async fn handle(shared: Arc<Shared>, listener: Arc<str>, mut inbound: TcpStream)
 }
 
 /// One side of a proxied connection, counting the reads that brought bytes (either
-/// side's, into one counter) so [`quiet_for`] can tell an idle connection. One relaxed
-/// add per read, beside the read's system call, whether or not a limit is set.
+/// side's, into one counter) so [`quiet_for`] can tell an idle connection; without a
+/// counter (no `idle_timeout_secs`) it only passes through.
 struct Activity<'a, S> {
     io: &'a mut S,
-    reads: &'a AtomicU64,
+    reads: Option<&'a AtomicU64>,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Activity<'_, S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let Some(reads) = self.reads else { return Pin::new(&mut *self.io).poll_read(cx, buf) };
         let before = buf.filled().len();
         let r = Pin::new(&mut *self.io).poll_read(cx, buf);
         if buf.filled().len() > before {
-            self.reads.fetch_add(1, Ordering::Relaxed);
+            reads.fetch_add(1, Ordering::Relaxed);
         }
         r
     }

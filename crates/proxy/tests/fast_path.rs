@@ -564,10 +564,19 @@ async fn a_request_head_not_complete_in_time_closes_idle_and_trickling_clients_b
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_that_stops_moving_is_cut_after_stall_timeout_on_either_side() {
-    // The backend promises 100 bytes, sends 10 and then nothing, keeping its socket open.
-    let b =
-        RawBackend::start(|_, _| Reply::Bytes(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789".to_vec()))
-            .await;
+    // The backend promises 100 bytes, sends 10 and then nothing, keeping its socket open;
+    // `/big` gets 32 MiB whole, more than the sockets between proxy and client hold.
+    const BIG: usize = 32 << 20;
+    let b = RawBackend::start(|req, _| {
+        if req.head.starts_with("GET /big ") {
+            let mut r = format!("HTTP/1.1 200 OK\r\ncontent-length: {BIG}\r\n\r\n").into_bytes();
+            r.resize(r.len() + BIG, b'b');
+            Reply::Bytes(r)
+        } else {
+            Reply::Bytes(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789".to_vec())
+        }
+    })
+    .await;
     let (p, addr) = proxy_for(b.addr, "stall_timeout_ms = 300").await;
     let mut s = TcpStream::connect(addr).await.unwrap();
     let started = std::time::Instant::now();
@@ -593,6 +602,26 @@ async fn a_body_that_stops_moving_is_cut_after_stall_timeout_on_either_side() {
     assert!(text.contains("stall_timeout_ms"), "{text}");
     assert!(took >= Duration::from_millis(280) && took < Duration::from_secs(3), "cut after {took:?}");
     assert_eq!(b.seen().len(), 1, "the unfinished POST never reached the backend");
+
+    // The client asks for 32 MiB and reads nothing for 1.5 s: the proxy's write waits
+    // past 300 ms and the connection is cut, so less than the whole body ever arrives.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut got = Vec::new();
+    let mut chunk = vec![0u8; 1 << 16];
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "a client that stopped reading was still served after 10 s");
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got[..got.len().min(200)]));
+    assert!(got.len() < BIG, "the whole body came ({} bytes): the write was never cut", got.len());
     p.shutdown(Duration::from_secs(1)).await;
 }
 

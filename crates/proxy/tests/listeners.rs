@@ -81,19 +81,7 @@ backends = [{{ address = "{}" }}]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tcp_listener_passes_the_carried_address_on_in_its_own_proxy_line() {
     let (echo, _t) = echo_server().await;
-    let cfg = format!(
-        r#"
-[[listeners]]
-name = "pg"
-bind = "127.0.0.1:0"
-protocol = "tcp"
-service = "db"
-accept_proxy_protocol = true
-[services.db]
-backends = [{{ address = "{echo}" }}]
-send_proxy_protocol = true
-"#
-    );
+    let cfg = pg_to_db("accept_proxy_protocol = true", &[echo], "send_proxy_protocol = true");
     let p = Proxy::start(parse(&cfg)).await.unwrap();
     let mut conn = tokio::net::TcpStream::connect(p.local_addr("pg").unwrap()).await.unwrap();
     conn.write_all(&v2_header("203.0.113.7:4321".parse().unwrap(), "198.51.100.2:5432".parse().unwrap()))

@@ -11,22 +11,17 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 async fn tcp_listener_copies_bytes_to_a_healthy_backend_only() {
     let (echo, _t) = echo_server().await;
     let dead = dead_addr();
-    let cfg = format!(
+    let cfg = pg_to_db(
+        "",
+        &[dead, echo],
         r#"
-[[listeners]]
-name = "pg"
-bind = "127.0.0.1:0"
-protocol = "tcp"
-service = "db"
-[services.db]
-backends = [{{ address = "{dead}" }}, {{ address = "{echo}" }}]
 [services.db.health]
 kind = "tcp"
 interval_ms = 50
 timeout_ms = 50
 rise = 1
 fall = 1
-"#
+"#,
     );
     let p = Proxy::start(parse(&cfg)).await.unwrap();
     wait_until(Duration::from_secs(3), "echo healthy", || {
@@ -52,18 +47,7 @@ fall = 1
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backends_can_be_sent_the_client_address_in_a_proxy_v1_line() {
     let (echo, _t) = echo_server().await;
-    let cfg = format!(
-        r#"
-[[listeners]]
-name = "pg"
-bind = "127.0.0.1:0"
-protocol = "tcp"
-service = "db"
-[services.db]
-backends = [{{ address = "{echo}" }}]
-send_proxy_protocol = true
-"#
-    );
+    let cfg = pg_to_db("", &[echo], "send_proxy_protocol = true");
     let p = Proxy::start(parse(&cfg)).await.unwrap();
     let front = p.local_addr("pg").unwrap();
     let mut conn = tokio::net::TcpStream::connect(front).await.unwrap();
@@ -132,18 +116,7 @@ async fn close_on_leave_cuts_the_open_connections_of_a_member_the_control_plane_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tcp_connection_idle_both_ways_is_closed_after_idle_timeout_and_a_busy_one_is_not() {
     let (echo, _t) = echo_server().await;
-    let cfg = format!(
-        r#"
-[[listeners]]
-name = "pg"
-bind = "127.0.0.1:0"
-protocol = "tcp"
-service = "db"
-idle_timeout_secs = 1
-[services.db]
-backends = [{{ address = "{echo}" }}]
-"#
-    );
+    let cfg = pg_to_db("idle_timeout_secs = 1", &[echo], "");
     let p = Proxy::start(parse(&cfg)).await.unwrap();
     let front = p.local_addr("pg").unwrap();
     let mut idle = tokio::net::TcpStream::connect(front).await.unwrap();

@@ -235,7 +235,7 @@ async fn an_https_connection_idle_or_silent_past_the_request_head_timeout_is_clo
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_https_response_whose_backend_stops_sending_is_cut_after_stall_timeout() {
+async fn an_https_response_or_small_upload_that_stops_is_cut_after_stall_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // A backend that promises 100 bytes, sends 10 and then holds its socket open.
     let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -266,6 +266,26 @@ async fn an_https_response_whose_backend_stops_sending_is_cut_after_stall_timeou
     let text = String::from_utf8_lossy(&got);
     assert!(text.starts_with("HTTP/1.1 200") && text.ends_with("0123456789"), "{text}");
     assert!(took >= Duration::from_millis(280) && took < Duration::from_secs(3), "cut after {took:?}");
+
+    // A small upload (read whole before it is sent on, so it can be resent) that stops.
+    let mut tls = connect_http1(p.local_addr("web").unwrap(), "a.test").await;
+    let started = std::time::Instant::now();
+    tls.write_all(b"POST /up HTTP/1.1\r\nHost: a.test\r\ncontent-length: 100\r\n\r\n0123456789").await.unwrap();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    let answered = tokio::time::timeout(Duration::from_secs(5), async {
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match tokio::io::AsyncReadExt::read(&mut tls, &mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(answered.is_ok(), "no answer to a stalled small upload within 5 s");
+    let took = started.elapsed();
+    assert!(String::from_utf8_lossy(&head).starts_with("HTTP/1.1 408"), "{}", String::from_utf8_lossy(&head));
+    assert!(took >= Duration::from_millis(280) && took < Duration::from_secs(3), "answered after {took:?}");
     p.shutdown(Duration::from_secs(1)).await;
     held.abort();
 }

@@ -299,3 +299,22 @@ pub fn backends_toml(addrs: &[SocketAddr]) -> String {
     let items: Vec<String> = addrs.iter().map(|a| format!("{{ address = \"{a}\" }}")).collect();
     format!("[{}]", items.join(", "))
 }
+
+/// A config with one tcp listener `pg` (plus `listener` keys) in front of service `db`
+/// over `addrs` (plus `service` keys; tables such as `[services.db.health]` may follow).
+pub fn pg_to_db(listener: &str, addrs: &[SocketAddr], service: &str) -> String {
+    format!(
+        r#"
+[[listeners]]
+name = "pg"
+bind = "127.0.0.1:0"
+protocol = "tcp"
+service = "db"
+{listener}
+[services.db]
+backends = {}
+{service}
+"#,
+        backends_toml(addrs)
+    )
+}
