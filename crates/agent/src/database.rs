@@ -123,8 +123,6 @@ pub(crate) struct Db {
     terms: Mutex<Terms>,
     /// `[postgres] state_file`: `terms` as of their last change.
     state_file: PathBuf,
-    /// A failed save is logged once, then again only after one succeeded.
-    save_failing: std::sync::atomic::AtomicBool,
     /// To the order task (see [`run_orders`]).
     orders: mpsc::UnboundedSender<Order>,
     out: Mutex<Outgoing>,
@@ -145,6 +143,8 @@ struct Terms {
     lease: Option<Lease>,
     /// What the state file holds, so a renewal that changes none of it writes nothing.
     saved: Option<SavedTerms>,
+    /// The last save failed: logged once, then again only after one succeeded.
+    save_failing: bool,
 }
 
 /// Frames for the current connection only.
@@ -212,7 +212,6 @@ impl Db {
             epoch,
             terms: Mutex::new(terms),
             state_file,
-            save_failing: std::sync::atomic::AtomicBool::new(false),
             orders,
             out: Mutex::new(Outgoing::default()),
             ready: Notify::new(),
@@ -318,7 +317,6 @@ impl Db {
     /// Writes `t` to the state file when what it keeps changed. Called with the terms lock held, so saves
     /// land in the order of changes; they are rare (a new term, arming, disarming).
     fn save(&self, t: &mut Terms) {
-        use std::sync::atomic::Ordering;
         let now = SavedTerms::capture(&self.cluster, t.known, t.lease.as_ref());
         if t.saved.as_ref() == Some(&now) {
             return;
@@ -327,12 +325,12 @@ impl Db {
         match drover_core::state_file::write_json(&self.state_file, &now, false) {
             Ok(()) => {
                 t.saved = Some(now);
-                if self.save_failing.swap(false, Ordering::Relaxed) {
+                if std::mem::replace(&mut t.save_failing, false) {
                     tracing::info!(file = %self.state_file.display(), "database term and lease saved again");
                 }
             }
             Err(e) => {
-                if !self.save_failing.swap(true, Ordering::Relaxed) {
+                if !std::mem::replace(&mut t.save_failing, true) {
                     tracing::warn!(
                         file = %self.state_file.display(),
                         "cannot save the database term and lease ({e}); a restart of this agent would forget them"
@@ -812,7 +810,7 @@ fn restore_terms(file: &Path, cluster: &str) -> Terms {
             l.ttl_ms
         );
     }
-    Terms { known, lease, saved: Some(saved) }
+    Terms { known, lease, saved: Some(saved), save_failing: false }
 }
 
 #[cfg(test)]

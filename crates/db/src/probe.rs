@@ -326,7 +326,7 @@ mod tests {
 
     #[tokio::test]
     async fn probe_of_a_closed_port_is_a_connect_error_not_a_hang() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = drover_testkit::free_port();
         let started = std::time::Instant::now();
         let err = probe(&PgTarget::new("127.0.0.1", port, "postgres"), Duration::from_secs(2)).await.unwrap_err();
         assert!(matches!(err, ProbeError::Connect { .. }), "{err:?}");

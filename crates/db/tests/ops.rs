@@ -108,7 +108,8 @@ async fn rejoin_refuses_typed_and_leaves_the_member_stopped_when_rewind_cannot_w
     let stranger = PgCluster::start(PgClusterOptions { replicas: 0, ..Default::default() }).unwrap();
     c.kill9("pg0").unwrap();
 
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // Never bound by this process (see drover_testkit).
+    let closed = drover_testkit::free_port();
     let nowhere = PgTarget::new("127.0.0.1", closed, "postgres");
     let err = rejoin_as_replica(&c.local("pg0"), &nowhere, &c.member("pg0").upstream(), T).await.unwrap_err();
     assert!(matches!(err.kind, OpErrorKind::Unreachable(_)), "{err}");

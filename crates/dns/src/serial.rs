@@ -91,7 +91,6 @@ impl Serials {
             _ => clock,
         };
         self.zones.insert(zone.to_string(), Stored { serial, digest: digest.to_string() });
-        self.save();
         (serial, true)
     }
 
@@ -100,7 +99,9 @@ impl Serials {
         self.zones.insert(zone.to_string(), Stored { serial, digest: String::new() });
     }
 
-    fn save(&self) {
+    /// Writes the serials out (fsync'd): once per view change that moved any, before
+    /// the table with them is served.
+    pub fn save(&self) {
         let Some(p) = &self.path else { return };
         // A serial may never go back, so it must outlive the machine too.
         if let Err(e) = drover_core::state_file::write_json(p, &self.zones, true) {
@@ -165,6 +166,7 @@ mod tests {
         assert_eq!(s.serial("z.", "d1", None), (a, false), "same content, same serial");
         let (b, changed) = s.serial("z.", "d2", None);
         assert!(changed && serial_gt(b, a), "{a} -> {b}");
+        s.save();
         let mut again = Serials::open(Some(path));
         assert_eq!(again.serial("z.", "d2", None), (b, false), "restart keeps the serial");
         let (c, _) = again.serial("z.", "d3", None);

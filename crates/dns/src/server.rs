@@ -139,6 +139,9 @@ fn compile(
         }
         s
     });
+    if !changed.is_empty() {
+        serials.save();
+    }
     let changed = table.zones.iter().filter(|z| changed.contains(&z.origin.to_ascii())).cloned().collect();
     (table, changed)
 }

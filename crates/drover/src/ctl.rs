@@ -713,8 +713,8 @@ mod tests {
 
     #[test]
     fn unreachable_server_is_named() {
-        // Bind then drop, so the port is very likely closed.
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        // Never bound by this process (see drover_testkit).
+        let port = drover_testkit::free_port();
         let url = format!("http://127.0.0.1:{port}");
         let e = execute(&ctl(&url, &["entities", "list"])).unwrap_err();
         assert!(e.starts_with(&format!("cannot reach drover server at {url}: ")), "{e}");

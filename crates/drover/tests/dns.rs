@@ -71,10 +71,15 @@ fn dead_members_address_leaves_the_answer_and_the_last_view_survives_the_server(
     });
 }
 
-/// The SOA serial `drover dns` on `port` answers.
-fn soa_serial(port: u16) -> u32 {
-    let soa = dig_short("127.0.0.1", port, "example.test", "SOA");
+/// The SOA serial of `example.test` that `drover dns` at `addr:port` answers.
+fn soa_serial_at(addr: &str, port: u16) -> u32 {
+    let soa = dig_short(addr, port, "example.test", "SOA");
     soa.first().and_then(|l| l.split(' ').nth(2)).and_then(|s| s.parse().ok()).expect("a SOA serial")
+}
+
+/// The same, of a name server on loopback.
+fn soa_serial(port: u16) -> u32 {
+    soa_serial_at("127.0.0.1", port)
 }
 
 #[test]
@@ -211,10 +216,7 @@ fn two_fed_name_servers_in_two_network_namespaces_answer_alike_serial_included()
     for (q, t) in queries {
         assert_eq!(dig_short(&addrs[0].1, 53, q, t), dig_short(&addrs[1].1, 53, q, t), "{q} {t}");
     }
-    let serial = |a: &str| -> u32 {
-        let soa = dig_short(a, 53, "example.test", "SOA");
-        soa.first().and_then(|l| l.split(' ').nth(2)).and_then(|s| s.parse().ok()).expect("a SOA serial")
-    };
+    let serial = |a: &str| soa_serial_at(a, 53);
     let before = serial(&addrs[0].1);
 
     // A member dies: both answers change, and both serials move to the same new value.

@@ -655,6 +655,8 @@ fn restarting_the_primarys_agent_within_its_lease_leaves_the_primary_writable() 
     assert_eq!(v["leader"]["member"], "pg0", "{v}");
     let text = f.agents[0].log_text();
     assert!(!text.contains("fenced"), "{text}");
+    // Armed from its state file, not merely left unarmed until a lease came.
+    assert!(text.contains("self-demotion armed from the saved state"), "{text}");
     writer.wait_acked_since(restarted + Duration::from_secs(4), 5, "writes still flowing to pg0");
     let acked = writer.finish();
     assert!(lost_writes(c, "pg0", &acked).is_empty());

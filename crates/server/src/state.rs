@@ -30,11 +30,13 @@ struct MemberTable {
     changed_ms: i64,
 }
 
-/// The time to stamp a change of the view with, after one at `last_ms`: now, but always
-/// later than `last_ms`, so the view's clock only moves forward (a clock stepped back, or
-/// two changes in one ms, would give a removal a time a live watcher had already passed).
-fn next_change_ms(last_ms: i64) -> i64 {
-    now_ms().max(last_ms + 1)
+/// Moves the view's `clock` to the time to stamp a change with and returns it: now, but
+/// always later than the last change, so the clock only moves forward (a clock stepped
+/// back, or two changes in one ms, would give a removal a time a live watcher had
+/// already passed).
+fn tick(clock: &mut i64) -> i64 {
+    *clock = now_ms().max(*clock + 1);
+    *clock
 }
 
 pub struct State {
@@ -207,8 +209,7 @@ impl State {
             }
         };
         if changed {
-            m.changed_ms = next_change_ms(table.changed_ms);
-            table.changed_ms = m.changed_ms;
+            m.changed_ms = tick(&mut table.changed_ms);
             let _ = self.watch_tx.send(WatchMessage::Upsert { member: m.clone() });
         }
     }
@@ -220,8 +221,7 @@ impl State {
         let before = m.clone();
         f(m);
         if !m.same_view(&before) {
-            m.changed_ms = next_change_ms(table.changed_ms);
-            table.changed_ms = m.changed_ms;
+            m.changed_ms = tick(&mut table.changed_ms);
             let _ = self.watch_tx.send(WatchMessage::Upsert { member: m.clone() });
         }
     }
@@ -229,8 +229,7 @@ impl State {
     fn member_remove(&self, name: &str) {
         let mut members = self.members.lock().expect("members lock");
         if members.by_name.remove(name).is_some() {
-            members.changed_ms = next_change_ms(members.changed_ms);
-            let changed_ms = members.changed_ms;
+            let changed_ms = tick(&mut members.changed_ms);
             let _ = self.watch_tx.send(WatchMessage::Remove { entity: name.to_string(), changed_ms });
         }
     }
@@ -616,8 +615,10 @@ mod tests {
         // The last change was stamped ahead of this machine's clock now (it was stepped
         // back since), or in this very millisecond: the next one still comes after it.
         let ahead = now_ms() + 60_000;
-        assert_eq!(next_change_ms(ahead), ahead + 1);
+        let mut clock = ahead;
+        assert_eq!(tick(&mut clock), ahead + 1);
+        assert_eq!(clock, ahead + 1);
         let before = now_ms();
-        assert!(next_change_ms(0) >= before);
+        assert!(tick(&mut 0) >= before);
     }
 }
