@@ -782,18 +782,11 @@ fn frame(msg: &AgentMessage) -> String {
 
 /// The terms saved by the agent before this one, in this process's clock.
 fn restore_terms(file: &Path, cluster: &str) -> Terms {
-    let text = match std::fs::read(file) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Terms::default(),
+    let saved: SavedTerms = match drover_core::state_file::read_json(file) {
+        Ok(Some(s)) => s,
+        Ok(None) => return Terms::default(),
         Err(e) => {
-            tracing::warn!(file = %file.display(), "cannot read the saved database term and lease ({e}); starting unarmed");
-            return Terms::default();
-        }
-    };
-    let saved: SavedTerms = match serde_json::from_slice(&text) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(file = %file.display(), "saved database term and lease unreadable ({e}); starting unarmed");
+            tracing::warn!("saved database term and lease unreadable ({e}); starting unarmed");
             return Terms::default();
         }
     };

@@ -25,9 +25,32 @@ pub fn write_json(path: &Path, value: &impl Serialize, durable: bool) -> std::io
     std::fs::rename(&tmp, path)
 }
 
+/// Reads JSON written by [`write_json`]: `Ok(None)` when there is no file; an error says
+/// the path and what was wrong (unreadable, or not the expected JSON).
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, String> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    serde_json::from_slice(&bytes).map(Some).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reading_gives_none_for_no_file_and_names_the_path_for_bad_json() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        assert_eq!(read_json::<serde_json::Value>(&path), Ok(None));
+        write_json(&path, &serde_json::json!({"a": 1}), false).unwrap();
+        assert_eq!(read_json::<serde_json::Value>(&path), Ok(Some(serde_json::json!({"a": 1}))));
+        std::fs::write(&path, b"{not json").unwrap();
+        let e = read_json::<serde_json::Value>(&path).unwrap_err();
+        assert!(e.starts_with(&format!("{}: ", path.display())), "{e}");
+    }
 
     #[test]
     fn a_written_file_replaces_the_old_one_whole_and_leaves_no_temp_file() {

@@ -63,11 +63,14 @@ impl Serials {
     /// Loads `path` if given; an unreadable file starts empty (serials then start from the
     /// view's clock, or this machine's set back, as for a zone never served).
     pub fn open(path: Option<PathBuf>) -> Serials {
-        let zones = path
-            .as_ref()
-            .and_then(|p| std::fs::read(p).ok())
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
+        let zones = match path.as_deref().map(drover_core::state_file::read_json) {
+            Some(Ok(Some(z))) => z,
+            Some(Err(e)) => {
+                tracing::warn!("SOA serials unreadable ({e}); starting from the view's clock");
+                BTreeMap::new()
+            }
+            _ => BTreeMap::new(),
+        };
         Serials { path, zones }
     }
 

@@ -137,12 +137,7 @@ impl Drop for Feed {
 
 /// Reads a state file: `Ok(None)` when it does not exist.
 pub fn load_state(path: &Path) -> Result<Option<Members>, String> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("{}: {e}", path.display())),
-    };
-    let state: StateFile = serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    let Some(state) = drover_core::state_file::read_json::<StateFile>(path)? else { return Ok(None) };
     let members = state.members.into_iter().map(|m| (m.entity.clone(), m)).collect();
     Ok(Some(Arc::new(View::new(members, state.changed_ms))))
 }
