@@ -29,7 +29,9 @@ fn main() -> ExitCode {
             }),
         },
         Command::Ctl(a) => drover::ctl::run(a),
-        Command::Proxy(a) => block_on(true, drover::run::proxy(a)),
+        // One worker: one thread that accepts and serves, as nginx's `worker_processes 1`
+        // (drover_proxy::Proxy::start_single_threaded).
+        Command::Proxy(a) => block_on(worker_threads() != 1, drover::run::proxy(a)),
         Command::Dns(a) => block_on(true, drover::run::dns(a)),
     };
     match result {
@@ -49,6 +51,15 @@ fn init_tracing(format: LogFormat, filter: &str) -> Result<(), String> {
         LogFormat::Json => builder.json().init(),
     }
     Ok(())
+}
+
+/// The worker count tokio's multi-threaded runtime would take: `TOKIO_WORKER_THREADS`,
+/// else one per CPU.
+fn worker_threads() -> usize {
+    std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 fn block_on(multi_thread: bool, fut: impl std::future::Future<Output = anyhow::Result<()>>) -> Result<(), String> {

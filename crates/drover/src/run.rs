@@ -196,7 +196,12 @@ pub async fn proxy(args: &ProxyArgs) -> anyhow::Result<()> {
             None
         }
     };
-    let proxy = drover_proxy::Proxy::start(cfg).await.context("drover proxy failed to start")?;
+    let proxy = if tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread {
+        drover_proxy::Proxy::start_single_threaded(cfg).await
+    } else {
+        drover_proxy::Proxy::start(cfg).await
+    };
+    let proxy = proxy.context("drover proxy failed to start")?;
     for (name, addr) in proxy.local_addrs() {
         tracing::info!(listener = %name, %addr, "proxy listener ready");
     }

@@ -91,12 +91,36 @@ fn start(dir: &Path, text: &str) -> (Proc, std::path::PathBuf) {
 }
 
 fn start_with(dir: &Path, text: &str, extra: &[&str]) -> (Proc, std::path::PathBuf) {
+    start_with_env(dir, text, extra, &[])
+}
+
+fn start_with_env(dir: &Path, text: &str, extra: &[&str], env: &[(&str, &str)]) -> (Proc, std::path::PathBuf) {
     let file = dir.join("proxy.toml");
     std::fs::write(&file, text).unwrap();
     let mut args = vec!["proxy", "--config", file.to_str().unwrap()];
     args.extend_from_slice(extra);
-    let p = Proc::spawn(&args, dir.join("proxy.log"));
+    let p = Proc::spawn_with_env(&args, env, dir.join("proxy.log"));
     (p, file)
+}
+
+fn threads_of(p: &Proc) -> usize {
+    std::fs::read_dir(format!("/proc/{}/task", p.pid())).unwrap().count()
+}
+
+/// Starts `/slow` on `a` through the proxy at `addr`, sends SIGTERM while it is at the
+/// backend, and checks that it still gets its answer and the proxy then exits 0.
+fn slow_request_outlives_sigterm(p: &mut Proc, a: &Backend, addr: SocketAddr) {
+    let before = a.hits.load(Ordering::SeqCst);
+    let slow = std::thread::spawn(move || get(addr, "/slow"));
+    wait_for(Duration::from_secs(5), "slow request at the backend", || {
+        (a.hits.load(Ordering::SeqCst) > before).then_some(())
+    });
+    let t0 = Instant::now();
+    let status = p.term();
+    assert!(status.success(), "exit status {status:?}\n{}", p.log_text());
+    assert_eq!(slow.join().unwrap().unwrap(), (200, "a /slow".to_string()));
+    assert!(t0.elapsed() >= Duration::from_millis(800), "exited before the request finished");
+    assert!(TcpStream::connect(addr).is_err(), "still accepting after exit");
 }
 
 fn signal(p: &Proc, sig: &str) {
@@ -147,17 +171,7 @@ fn sigterm_lets_the_in_flight_slow_request_finish_then_exits_zero() {
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let (mut p, _) = start_with(dir.path(), &config(port, &[("/", &[a.addr])]), &["--log-format", "json"]);
     wait_for(Duration::from_secs(10), "proxy serving", || get(addr, "/x").ok().filter(|r| r.0 == 200));
-    let before = a.hits.load(Ordering::SeqCst);
-    let slow = std::thread::spawn(move || get(addr, "/slow"));
-    wait_for(Duration::from_secs(5), "slow request at the backend", || {
-        (a.hits.load(Ordering::SeqCst) > before).then_some(())
-    });
-    let t0 = Instant::now();
-    let status = p.term();
-    assert!(status.success(), "exit status {status:?}\n{}", p.log_text());
-    assert_eq!(slow.join().unwrap().unwrap(), (200, "a /slow".to_string()));
-    assert!(t0.elapsed() >= Duration::from_millis(800), "exited before the request finished");
-    assert!(TcpStream::connect(addr).is_err(), "still accepting after exit");
+    slow_request_outlives_sigterm(&mut p, &a, addr);
     let log = p.log_text();
     let access = log
         .lines()
@@ -166,6 +180,30 @@ fn sigterm_lets_the_in_flight_slow_request_finish_then_exits_zero() {
         .unwrap_or_else(|| panic!("no JSON access line for /slow:\n{log}"));
     assert_eq!(access["fields"]["status"], 200, "{access}");
     assert_eq!(access["fields"]["backend"], a_addr.to_string(), "{access}");
+}
+
+#[test]
+fn one_worker_is_one_thread_that_serves_checks_and_drains() {
+    // TOKIO_WORKER_THREADS=1 is nginx's `worker_processes 1`: accepting, health checks
+    // and connections share one thread, and the process starts no other.
+    let dir = tempfile::tempdir().unwrap();
+    let (a, dead) = (backend("a"), common::free_port());
+    let dead: SocketAddr = format!("127.0.0.1:{dead}").parse().unwrap();
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let text = config(port, &[("/", &[a.addr, dead])]);
+    let (mut p, _) = start_with_env(dir.path(), &text, &[], &[("TOKIO_WORKER_THREADS", "1")]);
+    wait_for(Duration::from_secs(10), "proxy serving", || get(addr, "/x").ok().filter(|r| r.0 == 200));
+    for i in 0..20 {
+        assert_eq!(get(addr, &format!("/{i}")).unwrap(), (200, format!("a /{i}")), "the dead backend is out");
+    }
+    assert_eq!(threads_of(&p), 1, "threads of a one-worker proxy");
+    slow_request_outlives_sigterm(&mut p, &a, addr);
+
+    // The same config with two workers runs them on threads of their own.
+    let (p, _) = start_with_env(dir.path(), &text, &[], &[("TOKIO_WORKER_THREADS", "2")]);
+    wait_for(Duration::from_secs(10), "proxy serving", || get(addr, "/x").ok().filter(|r| r.0 == 200));
+    assert!(threads_of(&p) > 2, "threads of a two-worker proxy: {}", threads_of(&p));
 }
 
 #[test]

@@ -7,7 +7,7 @@
 //! | [`backend`] | backend state: active checks (`rise`/`fall`), passive ejection, balancing, retry budget |
 //! | `http` | the HTTP reverse proxy (HTTP/1.1 and h2c downstream, pooled HTTP/1.1 upstream) and its retry rule |
 //! | `fast` | the HTTP/1.1 fast path: one task per plain connection, heads parsed in place, pooled upstream sockets; hands anything else to `http` |
-//! | `workers` | threads with a single-threaded runtime each that HTTP connections are handed to and stay on |
+//! | `workers` | threads with a single-threaded runtime each that HTTP connections are handed to and stay on (or, with one worker, the runtime that accepts them) |
 //! | `pool` | upstream HTTP/1.1 connections (hyper's, and plain sockets for `fast`): a stack of idle ones per backend, given back once a response was read |
 //! | `tls` | TLS termination for https listeners: rustls (ring), SNI certificate choice, ALPN h2/http1.1 |
 //! | `stall` | bodies on hyper's path that fail once a peer stops sending (`stall_timeout_ms`) |
@@ -348,12 +348,30 @@ fn member_backends(
 pub struct Proxy;
 
 impl Proxy {
-    /// Binds every listener (and the admin endpoint) and starts serving.
+    /// Binds every listener (and the admin endpoint) and starts serving, with HTTP
+    /// connections on as many worker threads as the calling runtime has
+    /// (TOKIO_WORKER_THREADS for the binary).
     pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
-        let (checks_stop, _) = watch::channel(false);
-        // As many connection workers as the runtime has (TOKIO_WORKER_THREADS for the binary).
         let n = tokio::runtime::Handle::current().metrics().num_workers();
-        let workers = workers::Workers::start(n).map_err(ProxyError::Workers)?;
+        Proxy::start_with(cfg, workers::Workers::start(n).map_err(ProxyError::Workers)?).await
+    }
+
+    /// Like [`Proxy::start`], but every connection runs on the calling runtime, which
+    /// must be tokio's single-threaded one: the process needs no thread of its own for
+    /// the proxy. Whoever calls it must not block that thread (tests that call blocking
+    /// clients want [`Proxy::start`]). Still-open connections end with the runtime, not
+    /// with [`RunningProxy::shutdown`].
+    pub async fn start_single_threaded(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
+        if tokio::runtime::Handle::current().runtime_flavor() != tokio::runtime::RuntimeFlavor::CurrentThread {
+            return Err(ProxyError::Workers(std::io::Error::other(
+                "start_single_threaded needs tokio's current-thread runtime",
+            )));
+        }
+        Proxy::start_with(cfg, workers::Workers::inline()).await
+    }
+
+    async fn start_with(cfg: ProxyConfig, workers: workers::Workers) -> Result<RunningProxy, ProxyError> {
+        let (checks_stop, _) = watch::channel(false);
         let shared = Arc::new(Shared {
             snapshot: RwLock::new(Arc::new(Snapshot { cfg: cfg.clone(), services: BTreeMap::new() })),
             draining: Mutex::new(Vec::new()),

@@ -48,9 +48,15 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(args: &[&str], log: PathBuf) -> Proc {
+        Proc::spawn_with_env(args, &[], log)
+    }
+
+    /// [`Proc::spawn`] with these environment variables set as well.
+    pub fn spawn_with_env(args: &[&str], env: &[(&str, &str)], log: PathBuf) -> Proc {
         let out = std::fs::File::create(&log).unwrap();
         let child = Command::new(drover_bin())
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
