@@ -67,7 +67,7 @@
 //! retries = 2
 //! retry_budget_percent = 20
 //! connect_timeout_ms = 1000
-//! request_timeout_ms = 30000             # to the response head
+//! request_timeout_ms = 30000             # from the request's end to the response head
 //! stall_timeout_ms = 60000               # then each body read or write may wait this long
 //! max_in_flight_per_backend = 100       # 0 = no limit; beyond it requests queue...
 //! queue_timeout_ms = 1000                # ...this long, then 503
@@ -448,7 +448,8 @@ pub struct ServiceConfig {
     pub retry_budget_percent: u32,
     #[serde(default = "d_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
-    /// From sending the request to the response head.
+    /// From the end of the request (its body included: an upload's pace is the
+    /// client's, bounded by `stall_timeout_ms`) to the response head.
     #[serde(default = "d_request_timeout_ms")]
     pub request_timeout_ms: u64,
     /// HTTP: while a request body is read or a response relayed, the longest one read

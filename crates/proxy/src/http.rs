@@ -27,8 +27,10 @@
 //!   the backend may have acted on them; the client gets 502.
 //! - **A response head arrived**: never resent, whatever the status. A 5xx counts as a
 //!   passive failure of that backend but is passed through.
-//! - **No response head within `request_timeout_ms`**: 504, not resent (the backend
-//!   may still be working on it), and not counted as a passive failure (slow is not dead).
+//! - **No response head within `request_timeout_ms`** of the request being sent (a
+//!   streamed upload's time is the client's: the timer starts at its end): 504, not
+//!   resent (the backend may still be working on it), and not counted as a passive
+//!   failure (slow is not dead).
 //!
 //! With no backend in rotation the answer is 503 with the reason in the body. With
 //! `max_in_flight_per_backend` set and every backend at it, a request waits up to
@@ -649,12 +651,18 @@ async fn route_and_forward(
         // A try that fails to connect gives its request back; one that is lost after
         // sending does not, so the headers are copied when such a loss could be resent.
         let may_resend = resends < svc.cfg.retries && idempotent && matches!(&body, ReqBody::Replay(b) if b.is_empty());
+        let mut upload_end = None;
         let send_body = match &mut body {
             ReqBody::Replay(bytes) if bytes.is_empty() => empty_body(),
             ReqBody::Replay(bytes) => Full::new(bytes.clone()).map_err(|n: Infallible| match n {}).boxed(),
-            ReqBody::Stream(s) => {
-                s.take().map(|b| stall_limited(b, svc.cfg.stall_timeout())).unwrap_or_else(empty_body)
-            }
+            ReqBody::Stream(s) => match s.take() {
+                Some(b) => {
+                    let (b, end) = crate::stall::StallLimited::new(b, svc.cfg.stall_timeout()).signal_end();
+                    upload_end = Some(end);
+                    b.boxed()
+                }
+                None => empty_body(),
+            },
         };
         // Origin form (authority form for CONNECT), as a pooled HTTP/1.1 client sends it.
         let uri = if parts.method == Method::CONNECT {
@@ -674,7 +682,7 @@ async fn route_and_forward(
         if original_host.is_none() {
             up.headers_mut().insert(header::HOST, b.host.clone());
         }
-        let err = match attempt(svc, &b, guard, up, &mut upgrade).await {
+        let err = match attempt(svc, &b, guard, up, &mut upgrade, upload_end).await {
             Ok(resp) => return Ok(finish_response(resp, &b, caching.take(), &req_headers, sticky, aff, trace.https)),
             Err((e, back)) => {
                 if let Some(mut r) = back
@@ -748,17 +756,31 @@ fn finish_response(
 /// One try against one backend; the response body keeps the backend's in-flight
 /// count up until it has been sent on.
 /// A try that made no connection gives the request back.
+///
+/// `request_timeout_ms` runs from the start of the try, or, for a streamed upload, from
+/// its end (`upload_end`): the client decides how long an upload takes (each of its
+/// waits bounded by `stall_timeout_ms`), as the fast path does for the bodies it buffers.
 async fn attempt(
     svc: &Service,
     b: &Arc<Backend>,
     guard: InFlight,
     req: Request<Body>,
     downstream: &mut Option<OnUpgrade>,
+    upload_end: Option<tokio::sync::oneshot::Receiver<()>>,
 ) -> Result<Response<Body>, (ForwardError, Option<Box<Request<Body>>>)> {
     let ms = svc.cfg.request_timeout_ms;
     let started = (svc.cfg.balance == Balance::P2cEwma).then(Instant::now);
     let connect_timeout = Duration::from_millis(svc.cfg.connect_timeout_ms);
-    let result = tokio::time::timeout(Duration::from_millis(ms), pool::send(b, connect_timeout, req)).await;
+    let deadline = async {
+        if let Some(end) = upload_end {
+            let _ = end.await;
+        }
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    };
+    let result = tokio::select! {
+        r = pool::send(b, connect_timeout, req) => Ok(r),
+        () = deadline => Err(()),
+    };
     // A streamed upload the client stopped sending: the backend is neither failed nor slow.
     let client_stalled = matches!(&result, Ok(Err(SendError::Lost(e))) if crate::stall::cause(e).is_some());
     if let Some(started) = started.filter(|_| !client_stalled) {

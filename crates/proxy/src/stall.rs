@@ -38,11 +38,22 @@ pub(crate) struct StallLimited<B> {
     /// Made at the first wait; armed at the start of each wait.
     timer: Option<Pin<Box<Sleep>>>,
     armed: bool,
+    /// Dropped once the body has ended or failed (see [`StallLimited::signal_end`]).
+    end: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl<B> StallLimited<B> {
     pub(crate) fn new(inner: B, limit: Option<Duration>) -> StallLimited<B> {
-        StallLimited { inner, limit, timer: None, armed: false }
+        StallLimited { inner, limit, timer: None, armed: false, end: None }
+    }
+
+    /// Also returns a receiver that completes (with an error: nothing is sent) once the
+    /// body has yielded its last frame or an error, or was dropped unfinished: where an
+    /// upload is streamed, the backend's time to answer starts there.
+    pub(crate) fn signal_end(mut self) -> (StallLimited<B>, tokio::sync::oneshot::Receiver<()>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.end = Some(tx);
+        (self, rx)
     }
 }
 
@@ -58,6 +69,9 @@ where
         let this = &mut *self;
         if let Poll::Ready(r) = Pin::new(&mut this.inner).poll_frame(cx) {
             this.armed = false;
+            if !matches!(r, Some(Ok(_))) || this.inner.is_end_stream() {
+                this.end = None;
+            }
             return Poll::Ready(r.map(|r| r.map_err(Into::into)));
         }
         let Some(limit) = this.limit else { return Poll::Pending };
@@ -71,7 +85,10 @@ where
         }
         let timer = this.timer.as_mut().expect("armed above");
         match timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Some(Err(Stalled(limit).into()))),
+            Poll::Ready(()) => {
+                this.end = None;
+                Poll::Ready(Some(Err(Stalled(limit).into())))
+            }
             Poll::Pending => Poll::Pending,
         }
     }
@@ -124,5 +141,23 @@ mod tests {
         assert!(err.to_string().contains("stall_timeout_ms"), "{err}");
         assert!(cause(&*err).is_some(), "found in a chain of causes");
         assert!(cause(&std::io::Error::other("unrelated")).is_none());
+    }
+
+    #[tokio::test]
+    async fn the_end_signal_comes_with_the_last_frame_or_a_failure_not_before() {
+        let (mut body, mut ended) =
+            StallLimited::new(http_body_util::Full::new(Bytes::from_static(b"all")), Some(Duration::from_secs(5)))
+                .signal_end();
+        assert!(matches!(ended.try_recv(), Err(tokio::sync::oneshot::error::TryRecvError::Empty)));
+        assert_eq!(body.frame().await.unwrap().unwrap().into_data().unwrap(), "all");
+        assert!(matches!(ended.try_recv(), Err(tokio::sync::oneshot::error::TryRecvError::Closed)));
+
+        let (mut body, mut ended) =
+            StallLimited::new(Then { frames: vec![Bytes::from_static(b"a")] }, Some(Duration::from_millis(10)))
+                .signal_end();
+        assert_eq!(body.frame().await.unwrap().unwrap().into_data().unwrap(), "a");
+        assert!(matches!(ended.try_recv(), Err(tokio::sync::oneshot::error::TryRecvError::Empty)), "more may come");
+        assert!(body.frame().await.unwrap().is_err());
+        assert!(matches!(ended.try_recv(), Err(tokio::sync::oneshot::error::TryRecvError::Closed)), "stalled");
     }
 }

@@ -647,3 +647,39 @@ async fn a_streamed_upload_that_stops_gets_408_and_counts_against_the_client_not
     assert_eq!(state_of(&p, "app", b.addr).unwrap()["state"], "healthy", "the backend is not blamed");
     p.shutdown(Duration::from_secs(1)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_streamed_upload_outlasts_request_timeout_and_a_stopped_one_gets_408_not_504() {
+    let b = RawBackend::start(|req, _| ok(&req.body.len().to_string())).await;
+    // request_timeout_ms is the backend's time to answer, counted once the upload is in.
+    let cfg = web_to_app("", &[b.addr], "request_timeout_ms = 300\nstall_timeout_ms = 800");
+    let p = Proxy::start(parse(&cfg)).await.unwrap();
+    let addr = p.local_addr("web").unwrap();
+
+    // 200,000 bytes (streamed by hyper) in 8 pieces 150 ms apart: four request timeouts long.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\ncontent-length: 200000\r\n\r\n").await.unwrap();
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        s.write_all(&vec![b'u'; 25_000]).await.unwrap();
+    }
+    let mut buf = Vec::new();
+    let answer = tokio::time::timeout(Duration::from_secs(5), read_message(&mut s, &mut buf, false)).await;
+    let (head, body) = answer.expect("an answer within 5 s").expect("an answer, not a bare close");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(String::from_utf8_lossy(&body), "200000", "the whole upload reached the backend");
+
+    // Stopped half-way: the client's stall (408, after stall_timeout_ms), not the backend's
+    // timeout (504, after request_timeout_ms).
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let started = std::time::Instant::now();
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\ncontent-length: 200000\r\n\r\n").await.unwrap();
+    s.write_all(&vec![b'u'; 100_000]).await.unwrap();
+    let mut buf = Vec::new();
+    let answer = tokio::time::timeout(Duration::from_secs(5), read_message(&mut s, &mut buf, false)).await;
+    let (head, _) = answer.expect("an answer within 5 s").expect("an answer, not a bare close");
+    let took = started.elapsed();
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    assert!(took >= Duration::from_millis(780) && took < Duration::from_secs(4), "answered after {took:?}");
+    p.shutdown(Duration::from_secs(1)).await;
+}
