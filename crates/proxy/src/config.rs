@@ -20,6 +20,7 @@
 //! request_head_timeout_secs = 60         # http/https: a request head must be complete this long
 //!                                        # after accept (and TLS) or the previous response, else
 //!                                        # the connection closes: idle keep-alive and slowloris
+//!                                        # (HTTP/2: GOAWAY after this long with no request open)
 //! accept_proxy_protocol = false          # any protocol (https: before TLS): each connection must
 //!                                        # start with a PROXY v1 line or v2 header (read within 3 s,
 //!                                        # at most 107 / 16+2048 bytes, else that connection is
@@ -285,8 +286,9 @@ pub struct ListenerConfig {
     /// request head, counted from accept (after any PROXY header and TLS handshake) or
     /// from the end of the previous response; the connection is closed then. It bounds
     /// both an idle keep-alive connection and a head trickled in (slowloris). Default 60
-    /// (nginx's `client_header_timeout`); 0 = never. HTTP/2 connections (h2 over TLS,
-    /// h2c) are not covered: their requests are multiplexed and hyper keeps no idle timer.
+    /// (nginx's `client_header_timeout`); 0 = never. An HTTP/2 connection (h2 over TLS,
+    /// h2c), whose requests are multiplexed, gets GOAWAY once no request has been open on
+    /// it for this long; streams under way finish.
     #[serde(default)]
     pub request_head_timeout_secs: Option<u64>,
     /// tcp listeners: a connection that passes no byte either way for this long is

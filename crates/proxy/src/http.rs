@@ -71,7 +71,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body as _, Incoming};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::conn::auto::UpgradeableConnection;
 use std::collections::HashSet;
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -109,8 +109,7 @@ pub(crate) async fn serve(
     // fast path's rule (`fast::Conn::read_head`).
     builder.http1().timer(TokioTimer::new()).header_read_timeout(flags.head_timeout);
     let builder = Arc::new(builder);
-    let graceful = GracefulShutdown::new();
-    // Fast-path connections hold a receiver; the sender's `closed` says they have all ended.
+    // Every connection holds a receiver; the sender's `closed` says they have all ended.
     let (fast_stop, _) = tokio::sync::watch::channel(false);
     let drain = loop {
         tokio::select! {
@@ -134,12 +133,24 @@ pub(crate) async fn serve(
                     }
                 };
                 let (conn_shared, name) = (shared.clone(), name.clone());
-                let service = move |client: SocketAddr, shared: Arc<Shared>, name: Arc<str>| {
-                    hyper::service::service_fn(move |req| handle(shared.clone(), name.clone(), client, flags, req))
+                let activity = crate::lifetime::Activity::new();
+                let service = {
+                    let activity = activity.clone();
+                    move |client: SocketAddr, shared: Arc<Shared>, name: Arc<str>| {
+                        hyper::service::service_fn(move |req| {
+                            let open = activity.begin();
+                            let answer = handle(shared.clone(), name.clone(), client, flags, req);
+                            async move {
+                                let r = answer.await;
+                                drop(open);
+                                r
+                            }
+                        })
+                    }
                 };
                 // The PROXY header and the TLS handshake are read in the connection's task
                 // so a slow client cannot stall accepts.
-                let (builder, watcher, tls) = (builder.clone(), graceful.watcher(), tls.clone());
+                let (builder, tls) = (builder.clone(), tls.clone());
                 let fast_stop = fast_stop.subscribe();
                 shared.workers.spawn(async move {
                     let shared = conn_shared;
@@ -159,31 +170,31 @@ pub(crate) async fn serve(
                     let Some(acceptor) = tls else {
                         // Plain HTTP: the fast path, unless every request is redirected.
                         let io = if flags.redirect_https {
-                            drop(fast_stop);
                             crate::fast::Prefixed::new(stream, flags.head_timeout)
                         } else {
-                            match crate::fast::serve(stream, client, flags, &shared, &name, fast_stop).await {
+                            match crate::fast::serve(stream, client, flags, &shared, &name, fast_stop.clone()).await {
                                 crate::fast::Ended::Closed => return,
                                 crate::fast::Ended::Fallback(io) => io,
                             }
                         };
                         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service(client, shared, name));
-                        if let Err(e) = watcher.watch(conn.into_owned()).await {
+                        // Shut down gracefully on drain or after `head_timeout` idle (`lifetime`).
+                        let shutdown = UpgradeableConnection::graceful_shutdown;
+                        let idle = flags.head_timeout;
+                        if let Err(e) = crate::lifetime::drive(conn, shutdown, fast_stop, activity, idle).await {
                             tracing::debug!(%peer, "downstream connection: {e}");
                         }
                         return;
                     };
-                    drop(fast_stop);
                     let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => return tracing::debug!(%peer, "TLS handshake: {e}"),
                         Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
                     };
                     let stream = crate::fast::Prefixed::new(stream, flags.head_timeout);
-                    let conn = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service(client, shared, name))
-                        .into_owned();
-                    if let Err(e) = watcher.watch(conn).await {
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service(client, shared, name));
+                    let (shutdown, idle) = (UpgradeableConnection::graceful_shutdown, flags.head_timeout);
+                    if let Err(e) = crate::lifetime::drive(conn, shutdown, fast_stop, activity, idle).await {
                         tracing::debug!(%peer, "downstream connection: {e}");
                     }
                 });
@@ -193,8 +204,7 @@ pub(crate) async fn serve(
     };
     drop(listener);
     let _ = fast_stop.send(true);
-    let all_done = async { tokio::join!(graceful.shutdown(), fast_stop.closed()) };
-    if tokio::time::timeout(drain, all_done).await.is_err() {
+    if tokio::time::timeout(drain, fast_stop.closed()).await.is_err() {
         tracing::warn!(listener = %name, ?drain, "drain timeout: cutting the remaining connections");
     }
 }

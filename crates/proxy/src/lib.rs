@@ -10,6 +10,7 @@
 //! | `workers` | threads with a single-threaded runtime each that HTTP connections are handed to and stay on (or, with one worker, the runtime that accepts them) |
 //! | `pool` | upstream HTTP/1.1 connections (hyper's, and plain sockets for `fast`): a stack of idle ones per backend, given back once a response was read |
 //! | `tls` | TLS termination for https listeners: rustls (ring), SNI certificate choice, ALPN h2/http1.1 |
+//! | `lifetime` | when a connection on hyper's path stops taking requests: drain, or idle for `request_head_timeout_secs` (HTTP/2 too) |
 //! | `stall` | bodies on hyper's path that fail once a peer stops sending (`stall_timeout_ms`) |
 //! | `tcp` | the L4 listener: one backend per connection, bytes copied both ways |
 //! | `admin` | the loopback endpoint: `GET /backends` and `GET /health` (JSON), `GET /metrics` (Prometheus text) |
@@ -36,6 +37,7 @@ pub mod config;
 pub mod error;
 mod fast;
 mod http;
+mod lifetime;
 mod pool;
 mod proxy_protocol;
 pub mod spec;

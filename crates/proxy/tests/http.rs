@@ -382,3 +382,58 @@ async fn in_flight_limit_queues_requests_then_sheds_them() {
     assert_eq!(slow.await.unwrap(), 200);
     p.shutdown(Duration::from_secs(1)).await;
 }
+
+/// An h2c (prior knowledge) connection to `addr`, and when it ended.
+async fn h2c(
+    addr: SocketAddr,
+) -> (hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>, tokio::task::JoinHandle<Instant>) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    (
+        send,
+        tokio::spawn(async move {
+            let _ = conn.await;
+            Instant::now()
+        }),
+    )
+}
+
+fn h2_get(addr: SocketAddr, path: &str) -> hyper::Request<http_body_util::Full<bytes::Bytes>> {
+    hyper::Request::get(format!("http://{addr}{path}")).body(http_body_util::Full::new(bytes::Bytes::new())).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_h2_connection_is_closed_after_the_head_timeout_but_busy_and_slow_ones_are_not() {
+    let b = TestBackend::start("h1").await;
+    let cfg =
+        one_service(&[b.addr], "").replace("protocol = \"http\"", "protocol = \"http\"\nrequest_head_timeout_secs = 1");
+    let p = Proxy::start(parse(&cfg)).await.unwrap();
+    all_healthy(&p, "app", &[b.addr]).await;
+    let addr = p.local_addr("web").unwrap();
+
+    // Idle after one answer: closed a second after it, not before.
+    let (mut idle, idle_ended) = h2c(addr).await;
+    let asked = Instant::now();
+    let resp = idle.send_request(h2_get(addr, "/idle")).await.unwrap();
+    assert_eq!((resp.status().as_u16(), resp.version()), (200, http::Version::HTTP_2));
+    // Open past the limit: the answer takes 1.5 s.
+    let (mut slow, _) = h2c(addr).await;
+    let slow_answer = tokio::spawn(slow.send_request(h2_get(addr, "/slow?sleep_ms=1500")));
+    // Busy: a request every 400 ms for 2.4 s, each within the limit of the one before.
+    let (mut busy, busy_ended) = h2c(addr).await;
+    for i in 0..6 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let resp = busy.send_request(h2_get(addr, &format!("/busy{i}"))).await.expect("the same connection answers");
+        assert_eq!(resp.status().as_u16(), 200);
+    }
+    assert!(!busy_ended.is_finished(), "a busy connection was closed");
+    let ended = tokio::time::timeout(Duration::from_secs(3), idle_ended).await.expect("idle closed").unwrap();
+    let took = ended - asked;
+    assert!(took >= Duration::from_secs(1) && took < Duration::from_millis(2400), "idle closed after {took:?}");
+    let resp = slow_answer.await.unwrap().expect("the slow answer arrives");
+    assert_eq!(resp.status().as_u16(), 200);
+    p.shutdown(Duration::from_secs(1)).await;
+}
