@@ -460,8 +460,9 @@ pub struct ServiceConfig {
     /// cut short (a stalled upload gets 408). Default
     /// 60000 (nginx's `proxy_read_timeout`, `send_timeout` and `client_body_timeout`);
     /// 0 = never. On hyper's path (TLS, HTTP/2, uploads over 64 KiB) it bounds the waits
-    /// for the backend's response body and a streamed request body, not a client that
-    /// stops reading.
+    /// for the backend's response body and a streamed request body, and each write to
+    /// the client's socket (the last answering service's limit; an HTTP/2 client that
+    /// stops reading by withholding flow-control credit is not covered).
     #[serde(default = "d_stall_timeout_ms")]
     pub stall_timeout_ms: u64,
     /// After a backend (re-)enters rotation its weight ramps from 10% to 100% over

@@ -70,17 +70,48 @@ pub(crate) enum Ended {
 /// reads the first bytes (to tell HTTP/2's preface from HTTP/1) before any timer of its
 /// own runs, so a client that connects (and shakes hands) and then sends nothing would
 /// otherwise be held forever (`request_head_timeout_secs`).
+///
+/// Writes can be bounded too ([`Prefixed::bound_writes`]): one that waits longer than
+/// the answering service's `stall_timeout_ms` fails, which closes the connection.
 pub(crate) struct Prefixed<I = TcpStream> {
     prefix: Bytes,
     io: I,
     /// Until the first byte.
     first_byte: Option<Pin<Box<Sleep>>>,
+    /// Where the write limit is read, and the timer of the write under way.
+    writes: Option<(Arc<crate::lifetime::Activity>, crate::stall::WaitTimer)>,
 }
 
 impl<I> Prefixed<I> {
     /// `io` whose first byte must come within `limit`.
     pub(crate) fn new(io: I, limit: Option<Duration>) -> Prefixed<I> {
-        Prefixed { prefix: Bytes::new(), io, first_byte: limit.map(|l| Box::pin(tokio::time::sleep(l))) }
+        Prefixed::with_prefix(Bytes::new(), io, limit.map(|l| Box::pin(tokio::time::sleep(l))))
+    }
+
+    fn with_prefix(prefix: Bytes, io: I, first_byte: Option<Pin<Box<Sleep>>>) -> Prefixed<I> {
+        Prefixed { prefix, io, first_byte, writes: None }
+    }
+
+    /// Each write may wait at most `activity`'s send limit, read when a write waits.
+    pub(crate) fn bound_writes(mut self, activity: Arc<crate::lifetime::Activity>) -> Prefixed<I> {
+        self.writes = Some((activity, crate::stall::WaitTimer::default()));
+        self
+    }
+
+    /// `r`, or a timeout once the write it is from has waited past the limit.
+    fn bounded<T>(&mut self, cx: &mut Context<'_>, r: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
+        let Some((activity, wait)) = self.writes.as_mut() else { return r };
+        if r.is_ready() {
+            wait.done();
+            return r;
+        }
+        match activity.send_stall() {
+            Some(limit) if wait.expired(cx, limit) => {
+                let msg = format!("the client took no data for {limit:?} (stall_timeout_ms)");
+                Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, msg)))
+            }
+            _ => r,
+        }
     }
 }
 
@@ -112,7 +143,8 @@ impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
 
 impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.bounded(cx, r)
     }
 
     fn poll_write_vectored(
@@ -120,7 +152,8 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.bounded(cx, r)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -128,7 +161,8 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        let r = Pin::new(&mut self.io).poll_flush(cx);
+        self.bounded(cx, r)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -670,7 +704,7 @@ enum Next {
 
 impl Conn<'_> {
     fn fallback(self) -> Ended {
-        Ended::Fallback(Prefixed { prefix: self.rbuf.freeze(), io: self.down, first_byte: None })
+        Ended::Fallback(Prefixed::with_prefix(self.rbuf.freeze(), self.down, None))
     }
 
     /// The listener is draining. Read per request: an atomic load of the channel's

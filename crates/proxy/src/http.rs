@@ -138,13 +138,7 @@ pub(crate) async fn serve(
                     let activity = activity.clone();
                     move |client: SocketAddr, shared: Arc<Shared>, name: Arc<str>| {
                         hyper::service::service_fn(move |req| {
-                            let open = activity.begin();
-                            let answer = handle(shared.clone(), name.clone(), client, flags, req);
-                            async move {
-                                let r = answer.await;
-                                drop(open);
-                                r
-                            }
+                            handle(shared.clone(), name.clone(), client, flags, req, activity.begin())
                         })
                     }
                 };
@@ -177,7 +171,8 @@ pub(crate) async fn serve(
                                 crate::fast::Ended::Fallback(io) => io,
                             }
                         };
-                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service(client, shared, name));
+                        let io = TokioIo::new(io.bound_writes(activity.clone()));
+                        let conn = builder.serve_connection_with_upgrades(io, service(client, shared, name));
                         // Shut down gracefully on drain or after `head_timeout` idle (`lifetime`).
                         let shutdown = UpgradeableConnection::graceful_shutdown;
                         let idle = flags.head_timeout;
@@ -191,7 +186,7 @@ pub(crate) async fn serve(
                         Ok(Err(e)) => return tracing::debug!(%peer, "TLS handshake: {e}"),
                         Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
                     };
-                    let stream = crate::fast::Prefixed::new(stream, flags.head_timeout);
+                    let stream = crate::fast::Prefixed::new(stream, flags.head_timeout).bound_writes(activity.clone());
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service(client, shared, name));
                     let (shutdown, idle) = (UpgradeableConnection::graceful_shutdown, flags.head_timeout);
                     if let Err(e) = crate::lifetime::drive(conn, shutdown, fast_stop, activity, idle).await {
@@ -454,6 +449,7 @@ async fn handle(
     peer: SocketAddr,
     flags: ConnFlags,
     mut req: Request<Incoming>,
+    open: crate::lifetime::Open,
 ) -> Result<Response<Body>, Infallible> {
     // The client's id when it is a non-empty visible-ASCII value, else a new one.
     let id = req
@@ -506,6 +502,9 @@ async fn handle(
         );
     }
     resp.headers_mut().insert(X_REQUEST_ID.clone(), id);
+    if let Some(ms) = trace.stall_timeout_ms {
+        open.answered_by(ms);
+    }
     Ok(resp)
 }
 
@@ -519,6 +518,8 @@ struct Trace {
     tries: u32,
     /// `HIT` or `MISS` when the route or service caches.
     cache: Option<&'static str>,
+    /// The service's `stall_timeout_ms`.
+    stall_timeout_ms: Option<u64>,
 }
 
 async fn route_and_forward(
@@ -542,6 +543,7 @@ async fn route_and_forward(
         return Err(ForwardError::NoHealthyBackend(route.service.clone()));
     };
     trace.service = Some(svc.label.clone());
+    trace.stall_timeout_ms = Some(svc.cfg.stall_timeout_ms);
 
     let cache_scope = match (&route.cache, &svc.cfg.cache) {
         (Some(c), _) => Some((Scope::Route(cache::route_scope(route)), c)),

@@ -9,6 +9,9 @@
 //! response under way and closes. A request counts as open until its response head is
 //! handed to hyper, so a connection still streaming a long body may be told to take no
 //! more requests after it; the body is not cut (`stall_timeout_ms` bounds that).
+//!
+//! [`Activity`] also carries the `stall_timeout_ms` that bounds writes to the client
+//! (`fast::Prefixed`), the answering service's.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -27,6 +30,11 @@ pub(crate) struct Activity {
     last_end_ms: AtomicU64,
     /// Told when the count falls to 0, so the idle time is counted from then.
     quiet: tokio::sync::Notify,
+    /// `stall_timeout_ms` of the service that answered last here (0: never): how long
+    /// one write to the client may wait (`fast::Prefixed`). hyper stops asking a
+    /// response body for data while the client does not read, so the body's own limit
+    /// (`stall`) never runs out then; the socket's writes are where it shows.
+    send_stall_ms: AtomicU64,
 }
 
 impl Activity {
@@ -36,7 +44,14 @@ impl Activity {
             created: Instant::now(),
             last_end_ms: AtomicU64::new(0),
             quiet: tokio::sync::Notify::new(),
+            send_stall_ms: AtomicU64::new(crate::config::DEFAULT_STALL_TIMEOUT_MS),
         })
+    }
+
+    /// How long one write to the client may wait (`None`: forever).
+    pub(crate) fn send_stall(&self) -> Option<Duration> {
+        let ms = self.send_stall_ms.load(Ordering::Relaxed);
+        (ms > 0).then(|| Duration::from_millis(ms))
     }
 
     /// Counts a request as open until the guard drops.
@@ -56,6 +71,13 @@ impl Activity {
 
 /// An open request (see [`Activity::begin`]).
 pub(crate) struct Open(Arc<Activity>);
+
+impl Open {
+    /// The answering service's `stall_timeout_ms` (0: never) now bounds writes to the client.
+    pub(crate) fn answered_by(&self, stall_timeout_ms: u64) {
+        self.0.send_stall_ms.store(stall_timeout_ms, Ordering::Relaxed);
+    }
+}
 
 impl Drop for Open {
     fn drop(&mut self) {

@@ -3,8 +3,9 @@
 //! A response body from a backend, or a request body streamed from a client, fails
 //! once its reader has waited `limit` for the next frame; hyper then cuts the
 //! connection it was writing to (the client's, or the backend's). The fast path bounds
-//! its own reads and writes (`fast::bounded`). Not covered: a client that stops
-//! reading its response, since hyper then stops asking the body for frames.
+//! its own reads and writes (`fast::bounded`). A client that stops reading its
+//! response makes hyper stop asking the body for frames, so that wait is bounded at
+//! the client's socket instead (`fast::Prefixed`, with the same [`WaitTimer`]).
 
 use crate::BoxError;
 use bytes::Bytes;
@@ -31,20 +32,47 @@ pub(crate) fn cause<'e>(e: &'e (dyn std::error::Error + 'static)) -> Option<&'e 
     None
 }
 
+/// A timer for waits that may last at most some limit: armed when a wait begins,
+/// disarmed when it ends; its `Sleep` is made at the first wait and reused.
+#[derive(Default)]
+pub(crate) struct WaitTimer {
+    timer: Option<Pin<Box<Sleep>>>,
+    armed: bool,
+}
+
+impl WaitTimer {
+    /// The wait ended.
+    pub(crate) fn done(&mut self) {
+        self.armed = false;
+    }
+
+    /// Called while a wait goes on: `true` once it has lasted `limit` (else the task is
+    /// woken when it will have).
+    pub(crate) fn expired(&mut self, cx: &mut Context<'_>, limit: Duration) -> bool {
+        if !self.armed {
+            let due = tokio::time::Instant::now() + limit;
+            match &mut self.timer {
+                Some(t) => t.as_mut().reset(due),
+                None => self.timer = Some(Box::pin(tokio::time::sleep_until(due))),
+            }
+            self.armed = true;
+        }
+        self.timer.as_mut().expect("armed above").as_mut().poll(cx).is_ready()
+    }
+}
+
 /// `inner`, failing with [`Stalled`] after `limit` without a frame (`None`: never).
 pub(crate) struct StallLimited<B> {
     inner: B,
     limit: Option<Duration>,
-    /// Made at the first wait; armed at the start of each wait.
-    timer: Option<Pin<Box<Sleep>>>,
-    armed: bool,
+    wait: WaitTimer,
     /// Dropped once the body has ended or failed (see [`StallLimited::signal_end`]).
     end: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl<B> StallLimited<B> {
     pub(crate) fn new(inner: B, limit: Option<Duration>) -> StallLimited<B> {
-        StallLimited { inner, limit, timer: None, armed: false, end: None }
+        StallLimited { inner, limit, wait: WaitTimer::default(), end: None }
     }
 
     /// Also returns a receiver that completes (with an error: nothing is sent) once the
@@ -68,29 +96,18 @@ where
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         if let Poll::Ready(r) = Pin::new(&mut this.inner).poll_frame(cx) {
-            this.armed = false;
+            this.wait.done();
             if !matches!(r, Some(Ok(_))) || this.inner.is_end_stream() {
                 this.end = None;
             }
             return Poll::Ready(r.map(|r| r.map_err(Into::into)));
         }
         let Some(limit) = this.limit else { return Poll::Pending };
-        if !this.armed {
-            let due = tokio::time::Instant::now() + limit;
-            match &mut this.timer {
-                Some(t) => t.as_mut().reset(due),
-                None => this.timer = Some(Box::pin(tokio::time::sleep_until(due))),
-            }
-            this.armed = true;
+        if !this.wait.expired(cx, limit) {
+            return Poll::Pending;
         }
-        let timer = this.timer.as_mut().expect("armed above");
-        match timer.as_mut().poll(cx) {
-            Poll::Ready(()) => {
-                this.end = None;
-                Poll::Ready(Some(Err(Stalled(limit).into())))
-            }
-            Poll::Pending => Poll::Pending,
-        }
+        this.end = None;
+        Poll::Ready(Some(Err(Stalled(limit).into())))
     }
 
     fn is_end_stream(&self) -> bool {

@@ -301,3 +301,52 @@ fn bad_certificate_files_are_config_errors_at_the_field() {
     let e = ProxyConfig::parse(&dir.path().join("p.toml"), &text.replace("https", "http")).unwrap_err().to_string();
     assert!(e.contains("p.toml:6:13: listeners.0.tls: only https listeners take certificates"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_client_that_stops_reading_is_cut_after_stall_timeout_and_one_that_reads_is_not() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // 32 MiB per answer: more than the sockets and TLS buffers between proxy and client hold.
+    const BIG: usize = 32 << 20;
+    let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let baddr = backend.local_addr().unwrap();
+    let served = tokio::spawn(async move {
+        while let Ok((mut s, _)) = backend.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let mut r = format!("HTTP/1.1 200 OK\r\ncontent-length: {BIG}\r\n\r\n").into_bytes();
+                r.resize(r.len() + BIG, b'b');
+                let _ = s.write_all(&r).await;
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let p = Proxy::start(one_cert(dir.path(), "", baddr, "stall_timeout_ms = 300")).await.unwrap();
+    let addr = p.local_addr("web").unwrap();
+
+    // Reads nothing for 1.5 s: the proxy's write waits past 300 ms and the connection is
+    // cut, so less than the whole body ever arrives.
+    let mut tls = connect_http1(addr, "a.test").await;
+    tls.write_all(b"GET /big HTTP/1.1\r\nHost: a.test\r\n\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let got = read_until_closed(&mut tls, Duration::from_secs(10)).await;
+    let got = got.expect("a client that stopped reading was still served after 10 s");
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got[..got.len().min(200)]));
+    assert!(got.len() < BIG, "the whole body came ({} bytes): the write was never cut", got.len());
+
+    // Reads at once: all of it (the limit is on each wait, not on the whole answer).
+    let mut tls = connect_http1(addr, "a.test").await;
+    tls.write_all(b"GET /big HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n").await.unwrap();
+    let got = read_until_closed(&mut tls, Duration::from_secs(20)).await.expect("served within 20 s");
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got[..got.len().min(200)]));
+    let head_len = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert_eq!(got.len() - head_len, BIG, "the whole body");
+    p.shutdown(Duration::from_secs(1)).await;
+    served.abort();
+}
