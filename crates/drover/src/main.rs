@@ -29,7 +29,7 @@ fn main() -> ExitCode {
             }),
         },
         Command::Ctl(a) => drover::ctl::run(a),
-        // One worker: one thread that accepts and serves, as nginx's `worker_processes 1`
+        // One worker (TOKIO_WORKER_THREADS=1, or one CPU): one thread that accepts and serves, as nginx's `worker_processes 1`
         // (drover_proxy::Proxy::start_single_threaded).
         Command::Proxy(a) => block_on(worker_threads() != 1, drover::run::proxy(a)),
         Command::Dns(a) => block_on(true, drover::run::dns(a)),

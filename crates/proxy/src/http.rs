@@ -85,6 +85,10 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest declared body buffered so a request can be resent after a connect failure.
 pub(crate) const REPLAY_BODY_LIMIT: u64 = 64 * 1024;
 
+/// How often an HTTP/2 connection is PINGed, and how long an answer may take.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     name: Arc<str>,
@@ -108,6 +112,13 @@ pub(crate) async fn serve(
     // its first bytes told HTTP/1 from HTTP/2 (`fast::Prefixed` bounds that wait): the
     // fast path's rule (`fast::Conn::read_head`).
     builder.http1().timer(TokioTimer::new()).header_read_timeout(flags.head_timeout);
+    // A peer that stops answering PINGs is closed: h2's graceful shutdown (drain, idle)
+    // waits for a PING's answer before its last GOAWAY, and would wait forever.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(H2_PING_INTERVAL))
+        .keep_alive_timeout(H2_PING_TIMEOUT);
     let builder = Arc::new(builder);
     // Every connection holds a receiver; the sender's `closed` says they have all ended.
     let (fast_stop, _) = tokio::sync::watch::channel(false);
@@ -138,7 +149,8 @@ pub(crate) async fn serve(
                     let activity = activity.clone();
                     move |client: SocketAddr, shared: Arc<Shared>, name: Arc<str>| {
                         hyper::service::service_fn(move |req| {
-                            handle(shared.clone(), name.clone(), client, flags, req, activity.begin())
+                            let open = activity.begin(req.version() < http::Version::HTTP_2);
+                            handle(shared.clone(), name.clone(), client, flags, req, open)
                         })
                     }
                 };
@@ -772,20 +784,21 @@ fn finish_response(
 /// `request_timeout_ms` runs from the start of the try, or, for a streamed upload, from
 /// its end (`upload_end`): the client decides how long an upload takes (each of its
 /// waits bounded by `stall_timeout_ms`), as the fast path does for the bodies it buffers.
+/// A backend that stops taking the upload for `stall_timeout_ms` starts it too.
 async fn attempt(
     svc: &Service,
     b: &Arc<Backend>,
     guard: InFlight,
     req: Request<Body>,
     downstream: &mut Option<OnUpgrade>,
-    upload_end: Option<tokio::sync::oneshot::Receiver<()>>,
+    upload_end: Option<crate::stall::UploadEnd>,
 ) -> Result<Response<Body>, (ForwardError, Option<Box<Request<Body>>>)> {
     let ms = svc.cfg.request_timeout_ms;
     let started = (svc.cfg.balance == Balance::P2cEwma).then(Instant::now);
     let connect_timeout = Duration::from_millis(svc.cfg.connect_timeout_ms);
     let deadline = async {
         if let Some(end) = upload_end {
-            let _ = end.await;
+            end.wait(svc.cfg.stall_timeout()).await;
         }
         tokio::time::sleep(Duration::from_millis(ms)).await;
     };

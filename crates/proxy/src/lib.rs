@@ -597,7 +597,8 @@ impl RunningProxy {
     }
 
     /// Stops accepting, lets in-flight requests and connections finish for up to
-    /// `drain`, then returns (whatever is still running is cut).
+    /// `drain`, then returns (whatever is still running is cut; with
+    /// [`Proxy::start_single_threaded`], when the runtime it runs on ends).
     pub async fn shutdown(self, drain: Duration) {
         let _ = self.stop.send(Some(drain));
         let mut tasks = self.tasks;

@@ -6,9 +6,12 @@
 //! a socket and a task forever. nginx closes such a connection after `keepalive_timeout`,
 //! HAProxy after `timeout http-keep-alive`. Here both cases end in hyper's graceful
 //! shutdown: HTTP/2 sends GOAWAY and lets open streams finish, HTTP/1 finishes the
-//! response under way and closes. A request counts as open until its response head is
-//! handed to hyper, so a connection still streaming a long body may be told to take no
-//! more requests after it; the body is not cut (`stall_timeout_ms` bounds that).
+//! response under way and closes. Once an HTTP/1 request came, the idle limit is left
+//! to hyper's `header_read_timeout`. A request counts as open until its response head
+//! is handed to hyper, so an HTTP/2 connection still streaming a long body may be told
+//! to take no more requests after it; the body is not cut (`stall_timeout_ms` bounds
+//! that). HTTP/2 keep-alive PINGs (`http::serve`) close a connection whose peer stops
+//! answering, which a graceful shutdown would otherwise wait on.
 //!
 //! [`Activity`] also carries the `stall_timeout_ms` that bounds writes to the client
 //! (`fast::Prefixed`), the answering service's.
@@ -30,6 +33,8 @@ pub(crate) struct Activity {
     last_end_ms: AtomicU64,
     /// Told when the count falls to 0, so the idle time is counted from then.
     quiet: tokio::sync::Notify,
+    /// An HTTP/1 request came (see [`Activity::begin`]).
+    http1: std::sync::atomic::AtomicBool,
     /// `stall_timeout_ms` of the service that answered last here (0: never): how long
     /// one write to the client may wait (`fast::Prefixed`). hyper stops asking a
     /// response body for data while the client does not read, so the body's own limit
@@ -44,6 +49,7 @@ impl Activity {
             created: Instant::now(),
             last_end_ms: AtomicU64::new(0),
             quiet: tokio::sync::Notify::new(),
+            http1: std::sync::atomic::AtomicBool::new(false),
             send_stall_ms: AtomicU64::new(crate::config::DEFAULT_STALL_TIMEOUT_MS),
         })
     }
@@ -55,9 +61,21 @@ impl Activity {
     }
 
     /// Counts a request as open until the guard drops.
-    pub(crate) fn begin(self: &Arc<Self>) -> Open {
+    /// `http1`: the request came over HTTP/1, whose idle time hyper bounds itself
+    /// (`header_read_timeout`, counted from the end of the previous response, which is
+    /// later than the point a request counts as ended here), so the idle limit here
+    /// then no longer applies.
+    pub(crate) fn begin(self: &Arc<Self>, http1: bool) -> Open {
+        if http1 {
+            self.http1.store(true, Ordering::Relaxed);
+        }
         self.open.fetch_add(1, Ordering::AcqRel);
         Open(self.clone())
+    }
+
+    /// Counts the idle time from now (hyper's path took the connection over).
+    fn touch(&self) {
+        self.last_end_ms.fetch_max(self.created.elapsed().as_millis() as u64, Ordering::AcqRel);
     }
 
     /// Since when nothing has been open (`None`: something is).
@@ -103,6 +121,8 @@ pub(crate) async fn drive<C, E>(
 where
     C: Future<Output = Result<(), E>>,
 {
+    // The fast path may have served this connection for long before handing it over.
+    activity.touch();
     let mut conn = std::pin::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => return r,
@@ -120,7 +140,7 @@ async fn due(stop: &mut watch::Receiver<bool>, activity: &Activity, idle: Option
         }
         // Checked again when this fires (a request may have begun and ended meanwhile)
         // or when the last open request ends.
-        let check_at = match idle {
+        let check_at = match idle.filter(|_| !activity.http1.load(Ordering::Relaxed)) {
             None => None,
             Some(limit) => match activity.idle_since() {
                 Some(since) if Instant::now() >= since + limit => return,
@@ -192,7 +212,7 @@ mod tests {
             tokio::spawn(async move {
                 // Open for 2 s from 1 s in: the 5 s limit counts from its end.
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                let open = a.begin();
+                let open = a.begin(false);
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 drop(open);
             })
@@ -225,7 +245,7 @@ mod tests {
     async fn a_request_open_past_the_limit_keeps_the_connection() {
         let (_tx, rx) = watch::channel(false);
         let a = Activity::new();
-        let open = a.begin();
+        let open = a.begin(false);
         let started = Instant::now();
         let ender = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(30)).await;

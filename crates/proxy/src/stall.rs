@@ -11,6 +11,8 @@ use crate::BoxError;
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::Sleep;
@@ -68,20 +70,68 @@ pub(crate) struct StallLimited<B> {
     wait: WaitTimer,
     /// Dropped once the body has ended or failed (see [`StallLimited::signal_end`]).
     end: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Stamped at each request for a frame (see [`StallLimited::signal_end`]).
+    polled: Option<Arc<Polled>>,
 }
 
 impl<B> StallLimited<B> {
     pub(crate) fn new(inner: B, limit: Option<Duration>) -> StallLimited<B> {
-        StallLimited { inner, limit, wait: WaitTimer::default(), end: None }
+        StallLimited { inner, limit, wait: WaitTimer::default(), end: None, polled: None }
     }
 
-    /// Also returns a receiver that completes (with an error: nothing is sent) once the
-    /// body has yielded its last frame or an error, or was dropped unfinished: where an
-    /// upload is streamed, the backend's time to answer starts there.
-    pub(crate) fn signal_end(mut self) -> (StallLimited<B>, tokio::sync::oneshot::Receiver<()>) {
+    /// Also returns an [`UploadEnd`]: where an upload is streamed, the backend's time to
+    /// answer starts once it is in, or once the backend has stopped taking it.
+    pub(crate) fn signal_end(mut self) -> (StallLimited<B>, UploadEnd) {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.end = Some(tx);
-        (self, rx)
+        let polled = Arc::new(Polled { base: tokio::time::Instant::now(), ms: AtomicU64::new(0) });
+        self.polled = Some(polled.clone());
+        (self, UploadEnd { ended: rx, polled })
+    }
+}
+
+/// When a streamed upload was last asked for data.
+pub(crate) struct Polled {
+    base: tokio::time::Instant,
+    ms: AtomicU64,
+}
+
+impl Polled {
+    fn stamp(&self) {
+        self.ms.store(self.base.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> tokio::time::Instant {
+        self.base + Duration::from_millis(self.ms.load(Ordering::Relaxed))
+    }
+}
+
+/// The end of a streamed upload, from [`StallLimited::signal_end`].
+pub(crate) struct UploadEnd {
+    /// Completes (with an error: nothing is sent) once the body has yielded its last
+    /// frame or an error, or was dropped unfinished.
+    ended: tokio::sync::oneshot::Receiver<()>,
+    polled: Arc<Polled>,
+}
+
+impl UploadEnd {
+    /// Resolves once the upload is in, failed, or has not been asked for data for
+    /// `quiet` (the backend stopped reading it: its socket is full and hyper waits).
+    pub(crate) async fn wait(mut self, quiet: Option<Duration>) {
+        let Some(quiet) = quiet else {
+            let _ = self.ended.await;
+            return;
+        };
+        loop {
+            let at = self.polled.last() + quiet;
+            if tokio::time::Instant::now() >= at {
+                return;
+            }
+            tokio::select! {
+                _ = &mut self.ended => return,
+                () = tokio::time::sleep_until(at) => {}
+            }
+        }
     }
 }
 
@@ -95,6 +145,9 @@ where
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if let Some(p) = &this.polled {
+            p.stamp();
+        }
         if let Poll::Ready(r) = Pin::new(&mut this.inner).poll_frame(cx) {
             this.wait.done();
             if !matches!(r, Some(Ok(_))) || this.inner.is_end_stream() {
@@ -162,19 +215,32 @@ mod tests {
 
     #[tokio::test]
     async fn the_end_signal_comes_with_the_last_frame_or_a_failure_not_before() {
-        let (mut body, mut ended) =
+        let (mut body, end) =
             StallLimited::new(http_body_util::Full::new(Bytes::from_static(b"all")), Some(Duration::from_secs(5)))
                 .signal_end();
+        let mut ended = end.ended;
         assert!(matches!(ended.try_recv(), Err(tokio::sync::oneshot::error::TryRecvError::Empty)));
         assert_eq!(body.frame().await.unwrap().unwrap().into_data().unwrap(), "all");
         assert!(matches!(ended.try_recv(), Err(tokio::sync::oneshot::error::TryRecvError::Closed)));
 
-        let (mut body, mut ended) =
+        let (mut body, end) =
             StallLimited::new(Then { frames: vec![Bytes::from_static(b"a")] }, Some(Duration::from_millis(10)))
                 .signal_end();
+        let mut ended = end.ended;
         assert_eq!(body.frame().await.unwrap().unwrap().into_data().unwrap(), "a");
         assert!(matches!(ended.try_recv(), Err(tokio::sync::oneshot::error::TryRecvError::Empty)), "more may come");
         assert!(body.frame().await.unwrap().is_err());
         assert!(matches!(ended.try_recv(), Err(tokio::sync::oneshot::error::TryRecvError::Closed)), "stalled");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_upload_nobody_asks_for_ends_its_wait_after_the_quiet_limit() {
+        let (mut body, end) = StallLimited::new(Then { frames: vec![Bytes::from_static(b"a")] }, None).signal_end();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(body.frame().await.unwrap().unwrap().into_data().unwrap(), "a");
+        // Last asked at 3 s; nobody asks again (a backend that stopped reading).
+        let started = tokio::time::Instant::now();
+        end.wait(Some(Duration::from_secs(5))).await;
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
     }
 }

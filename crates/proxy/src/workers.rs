@@ -101,7 +101,8 @@ impl Workers {
         self.handles[i].spawn(f);
     }
 
-    /// Stops every worker; connections still open are cut.
+    /// Stops every worker thread; connections still open on them are cut (an
+    /// [`Workers::inline`] worker's end with its runtime).
     pub(crate) fn stop(&self) {
         for s in self.stops.lock().unwrap().drain(..) {
             let _ = s.send(());

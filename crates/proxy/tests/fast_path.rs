@@ -683,3 +683,83 @@ async fn a_slow_streamed_upload_outlasts_request_timeout_and_a_stopped_one_gets_
     assert!(took >= Duration::from_millis(780) && took < Duration::from_secs(4), "answered after {took:?}");
     p.shutdown(Duration::from_secs(1)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_stops_taking_a_streamed_upload_gets_504_after_stall_then_request_timeout() {
+    // The backend reads the head and then nothing: its socket fills and hyper stops
+    // asking the client's body for data, so neither the upload's end nor a client stall
+    // ever comes.
+    let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let baddr = backend.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut socks = Vec::new();
+        while let Ok((mut s, _)) = backend.accept().await {
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => head.push(buf[0]),
+                }
+            }
+            socks.push(s);
+        }
+    });
+    let cfg = web_to_app("", &[baddr], "request_timeout_ms = 300\nstall_timeout_ms = 300");
+    let p = Proxy::start(parse(&cfg)).await.unwrap();
+    let (mut rd, mut wr) = TcpStream::connect(p.local_addr("web").unwrap()).await.unwrap().into_split();
+    const LEN: usize = 64 << 20;
+    let upload = tokio::spawn(async move {
+        let _ = wr.write_all(format!("POST /up HTTP/1.1\r\nHost: x\r\ncontent-length: {LEN}\r\n\r\n").as_bytes()).await;
+        let chunk = vec![b'u'; 1 << 20];
+        for _ in 0..LEN >> 20 {
+            if wr.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    let answered = tokio::time::timeout(Duration::from_secs(10), async {
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(answered.is_ok(), "no answer within 10 s to an upload the backend stopped taking");
+    assert!(String::from_utf8_lossy(&head).starts_with("HTTP/1.1 504"), "{}", String::from_utf8_lossy(&head));
+    upload.abort();
+    held.abort();
+    p.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_handed_to_hyper_late_is_not_counted_idle_from_its_accept() {
+    let b = RawBackend::start(|req, _| ok(&req.body.len().to_string())).await;
+    let cfg =
+        config(&[b.addr], "").replace("protocol = \"http\"", "protocol = \"http\"\nrequest_head_timeout_secs = 1");
+    let p = Proxy::start(parse(&cfg)).await.unwrap();
+    let mut s = TcpStream::connect(p.local_addr("web").unwrap()).await.unwrap();
+    let mut buf = Vec::new();
+    // 1.6 s on the fast path, a request every 400 ms...
+    for i in 0..4 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        s.write_all(format!("GET /fast{i} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+        let (head, _) = read_message(&mut s, &mut buf, false).await.expect("answered on the fast path");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    }
+    // ...then chunked uploads, which hyper's path takes: answered, and the connection kept.
+    for _ in 0..2 {
+        s.write_all(b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(5), read_message(&mut s, &mut buf, false)).await;
+        let (head, body) = answer.expect("an answer within 5 s").expect("an answer, not a close");
+        assert!(head.starts_with("HTTP/1.1 200") && !head.contains("connection: close"), "{head}");
+        assert_eq!(String::from_utf8_lossy(&body), "3");
+    }
+    p.shutdown(Duration::from_secs(1)).await;
+}

@@ -327,14 +327,15 @@ async fn an_https_client_that_stops_reading_is_cut_after_stall_timeout_and_one_t
         }
     });
     let dir = tempfile::tempdir().unwrap();
-    let p = Proxy::start(one_cert(dir.path(), "", baddr, "stall_timeout_ms = 300")).await.unwrap();
+    // 1 s: the client that reads at once must not be cut by a pause of the test's own.
+    let p = Proxy::start(one_cert(dir.path(), "", baddr, "stall_timeout_ms = 1000")).await.unwrap();
     let addr = p.local_addr("web").unwrap();
 
-    // Reads nothing for 1.5 s: the proxy's write waits past 300 ms and the connection is
+    // Reads nothing for 3 s: the proxy's write waits past 1 s and the connection is
     // cut, so less than the whole body ever arrives.
     let mut tls = connect_http1(addr, "a.test").await;
     tls.write_all(b"GET /big HTTP/1.1\r\nHost: a.test\r\n\r\n").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let got = read_until_closed(&mut tls, Duration::from_secs(10)).await;
     let got = got.expect("a client that stopped reading was still served after 10 s");
     assert!(got.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got[..got.len().min(200)]));
