@@ -625,6 +625,20 @@ async fn a_body_that_stops_moving_is_cut_after_stall_timeout_on_either_side() {
     p.shutdown(Duration::from_secs(1)).await;
 }
 
+/// Sends a 200,000-byte upload's head and half its body (over the 64 KiB the fast path
+/// buffers, so hyper streams it), then nothing; the answer's head and body, and how
+/// long it took from the first byte sent.
+async fn upload_half_and_stop(addr: SocketAddr) -> (String, Vec<u8>, Duration) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let started = std::time::Instant::now();
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\ncontent-length: 200000\r\n\r\n").await.unwrap();
+    s.write_all(&vec![b'u'; 100_000]).await.unwrap();
+    let mut buf = Vec::new();
+    let answer = tokio::time::timeout(Duration::from_secs(5), read_message(&mut s, &mut buf, false)).await;
+    let (head, body) = answer.expect("an answer within 5 s").expect("an answer, not a bare close");
+    (head, body, started.elapsed())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streamed_upload_that_stops_gets_408_and_counts_against_the_client_not_the_backend() {
     let b = RawBackend::start(|_, _| ok("stored")).await;
@@ -632,15 +646,7 @@ async fn a_streamed_upload_that_stops_gets_408_and_counts_against_the_client_not
     let cfg = web_to_app("", &[b.addr], "passive_failures = 1\nstall_timeout_ms = 300");
     let p = Proxy::start(parse(&cfg)).await.unwrap();
     let addr = p.local_addr("web").unwrap();
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    // Over the 64 KiB the fast path buffers, so hyper streams it; half is sent.
-    let started = std::time::Instant::now();
-    s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\ncontent-length: 200000\r\n\r\n").await.unwrap();
-    s.write_all(&vec![b'u'; 100_000]).await.unwrap();
-    let mut buf = Vec::new();
-    let answer = tokio::time::timeout(Duration::from_secs(5), read_message(&mut s, &mut buf, false)).await;
-    let (head, body) = answer.expect("an answer within 5 s").expect("an answer, not a bare close");
-    let took = started.elapsed();
+    let (head, body, took) = upload_half_and_stop(addr).await;
     assert!(head.starts_with("HTTP/1.1 408"), "{head}");
     assert!(String::from_utf8_lossy(&body).contains("stall_timeout_ms"), "{}", String::from_utf8_lossy(&body));
     assert!(took >= Duration::from_millis(280) && took < Duration::from_secs(3), "answered after {took:?}");
@@ -671,14 +677,7 @@ async fn a_slow_streamed_upload_outlasts_request_timeout_and_a_stopped_one_gets_
 
     // Stopped half-way: the client's stall (408, after stall_timeout_ms), not the backend's
     // timeout (504, after request_timeout_ms).
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let started = std::time::Instant::now();
-    s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\ncontent-length: 200000\r\n\r\n").await.unwrap();
-    s.write_all(&vec![b'u'; 100_000]).await.unwrap();
-    let mut buf = Vec::new();
-    let answer = tokio::time::timeout(Duration::from_secs(5), read_message(&mut s, &mut buf, false)).await;
-    let (head, _) = answer.expect("an answer within 5 s").expect("an answer, not a bare close");
-    let took = started.elapsed();
+    let (head, _, took) = upload_half_and_stop(addr).await;
     assert!(head.starts_with("HTTP/1.1 408"), "{head}");
     assert!(took >= Duration::from_millis(780) && took < Duration::from_secs(4), "answered after {took:?}");
     p.shutdown(Duration::from_secs(1)).await;
@@ -689,22 +688,7 @@ async fn a_backend_that_stops_taking_a_streamed_upload_gets_504_after_stall_then
     // The backend reads the head and then nothing: its socket fills and hyper stops
     // asking the client's body for data, so neither the upload's end nor a client stall
     // ever comes.
-    let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let baddr = backend.local_addr().unwrap();
-    let held = tokio::spawn(async move {
-        let mut socks = Vec::new();
-        while let Ok((mut s, _)) = backend.accept().await {
-            let mut head = Vec::new();
-            let mut buf = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") {
-                match s.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => head.push(buf[0]),
-                }
-            }
-            socks.push(s);
-        }
-    });
+    let (baddr, held) = head_only_backend(Vec::new()).await;
     let cfg = web_to_app("", &[baddr], "request_timeout_ms = 300\nstall_timeout_ms = 300");
     let p = Proxy::start(parse(&cfg)).await.unwrap();
     let (mut rd, mut wr) = TcpStream::connect(p.local_addr("web").unwrap()).await.unwrap().into_split();
@@ -718,18 +702,8 @@ async fn a_backend_that_stops_taking_a_streamed_upload_gets_504_after_stall_then
             }
         }
     });
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    let answered = tokio::time::timeout(Duration::from_secs(10), async {
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            match rd.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => head.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    assert!(answered.is_ok(), "no answer within 10 s to an upload the backend stopped taking");
+    let answered = tokio::time::timeout(Duration::from_secs(10), read_head(&mut rd)).await;
+    let head = answered.expect("no answer within 10 s to an upload the backend stopped taking");
     assert!(String::from_utf8_lossy(&head).starts_with("HTTP/1.1 504"), "{}", String::from_utf8_lossy(&head));
     upload.abort();
     held.abort();

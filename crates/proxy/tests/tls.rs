@@ -236,25 +236,9 @@ async fn an_https_connection_idle_or_silent_past_the_request_head_timeout_is_clo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_https_response_or_small_upload_that_stops_is_cut_after_stall_timeout() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     // A backend that promises 100 bytes, sends 10 and then holds its socket open.
-    let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let baddr = backend.local_addr().unwrap();
-    let held = tokio::spawn(async move {
-        let mut socks = Vec::new();
-        while let Ok((mut s, _)) = backend.accept().await {
-            let mut head = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                match s.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => head.extend_from_slice(&buf[..n]),
-                }
-            }
-            let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789").await;
-            socks.push(s);
-        }
-    });
+    let (baddr, held) = head_only_backend(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789".to_vec()).await;
     let dir = tempfile::tempdir().unwrap();
     let p = Proxy::start(one_cert(dir.path(), "", baddr, "stall_timeout_ms = 300")).await.unwrap();
     let mut tls = connect_http1(p.local_addr("web").unwrap(), "a.test").await;
@@ -271,18 +255,8 @@ async fn an_https_response_or_small_upload_that_stops_is_cut_after_stall_timeout
     let mut tls = connect_http1(p.local_addr("web").unwrap(), "a.test").await;
     let started = std::time::Instant::now();
     tls.write_all(b"POST /up HTTP/1.1\r\nHost: a.test\r\ncontent-length: 100\r\n\r\n0123456789").await.unwrap();
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    let answered = tokio::time::timeout(Duration::from_secs(5), async {
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            match tokio::io::AsyncReadExt::read(&mut tls, &mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => head.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    assert!(answered.is_ok(), "no answer to a stalled small upload within 5 s");
+    let answered = tokio::time::timeout(Duration::from_secs(5), read_head(&mut tls)).await;
+    let head = answered.expect("no answer to a stalled small upload within 5 s");
     let took = started.elapsed();
     assert!(String::from_utf8_lossy(&head).starts_with("HTTP/1.1 408"), "{}", String::from_utf8_lossy(&head));
     assert!(took >= Duration::from_millis(280) && took < Duration::from_secs(3), "answered after {took:?}");
@@ -304,28 +278,12 @@ fn bad_certificate_files_are_config_errors_at_the_field() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_https_client_that_stops_reading_is_cut_after_stall_timeout_and_one_that_reads_is_not() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     // 32 MiB per answer: more than the sockets and TLS buffers between proxy and client hold.
     const BIG: usize = 32 << 20;
-    let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let baddr = backend.local_addr().unwrap();
-    let served = tokio::spawn(async move {
-        while let Ok((mut s, _)) = backend.accept().await {
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let mut r = format!("HTTP/1.1 200 OK\r\ncontent-length: {BIG}\r\n\r\n").into_bytes();
-                r.resize(r.len() + BIG, b'b');
-                let _ = s.write_all(&r).await;
-            });
-        }
-    });
+    let mut answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {BIG}\r\n\r\n").into_bytes();
+    answer.resize(answer.len() + BIG, b'b');
+    let (baddr, served) = head_only_backend(answer).await;
     let dir = tempfile::tempdir().unwrap();
     // 1 s: the client that reads at once must not be cut by a pause of the test's own.
     let p = Proxy::start(one_cert(dir.path(), "", baddr, "stall_timeout_ms = 1000")).await.unwrap();

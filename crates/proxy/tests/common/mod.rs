@@ -318,3 +318,41 @@ backends = {}
         backends_toml(addrs)
     )
 }
+
+/// Reads from `s` until a blank line ends a message head, or the peer closes or fails;
+/// returns what was read (the head, perhaps with bytes after it).
+pub async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    head
+}
+
+/// A backend that reads each request's head, writes `answer` (if any) and then holds
+/// the socket open, reading nothing more: a backend that stalls, or stops taking an
+/// upload. Aborting the task closes every connection.
+pub async fn head_only_backend(answer: Vec<u8>) -> (SocketAddr, JoinHandle<()>) {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let answer = Arc::new(answer);
+    let task = tokio::spawn(async move {
+        let mut conns = JoinSet::new();
+        while let Ok((mut s, _)) = listener.accept().await {
+            let answer = answer.clone();
+            conns.spawn(async move {
+                read_head(&mut s).await;
+                let _ = s.write_all(&answer).await;
+                std::future::pending::<()>().await;
+                drop(s);
+            });
+        }
+    });
+    (addr, task)
+}
