@@ -191,13 +191,26 @@ fn one_worker_is_one_thread_that_serves_checks_and_drains() {
     let dead: SocketAddr = format!("127.0.0.1:{dead}").parse().unwrap();
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let text = config(port, &[("/", &[a.addr, dead])]);
+    let text = config(port, &[("/", &[a.addr, dead])]).replacen(
+        "protocol = \"http\"\n",
+        "protocol = \"http\"\nrequest_head_timeout_secs = 1\n",
+        1,
+    );
     let (mut p, _) = start_with_env(dir.path(), &text, &[], &[("TOKIO_WORKER_THREADS", "1")]);
     wait_for(Duration::from_secs(10), "proxy serving", || get(addr, "/x").ok().filter(|r| r.0 == 200));
     for i in 0..20 {
         assert_eq!(get(addr, &format!("/{i}")).unwrap(), (200, format!("a /{i}")));
     }
     assert_eq!(threads_of(&p), 1, "threads of a one-worker proxy");
+    // Its timers run on that thread too: a client that connects and sends nothing is
+    // closed after request_head_timeout_secs.
+    let mut silent = TcpStream::connect(addr).unwrap();
+    silent.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let connected = Instant::now();
+    let mut sink = [0u8; 64];
+    assert!(matches!(silent.read(&mut sink), Ok(0)), "a silent client was not closed within 5 s");
+    let took = connected.elapsed();
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(4), "closed after {took:?}");
     slow_request_outlives_sigterm(&mut p, &a, addr);
 
     // The same config with two workers runs them on threads of their own.
