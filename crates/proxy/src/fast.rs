@@ -72,7 +72,8 @@ pub(crate) enum Ended {
 /// otherwise be held forever (`request_head_timeout_secs`).
 ///
 /// Writes can be bounded too ([`Prefixed::bound_writes`]): one that waits longer than
-/// the answering service's `stall_timeout_ms` fails, which closes the connection.
+/// the answering service's `stall_timeout_ms` fails, which closes the connection; so
+/// does a shutdown (TLS's close_notify is a write).
 pub(crate) struct Prefixed<I = TcpStream> {
     prefix: Bytes,
     io: I,
@@ -165,8 +166,12 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
         self.bounded(cx, r)
     }
 
+    // A TLS stream's shutdown writes close_notify: to a client that stopped reading it
+    // waits like any write, and without the bound would hold the connection until a
+    // drain cut it.
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        let r = Pin::new(&mut self.io).poll_shutdown(cx);
+        self.bounded(cx, r)
     }
 }
 
@@ -1397,6 +1402,46 @@ mod tests {
             }
         }
         (last, d.done())
+    }
+
+    /// A client socket whose shutdown never finishes: a TLS stream that cannot write its
+    /// close_notify to a client that stopped reading.
+    struct ShutdownStuck;
+
+    impl AsyncRead for ShutdownStuck {
+        fn poll_read(self: Pin<&mut Self>, _: &mut Context<'_>, _: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for ShutdownStuck {
+        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shutdown_the_client_does_not_take_is_cut_after_the_stall_limit() {
+        let activity = crate::lifetime::Activity::new();
+        let limit = activity.send_stall().expect("a default limit");
+        let mut io = Prefixed::new(ShutdownStuck, None).bound_writes(activity);
+        let began = tokio::time::Instant::now();
+        let e = tokio::time::timeout(limit * 10, io.shutdown())
+            .await
+            .expect("cut by the limit, not left waiting")
+            .expect_err("the shutdown cannot finish");
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+        assert_eq!(began.elapsed(), limit, "cut when the limit ran out, not before or later");
+        // Unbounded writes (hyper's path without a limit) wait on.
+        let mut io = Prefixed::new(ShutdownStuck, None);
+        let waited = tokio::time::timeout(limit * 10, io.shutdown()).await;
+        assert!(waited.is_err(), "an unbounded shutdown waits: {waited:?}");
     }
 
     #[test]
