@@ -516,6 +516,7 @@ async fn handle(
     resp.headers_mut().insert(X_REQUEST_ID.clone(), id);
     if let Some(ms) = trace.stall_timeout_ms {
         open.answered_by(ms);
+        resp = resp.map(|b| open.deliver(b, ms));
     }
     Ok(resp)
 }

@@ -15,11 +15,26 @@
 //!
 //! [`Activity`] also carries the `stall_timeout_ms` that bounds writes to the client
 //! (`fast::Prefixed`), the answering service's.
+//!
+//! A client can also stop taking a response without any write waiting: HTTP/2 sends
+//! only what the client's flow-control window allows, and a client that grants no more
+//! credit (yet answers PINGs) leaves hyper holding the rest, not asking the response
+//! body for more and so never running that body's own timer; the backend connection
+//! stays held as long. Each response body is therefore wrapped ([`Open::deliver`]):
+//! a frame handed to hyper and not followed by a request for the next one within the
+//! service's `stall_timeout_ms` means the client stopped taking data, and [`drive`]
+//! closes the connection, as nginx's `send_timeout` does. HTTP/2 cannot reset one
+//! stream from here: hyper asks for nothing more of it.
 
+use crate::{Body, BoxError};
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::{Frame, SizeHint};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -40,6 +55,18 @@ pub(crate) struct Activity {
     /// response body for data while the client does not read, so the body's own limit
     /// (`stall`) never runs out then; the socket's writes are where it shows.
     send_stall_ms: AtomicU64,
+    /// Response bodies waiting for hyper to ask for their next frame (see [`Delivered`]).
+    handed: Mutex<Handed>,
+    /// Told when a body starts waiting with the earliest deadline.
+    handed_changed: tokio::sync::Notify,
+}
+
+/// Bodies that handed out a frame, by id, with the time by which the next one must be
+/// asked for.
+#[derive(Debug, Default)]
+struct Handed {
+    next_id: u64,
+    out: Vec<(u64, Instant)>,
 }
 
 impl Activity {
@@ -51,7 +78,31 @@ impl Activity {
             quiet: tokio::sync::Notify::new(),
             http1: std::sync::atomic::AtomicBool::new(false),
             send_stall_ms: AtomicU64::new(crate::config::DEFAULT_STALL_TIMEOUT_MS),
+            handed: Mutex::new(Handed::default()),
+            handed_changed: tokio::sync::Notify::new(),
         })
+    }
+
+    fn hand_out(&self, id: u64, due: Instant) {
+        let mut h = self.handed.lock().expect("never held across a panic");
+        let earliest = h.out.iter().all(|&(_, d)| d > due);
+        h.out.push((id, due));
+        drop(h);
+        if earliest {
+            self.handed_changed.notify_one();
+        }
+    }
+
+    fn take_back(&self, id: u64) {
+        let mut h = self.handed.lock().expect("never held across a panic");
+        if let Some(i) = h.out.iter().position(|&(i, _)| i == id) {
+            h.out.swap_remove(i);
+        }
+    }
+
+    /// The earliest time by which a waiting body must be asked for its next frame.
+    fn first_due(&self) -> Option<Instant> {
+        self.handed.lock().expect("never held across a panic").out.iter().map(|&(_, d)| d).min()
     }
 
     /// How long one write to the client may wait (`None`: forever).
@@ -97,6 +148,70 @@ impl Open {
     }
 }
 
+impl Open {
+    /// `body` as a response of a service whose `stall_timeout_ms` is `ms`: the
+    /// connection closes when the client leaves a frame of it untaken for that long
+    /// (0: never).
+    pub(crate) fn deliver(&self, body: Body, ms: u64) -> Body {
+        if ms == 0 {
+            return body;
+        }
+        let id = {
+            let mut h = self.0.handed.lock().expect("never held across a panic");
+            h.next_id += 1;
+            h.next_id
+        };
+        Delivered { inner: body, activity: self.0.clone(), limit: Duration::from_millis(ms), id, out: false }.boxed()
+    }
+}
+
+/// A response body that tells its connection's [`Activity`] when it has handed out a
+/// frame and waits to be asked for the next (see the module's doc).
+struct Delivered {
+    inner: Body,
+    activity: Arc<Activity>,
+    limit: Duration,
+    id: u64,
+    /// A frame is out and the next not yet asked for.
+    out: bool,
+}
+
+impl hyper::body::Body for Delivered {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if this.out {
+            this.out = false;
+            this.activity.take_back(this.id);
+        }
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        // After the last frame hyper may never ask again: the body's drop ends it.
+        if matches!(r, Poll::Ready(Some(Ok(_)))) && !this.inner.is_end_stream() {
+            this.out = true;
+            this.activity.hand_out(this.id, Instant::now() + this.limit);
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Delivered {
+    fn drop(&mut self) {
+        if self.out {
+            self.activity.take_back(self.id);
+        }
+    }
+}
+
 impl Drop for Open {
     fn drop(&mut self) {
         let a = &self.0;
@@ -127,9 +242,42 @@ where
     tokio::select! {
         r = conn.as_mut() => return r,
         () = due(&mut stop, &activity, idle) => {}
+        () = stuck(&activity) => {
+            cut();
+            return Ok(());
+        }
     }
     shutdown(conn.as_mut());
-    conn.await
+    tokio::select! {
+        r = conn => r,
+        () = stuck(&activity) => {
+            cut();
+            Ok(())
+        }
+    }
+}
+
+/// Says why a connection is dropped by [`stuck`].
+fn cut() {
+    tracing::debug!("the client took no response data for stall_timeout_ms: closing the connection");
+}
+
+/// Resolves once a response body has waited past its limit for hyper to ask for more:
+/// the client stopped taking data.
+async fn stuck(activity: &Activity) {
+    loop {
+        let changed = activity.handed_changed.notified();
+        match activity.first_due() {
+            Some(at) if Instant::now() >= at => return,
+            Some(at) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(at) => {}
+                    () = changed => {}
+                }
+            }
+            None => changed.await,
+        }
+    }
 }
 
 /// Resolves once the connection should take no more requests.
@@ -200,6 +348,72 @@ mod tests {
 
     fn shut(c: Pin<&mut Conn>) {
         c.get_mut().shut_at = Some(Instant::now());
+    }
+
+    /// A response body of `n` one-byte frames, each ready at once.
+    struct Frames(usize);
+
+    impl hyper::body::Body for Frames {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            if self.0 == 0 {
+                return Poll::Ready(None);
+            }
+            self.0 -= 1;
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"x")))))
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.0 == 0
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_response_frame_left_untaken_past_the_limit_closes_the_connection_at_once() {
+        let (_tx, rx) = watch::channel(false);
+        let a = Activity::new();
+        let open = a.begin(false);
+        let mut body = open.deliver(Frames(100).boxed(), 1000);
+        drop(open);
+        let started = Instant::now();
+        let client = tokio::spawn(async move {
+            // Takes a frame every 900 ms (within the limit each time), five times, then
+            // stops taking them and keeps the body.
+            for _ in 0..5 {
+                body.frame().await.unwrap().unwrap();
+                tokio::time::sleep(Duration::from_millis(900)).await;
+            }
+            body
+        });
+        drive(conn(), shut, rx, a, None).await.unwrap();
+        // The last frame went out at 3.6 s; cut 1 s later, with no graceful 100 ms.
+        assert_eq!(started.elapsed(), Duration::from_millis(4600));
+        drop(client.await.unwrap());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_ended_or_was_dropped_leaves_the_connection_alone() {
+        let (tx, rx) = watch::channel(false);
+        let a = Activity::new();
+        let open = a.begin(false);
+        let (mut ended, mut dropped) = (open.deliver(Frames(1).boxed(), 1000), open.deliver(Frames(5).boxed(), 1000));
+        drop(open);
+        // Its last frame: hyper need not ask again.
+        ended.frame().await.unwrap().unwrap();
+        dropped.frame().await.unwrap().unwrap();
+        drop(dropped);
+        let started = Instant::now();
+        let stopper = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            tx.send(true).unwrap();
+            tx
+        });
+        drive(conn(), shut, rx, a, None).await.unwrap();
+        // Only the drain at 10 s ended it, gracefully.
+        assert_eq!(started.elapsed(), Duration::from_millis(10_100));
+        drop((ended, stopper.await.unwrap()));
     }
 
     #[tokio::test(start_paused = true)]
