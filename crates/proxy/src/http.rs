@@ -516,9 +516,8 @@ async fn handle(
     resp.headers_mut().insert(X_REQUEST_ID.clone(), id);
     if let Some(ms) = trace.stall_timeout_ms {
         open.answered_by(ms);
-        resp = resp.map(|b| open.deliver(b, ms));
     }
-    Ok(resp)
+    Ok(resp.map(|b| open.deliver(b, trace.stall_timeout_ms.unwrap_or(0))))
 }
 
 /// What the access log and metrics need to know about how a request was forwarded.

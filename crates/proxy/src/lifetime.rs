@@ -7,10 +7,9 @@
 //! HAProxy after `timeout http-keep-alive`. Here both cases end in hyper's graceful
 //! shutdown: HTTP/2 sends GOAWAY and lets open streams finish, HTTP/1 finishes the
 //! response under way and closes. Once an HTTP/1 request came, the idle limit is left
-//! to hyper's `header_read_timeout`. A request counts as open until its response head
-//! is handed to hyper, so an HTTP/2 connection still streaming a long body may be told
-//! to take no more requests after it; the body is not cut (`stall_timeout_ms` bounds
-//! that). HTTP/2 keep-alive PINGs (`http::serve`) close a connection whose peer stops
+//! to hyper's `header_read_timeout`. A request counts as open until hyper drops its
+//! response body ([`Open::deliver`]), so an HTTP/2 connection streaming a long answer
+//! is not idle. HTTP/2 keep-alive PINGs (`http::serve`) close a connection whose peer stops
 //! answering, which a graceful shutdown would otherwise wait on.
 //!
 //! [`Activity`] also carries the `stall_timeout_ms` that bounds writes to the client
@@ -149,19 +148,18 @@ impl Open {
 }
 
 impl Open {
-    /// `body` as a response of a service whose `stall_timeout_ms` is `ms`: the
-    /// connection closes when the client leaves a frame of it untaken for that long
-    /// (0: never).
-    pub(crate) fn deliver(&self, body: Body, ms: u64) -> Body {
-        if ms == 0 {
-            return body;
-        }
+    /// `body` as this request's response, which keeps the request open until hyper is
+    /// done with it (an HTTP/2 connection streaming a long answer is not idle). The
+    /// connection closes when the client leaves a frame of it untaken for `ms`, the
+    /// answering service's `stall_timeout_ms` (0: never).
+    pub(crate) fn deliver(self, body: Body, ms: u64) -> Body {
         let id = {
             let mut h = self.0.handed.lock().expect("never held across a panic");
             h.next_id += 1;
             h.next_id
         };
-        Delivered { inner: body, activity: self.0.clone(), limit: Duration::from_millis(ms), id, out: false }.boxed()
+        let limit = (ms > 0).then(|| Duration::from_millis(ms));
+        Delivered { inner: body, open: self, limit, id, out: false }.boxed()
     }
 }
 
@@ -169,8 +167,9 @@ impl Open {
 /// frame and waits to be asked for the next (see the module's doc).
 struct Delivered {
     inner: Body,
-    activity: Arc<Activity>,
-    limit: Duration,
+    /// The request, open until this body is dropped.
+    open: Open,
+    limit: Option<Duration>,
     id: u64,
     /// A frame is out and the next not yet asked for.
     out: bool,
@@ -184,13 +183,16 @@ impl hyper::body::Body for Delivered {
         let this = &mut *self;
         if this.out {
             this.out = false;
-            this.activity.take_back(this.id);
+            this.open.0.take_back(this.id);
         }
         let r = Pin::new(&mut this.inner).poll_frame(cx);
         // After the last frame hyper may never ask again: the body's drop ends it.
-        if matches!(r, Poll::Ready(Some(Ok(_)))) && !this.inner.is_end_stream() {
+        if let Some(limit) = this.limit
+            && matches!(r, Poll::Ready(Some(Ok(_))))
+            && !this.inner.is_end_stream()
+        {
             this.out = true;
-            this.activity.hand_out(this.id, Instant::now() + this.limit);
+            this.open.0.hand_out(this.id, Instant::now() + limit);
         }
         r
     }
@@ -207,7 +209,7 @@ impl hyper::body::Body for Delivered {
 impl Drop for Delivered {
     fn drop(&mut self) {
         if self.out {
-            self.activity.take_back(self.id);
+            self.open.0.take_back(self.id);
         }
     }
 }
@@ -374,9 +376,7 @@ mod tests {
     async fn a_response_frame_left_untaken_past_the_limit_closes_the_connection_at_once() {
         let (_tx, rx) = watch::channel(false);
         let a = Activity::new();
-        let open = a.begin(false);
-        let mut body = open.deliver(Frames(100).boxed(), 1000);
-        drop(open);
+        let mut body = a.begin(false).deliver(Frames(100).boxed(), 1000);
         let started = Instant::now();
         let client = tokio::spawn(async move {
             // Takes a frame every 900 ms (within the limit each time), five times, then
@@ -397,9 +397,8 @@ mod tests {
     async fn a_body_that_ended_or_was_dropped_leaves_the_connection_alone() {
         let (tx, rx) = watch::channel(false);
         let a = Activity::new();
-        let open = a.begin(false);
-        let (mut ended, mut dropped) = (open.deliver(Frames(1).boxed(), 1000), open.deliver(Frames(5).boxed(), 1000));
-        drop(open);
+        let mut ended = a.begin(false).deliver(Frames(1).boxed(), 1000);
+        let mut dropped = a.begin(false).deliver(Frames(5).boxed(), 1000);
         // Its last frame: hyper need not ask again.
         ended.frame().await.unwrap().unwrap();
         dropped.frame().await.unwrap().unwrap();
@@ -414,6 +413,26 @@ mod tests {
         // Only the drain at 10 s ended it, gracefully.
         assert_eq!(started.elapsed(), Duration::from_millis(10_100));
         drop((ended, stopper.await.unwrap()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_response_still_streaming_keeps_its_request_open_past_the_idle_limit() {
+        let (_tx, rx) = watch::channel(false);
+        let a = Activity::new();
+        // No stall limit: only the idle limit (5 s) is at work.
+        let mut body = a.begin(false).deliver(Frames(100).boxed(), 0);
+        let started = Instant::now();
+        let client = tokio::spawn(async move {
+            // A frame every 2 s for 12 s, then the body is done with.
+            for _ in 0..6 {
+                body.frame().await.unwrap().unwrap();
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        });
+        drive(conn(), shut, rx, a, Some(Duration::from_secs(5))).await.unwrap();
+        client.await.unwrap();
+        // Open until 12 s, then 5 s idle, then the graceful 100 ms.
+        assert_eq!(started.elapsed(), Duration::from_millis(17_100));
     }
 
     #[tokio::test(start_paused = true)]
