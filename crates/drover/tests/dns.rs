@@ -169,10 +169,6 @@ fn two_fed_name_servers_in_two_network_namespaces_answer_alike_serial_included()
         let listen = format!("{addr}:53");
         let state = dir.path().join(format!("{name}.members.json"));
         let args = [
-            "netns",
-            "exec",
-            name,
-            common::drover_bin(),
             "dns",
             "--config",
             cfg.to_str().unwrap(),
@@ -185,11 +181,7 @@ fn two_fed_name_servers_in_two_network_namespaces_answer_alike_serial_included()
             "--state-file",
             state.to_str().unwrap(),
         ];
-        // A `Proc`, so a failing test prints what this name server said.
-        let log = dir.path().join(format!("{name}.log"));
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new("ip").args(args).stdout(out.try_clone().unwrap()).stderr(out).spawn().unwrap();
-        procs.push(Proc { child, log });
+        procs.push(Proc::spawn_in_netns(name, &args, dir.path().join(format!("{name}.log"))));
         // Started seconds apart, so serials from their own clocks could not agree; and
         // the first before any member exists, so it stamps a serial of its own on an
         // empty view before the members come (the path that once made the two disagree).

@@ -260,22 +260,11 @@ fn spawn_agent(srv: &Server, m: &drover_db::testing::PgMember) -> Proc {
     match &m.netns {
         None => srv.agent(&m.name, "pg", &extra),
         Some(ns) => {
-            // Appended to, so a restarted agent's log follows its predecessor's.
-            let log = srv.dir.path().join(format!("agent-{}.log", m.name));
-            let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
             let ws = srv.ws_url();
-            let child = Command::new("ip")
-                .args(["netns", "exec", ns, common::drover_bin(), "agent", "--server", &ws, "--name", &m.name])
-                .args(["--token", common::AGENT, "--api-listen", "", "--subscriptions", "pg"])
-                .args(&extra)
-                .env("RUST_LOG", "info")
-                .stdin(std::process::Stdio::null())
-                .stdout(out.try_clone().unwrap())
-                .stderr(out)
-                .spawn()
-                .unwrap();
-            // `ip netns exec` execs the agent, so this pid is the agent's.
-            Proc { child, log }
+            let mut args = vec!["agent", "--server", &ws, "--name", &m.name, "--token", common::AGENT];
+            args.extend(["--api-listen", "", "--subscriptions", "pg"]);
+            args.extend(&extra);
+            Proc::spawn_in_netns(ns, &args, srv.dir.path().join(format!("agent-{}.log", m.name)))
         }
     }
 }

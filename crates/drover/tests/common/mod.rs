@@ -66,6 +66,23 @@ impl Proc {
         Proc { child, log }
     }
 
+    /// drover with `args` inside network namespace `ns` (`ip netns exec`, which execs
+    /// it, so the pid is drover's). The log is appended to, so a restarted process's
+    /// log follows its predecessor's.
+    pub fn spawn_in_netns(ns: &str, args: &[&str], log: PathBuf) -> Proc {
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, drover_bin()])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("spawning drover in a network namespace");
+        Proc { child, log }
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
     }
