@@ -9,8 +9,8 @@
 //! response under way and closes. Once an HTTP/1 request came, the idle limit is left
 //! to hyper's `header_read_timeout`. A request counts as open until hyper drops its
 //! response body ([`Open::deliver`]), so an HTTP/2 connection streaming a long answer
-//! is not idle. HTTP/2 keep-alive PINGs (`http::serve`) close a connection whose peer stops
-//! answering, which a graceful shutdown would otherwise wait on.
+//! is not idle. HTTP/2 keep-alive PINGs (`http::serve`) close a connection whose peer
+//! stops answering, which a graceful shutdown would otherwise wait on.
 //!
 //! [`Activity`] also carries the `stall_timeout_ms` that bounds writes to the client
 //! (`fast::Prefixed`), the answering service's.
@@ -145,9 +145,7 @@ impl Open {
     pub(crate) fn answered_by(&self, stall_timeout_ms: u64) {
         self.0.send_stall_ms.store(stall_timeout_ms, Ordering::Relaxed);
     }
-}
 
-impl Open {
     /// `body` as this request's response, which keeps the request open until hyper is
     /// done with it (an HTTP/2 connection streaming a long answer is not idle). The
     /// connection closes when the client leaves a frame of it untaken for `ms`, the
