@@ -84,13 +84,16 @@ fn soa_serial(port: u16) -> u32 {
 
 #[test]
 fn a_member_removed_while_it_held_the_newest_change_leaves_fed_name_servers_on_one_serial() {
-    let server = Server::start(&[]);
+    let mut server = Server::start(&[]);
     let ka = ["--keepalive-interval-secs", "1", "--keepalive-warning-secs", "3", "--keepalive-critical-secs", "5"];
     let _w1 = server.agent("w1", "web", &[&ka[..], &["--address", "10.0.0.1"]].concat());
     let dir = tempfile::tempdir().unwrap();
     let ws = server.ws_url();
     let feed = ["--server", &ws, "--token", common::AGENT];
-    let (_first, port1) = dns_proc(dir.path(), &feed);
+    // The first keeps its view on disk.
+    let state = dir.path().join("first.members.json");
+    let first_feed = [&feed[..], &["--state-file", state.to_str().unwrap()]].concat();
+    let (mut first, port1) = dns_proc(dir.path(), &first_feed);
     let answer = |port| dig_short("127.0.0.1", port, "web.example.test", "A");
     wait_for(Duration::from_secs(15), "w1 answered", || (answer(port1) == ["10.0.0.1"]).then_some(()));
     // w2 comes after w1 has settled, so the newest change any member records is w2's.
@@ -110,6 +113,14 @@ fn a_member_removed_while_it_held_the_newest_change_leaves_fed_name_servers_on_o
     let (_second, port2) = dns_proc(dir.path(), &feed);
     wait_for(Duration::from_secs(15), "the second name server fed", || (answer(port2) == ["10.0.0.1"]).then_some(()));
     assert_eq!(soa_serial(port2), after, "a name server that never saw w2 stamps the same serial");
+
+    // The control plane goes away and the first name server restarts from its state
+    // file, saved after the removal: w2 stays gone and the serial stays where it was.
+    server.stop(true);
+    first.term();
+    let (_restarted, port3) = dns_proc(dir.path(), &first_feed);
+    wait_for(Duration::from_secs(5), "the answer from disk", || (answer(port3) == ["10.0.0.1"]).then_some(()));
+    assert_eq!(soa_serial(port3), after, "a restart from disk after a removal keeps the serial");
 }
 
 /// Two network namespaces, each joined to this one by a veth pair; removed on drop, even
