@@ -53,33 +53,29 @@ impl Proc {
 
     /// [`Proc::spawn`] with these environment variables set as well.
     pub fn spawn_with_env(args: &[&str], env: &[(&str, &str)], log: PathBuf) -> Proc {
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(drover_bin())
-            .args(args)
-            .envs(env.iter().copied())
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("spawning drover");
-        Proc { child, log }
+        let mut cmd = Command::new(drover_bin());
+        cmd.args(args).envs(env.iter().copied());
+        Proc::run(cmd, std::fs::File::create(&log).unwrap(), log)
     }
 
     /// drover with `args` inside network namespace `ns` (`ip netns exec`, which execs
     /// it, so the pid is drover's). The log is appended to, so a restarted process's
     /// log follows its predecessor's.
     pub fn spawn_in_netns(ns: &str, args: &[&str], log: PathBuf) -> Proc {
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns, drover_bin()])
-            .args(args)
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns, drover_bin()]).args(args);
+        Proc::run(cmd, std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap(), log)
+    }
+
+    /// Starts `cmd` (a drover) with its output in `out`, the file at `log`.
+    fn run(mut cmd: Command, out: std::fs::File, log: PathBuf) -> Proc {
+        let child = cmd
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .spawn()
-            .expect("spawning drover in a network namespace");
+            .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
         Proc { child, log }
     }
 
