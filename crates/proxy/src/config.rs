@@ -461,10 +461,11 @@ pub struct ServiceConfig {
     /// 60000 (nginx's `proxy_read_timeout`, `send_timeout` and `client_body_timeout`);
     /// 0 = never. On hyper's path (TLS, HTTP/2, uploads over 64 KiB) it bounds the waits
     /// for the backend's response body and a streamed request body, and each write to
-    /// the client's socket (the last answering service's limit) and the client's taking
-    /// of each response frame, which is how an HTTP/2 client that withholds flow-control
-    /// credit shows (then the whole connection closes, as one stream cannot be reset
-    /// from outside hyper).
+    /// the client's socket (the last answering service's limit) and, on HTTP/2, the
+    /// client's taking of each response frame (up to 64 KiB), which is how a client that
+    /// withholds flow-control credit shows: one stream cannot be reset from outside
+    /// hyper, so the connection gets GOAWAY, its other streams this long again to
+    /// finish, and is then closed.
     #[serde(default = "d_stall_timeout_ms")]
     pub stall_timeout_ms: u64,
     /// After a backend (re-)enters rotation its weight ramps from 10% to 100% over

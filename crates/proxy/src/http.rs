@@ -471,6 +471,7 @@ async fn handle(
         .cloned()
         .unwrap_or_else(request_id);
     let upgrade = wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
+    let http2 = req.version() >= http::Version::HTTP_2;
     let start = std::time::Instant::now();
     // Copied for the access log only when it is written.
     let logged = tracing::enabled!(target: "drover_proxy::access", tracing::Level::INFO)
@@ -514,10 +515,7 @@ async fn handle(
         );
     }
     resp.headers_mut().insert(X_REQUEST_ID.clone(), id);
-    if let Some(ms) = trace.stall_timeout_ms {
-        open.answered_by(ms);
-    }
-    Ok(resp.map(|b| open.deliver(b, trace.stall_timeout_ms.unwrap_or(0))))
+    Ok(resp.map(|b| open.deliver(b, trace.stall_timeout_ms, http2)))
 }
 
 /// What the access log and metrics need to know about how a request was forwarded.

@@ -19,11 +19,15 @@
 //! only what the client's flow-control window allows, and a client that grants no more
 //! credit (yet answers PINGs) leaves hyper holding the rest, not asking the response
 //! body for more and so never running that body's own timer; the backend connection
-//! stays held as long. Each response body is therefore wrapped ([`Open::deliver`]):
-//! a frame handed to hyper and not followed by a request for the next one within the
-//! service's `stall_timeout_ms` means the client stopped taking data, and [`drive`]
-//! closes the connection, as nginx's `send_timeout` does. HTTP/2 cannot reset one
-//! stream from here: hyper asks for nothing more of it.
+//! stays held as long. So each HTTP/2 response body is wrapped ([`Open::deliver`]): a
+//! frame handed to hyper (at most [`MAX_FRAME`], so the wait is for the client to take
+//! 64 KiB, not whatever one backend read returned) and not followed by a request for
+//! the next within the service's `stall_timeout_ms` means the client stopped taking
+//! data. One stream cannot be reset from here (hyper asks nothing more of it), so
+//! [`drive`] sends GOAWAY, gives the other streams the same time again to finish,
+//! and then closes the connection; nginx's `send_timeout` ends the stream. HTTP/1
+//! needs none of this: a client that stops reading blocks a write, which
+//! `fast::Prefixed` bounds.
 
 use crate::{Body, BoxError};
 use bytes::Bytes;
@@ -33,7 +37,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -52,21 +56,28 @@ pub(crate) struct Activity {
     /// `stall_timeout_ms` of the service that answered last here (0: never): how long
     /// one write to the client may wait (`fast::Prefixed`). hyper stops asking a
     /// response body for data while the client does not read, so the body's own limit
-    /// (`stall`) never runs out then; the socket's writes are where it shows.
+    /// (`stall`) never runs out then; the socket's writes are where it shows, or on
+    /// HTTP/2 the wait for hyper to ask for the next frame ([`Delivered`]).
     send_stall_ms: AtomicU64,
     /// Response bodies waiting for hyper to ask for their next frame (see [`Delivered`]).
     handed: Mutex<Handed>,
-    /// Told when a body starts waiting with the earliest deadline.
+    /// Told when a body starts waiting with a deadline earlier than [`stuck`] watches.
     handed_changed: tokio::sync::Notify,
+    next_body: AtomicU64,
 }
 
 /// Bodies that handed out a frame, by id, with the time by which the next one must be
-/// asked for.
+/// asked for and their limit.
 #[derive(Debug, Default)]
 struct Handed {
-    next_id: u64,
-    out: Vec<(u64, Instant)>,
+    out: Vec<(u64, Instant, Duration)>,
+    /// The deadline [`stuck`] sleeps toward: a later one needs no wake-up (with one
+    /// stream, nearly every frame's), so it wakes about once per limit, not per frame.
+    armed: Option<Instant>,
 }
+
+/// The largest data frame a [`Delivered`] body hands out; larger ones are split.
+pub(crate) const MAX_FRAME: usize = 64 * 1024;
 
 impl Activity {
     pub(crate) fn new() -> Arc<Activity> {
@@ -79,29 +90,35 @@ impl Activity {
             send_stall_ms: AtomicU64::new(crate::config::DEFAULT_STALL_TIMEOUT_MS),
             handed: Mutex::new(Handed::default()),
             handed_changed: tokio::sync::Notify::new(),
+            next_body: AtomicU64::new(0),
         })
     }
 
-    fn hand_out(&self, id: u64, due: Instant) {
+    fn hand_out(&self, id: u64, limit: Duration) {
+        let due = Instant::now() + limit;
         let mut h = self.handed.lock().expect("never held across a panic");
-        let earliest = h.out.iter().all(|&(_, d)| d > due);
-        h.out.push((id, due));
+        h.out.push((id, due, limit));
+        let wake = h.armed.is_none_or(|armed| due < armed);
         drop(h);
-        if earliest {
+        if wake {
             self.handed_changed.notify_one();
         }
     }
 
     fn take_back(&self, id: u64) {
         let mut h = self.handed.lock().expect("never held across a panic");
-        if let Some(i) = h.out.iter().position(|&(i, _)| i == id) {
+        if let Some(i) = h.out.iter().position(|&(i, _, _)| i == id) {
             h.out.swap_remove(i);
         }
     }
 
-    /// The earliest time by which a waiting body must be asked for its next frame.
-    fn first_due(&self) -> Option<Instant> {
-        self.handed.lock().expect("never held across a panic").out.iter().map(|&(_, d)| d).min()
+    /// The earliest time by which a waiting body must be asked for its next frame, with
+    /// its limit, now watched by [`stuck`].
+    fn arm(&self) -> Option<(Instant, Duration)> {
+        let mut h = self.handed.lock().expect("never held across a panic");
+        let first = h.out.iter().min_by_key(|&&(_, d, _)| d).map(|&(_, d, l)| (d, l));
+        h.armed = first.map(|(d, _)| d);
+        first
     }
 
     /// How long one write to the client may wait (`None`: forever).
@@ -142,22 +159,22 @@ pub(crate) struct Open(Arc<Activity>);
 
 impl Open {
     /// The answering service's `stall_timeout_ms` (0: never) now bounds writes to the client.
-    pub(crate) fn answered_by(&self, stall_timeout_ms: u64) {
+    fn answered_by(&self, stall_timeout_ms: u64) {
         self.0.send_stall_ms.store(stall_timeout_ms, Ordering::Relaxed);
     }
 
     /// `body` as this request's response, which keeps the request open until hyper is
-    /// done with it (an HTTP/2 connection streaming a long answer is not idle). The
-    /// connection closes when the client leaves a frame of it untaken for `ms`, the
-    /// answering service's `stall_timeout_ms` (0: never).
-    pub(crate) fn deliver(self, body: Body, ms: u64) -> Body {
-        let id = {
-            let mut h = self.0.handed.lock().expect("never held across a panic");
-            h.next_id += 1;
-            h.next_id
-        };
-        let limit = (ms > 0).then(|| Duration::from_millis(ms));
-        Delivered { inner: body, open: self, limit, id, out: false }.boxed()
+    /// done with it (an HTTP/2 connection streaming a long answer is not idle).
+    /// `stall_timeout_ms`: the answering service's (`None`: no service answered), which
+    /// then bounds writes to the client and, on HTTP/2, the client's taking of each
+    /// frame (see the module's doc).
+    pub(crate) fn deliver(self, body: Body, stall_timeout_ms: Option<u64>, http2: bool) -> Body {
+        if let Some(ms) = stall_timeout_ms {
+            self.answered_by(ms);
+        }
+        let limit = stall_timeout_ms.filter(|&ms| http2 && ms > 0).map(Duration::from_millis);
+        let id = self.0.next_body.fetch_add(1, Ordering::Relaxed);
+        Delivered { inner: body, rest: Bytes::new(), open: self, limit, id, out: false }.boxed()
     }
 }
 
@@ -165,6 +182,8 @@ impl Open {
 /// frame and waits to be asked for the next (see the module's doc).
 struct Delivered {
     inner: Body,
+    /// What is left of a data frame larger than [`MAX_FRAME`].
+    rest: Bytes,
     /// The request, open until this body is dropped.
     open: Open,
     limit: Option<Duration>,
@@ -183,24 +202,44 @@ impl hyper::body::Body for Delivered {
             this.out = false;
             this.open.0.take_back(this.id);
         }
-        let r = Pin::new(&mut this.inner).poll_frame(cx);
-        // After the last frame hyper may never ask again: the body's drop ends it.
-        if let Some(limit) = this.limit
-            && matches!(r, Poll::Ready(Some(Ok(_))))
-            && !this.inner.is_end_stream()
-        {
+        let frame = if this.rest.is_empty() {
+            match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(mut data) if data.len() > MAX_FRAME => {
+                        this.rest = data.split_off(MAX_FRAME);
+                        Frame::data(data)
+                    }
+                    Ok(data) => Frame::data(data),
+                    Err(frame) => frame,
+                },
+                other => return Poll::Ready(other),
+            }
+        } else {
+            let n = this.rest.len().min(MAX_FRAME);
+            Frame::data(this.rest.split_to(n))
+        };
+        // The last frame too: HTTP/2 holds it until the client grants credit, and
+        // drops the body only then.
+        if let Some(limit) = this.limit {
             this.out = true;
-            this.open.0.hand_out(this.id, Instant::now() + limit);
+            this.open.0.hand_out(this.id, limit);
         }
-        r
+        Poll::Ready(Some(Ok(frame)))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.rest.is_empty() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let inner = self.inner.size_hint();
+        let rest = self.rest.len() as u64;
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + rest);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + rest);
+        }
+        hint
     }
 }
 
@@ -239,39 +278,37 @@ where
     // The fast path may have served this connection for long before handing it over.
     activity.touch();
     let mut conn = std::pin::pin!(conn);
-    tokio::select! {
+    let stuck_first = tokio::select! {
         r = conn.as_mut() => return r,
-        () = due(&mut stop, &activity, idle) => {}
-        () = stuck(&activity) => {
-            cut();
-            return Ok(());
-        }
-    }
+        () = due(&mut stop, &activity, idle) => None,
+        limit = stuck(&activity) => Some(limit),
+    };
     shutdown(conn.as_mut());
-    tokio::select! {
-        r = conn => r,
-        () = stuck(&activity) => {
-            cut();
-            Ok(())
-        }
-    }
+    let limit = match stuck_first {
+        Some(limit) => limit,
+        None => tokio::select! {
+            r = conn.as_mut() => return r,
+            limit = stuck(&activity) => limit,
+        },
+    };
+    // A stuck stream never ends: the others get the same time again to finish (after
+    // GOAWAY, if not sent already), then the connection is cut.
+    tracing::debug!(?limit, "the client took no response data for stall_timeout_ms; closing the connection");
+    tokio::time::timeout(limit, conn).await.unwrap_or(Ok(()))
 }
 
-/// Says why a connection is dropped by [`stuck`].
-fn cut() {
-    tracing::debug!("the client took no response data for stall_timeout_ms: closing the connection");
-}
-
-/// Resolves once a response body has waited past its limit for hyper to ask for more:
-/// the client stopped taking data.
-async fn stuck(activity: &Activity) {
+/// Resolves once a response body has waited past its limit for hyper to ask for more
+/// (the client stopped taking data), with that limit.
+async fn stuck(activity: &Activity) -> Duration {
+    let mut sleep = std::pin::pin!(tokio::time::sleep_until(Instant::now()));
     loop {
         let changed = activity.handed_changed.notified();
-        match activity.first_due() {
-            Some(at) if Instant::now() >= at => return,
-            Some(at) => {
+        match activity.arm() {
+            Some((at, limit)) if Instant::now() >= at => return limit,
+            Some((at, _)) => {
+                sleep.as_mut().reset(at);
                 tokio::select! {
-                    () = tokio::time::sleep_until(at) => {}
+                    () = sleep.as_mut() => {}
                     () = changed => {}
                 }
             }
@@ -370,11 +407,40 @@ mod tests {
         }
     }
 
+    /// A response body of `n` one-byte frames, each `every` after the last (a slow
+    /// backend: the body is asked, and has nothing yet).
+    struct Paced {
+        left: usize,
+        every: Duration,
+        sleep: Pin<Box<tokio::time::Sleep>>,
+    }
+
+    impl hyper::body::Body for Paced {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            if self.left == 0 {
+                return Poll::Ready(None);
+            }
+            ready!(self.sleep.as_mut().poll(cx));
+            let next = Instant::now() + self.every;
+            self.sleep.as_mut().reset(next);
+            self.left -= 1;
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"x")))))
+        }
+    }
+
+    /// A connection that never ends once its graceful shutdown began (a stream stuck).
+    fn stuck_conn() -> Conn {
+        Conn { shut_at: None, after: Duration::from_secs(3600) }
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn a_response_frame_left_untaken_past_the_limit_closes_the_connection_at_once() {
+    async fn a_response_frame_left_untaken_past_the_limit_shuts_down_then_cuts_the_connection() {
         let (_tx, rx) = watch::channel(false);
         let a = Activity::new();
-        let mut body = a.begin(false).deliver(Frames(100).boxed(), 1000);
+        let mut body = a.begin(false).deliver(Frames(100).boxed(), Some(1000), true);
         let started = Instant::now();
         let client = tokio::spawn(async move {
             // Takes a frame every 900 ms (within the limit each time), five times, then
@@ -385,32 +451,77 @@ mod tests {
             }
             body
         });
-        drive(conn(), shut, rx, a, None).await.unwrap();
-        // The last frame went out at 3.6 s; cut 1 s later, with no graceful 100 ms.
-        assert_eq!(started.elapsed(), Duration::from_millis(4600));
+        drive(stuck_conn(), shut, rx, a, None).await.unwrap();
+        // The last frame went out at 3.6 s; GOAWAY 1 s later, the cut 1 s after that.
+        assert_eq!(started.elapsed(), Duration::from_millis(5600));
         drop(client.await.unwrap());
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_body_that_ended_or_was_dropped_leaves_the_connection_alone() {
+    async fn a_last_frame_the_client_never_takes_counts_too() {
+        let (_tx, rx) = watch::channel(false);
+        let a = Activity::new();
+        // One frame, the whole answer: HTTP/2 holds it (and the body) until credit comes.
+        let mut body = a.begin(false).deliver(Frames(1).boxed(), Some(1000), true);
+        body.frame().await.unwrap().unwrap();
+        let started = Instant::now();
+        drive(conn(), shut, rx, a, None).await.unwrap();
+        // GOAWAY at 1 s; this connection then ends on its own 100 ms later.
+        assert_eq!(started.elapsed(), Duration::from_millis(1100));
+        drop(body);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_taken_to_its_end_a_dropped_one_and_a_slow_backend_leave_the_connection_alone() {
         let (tx, rx) = watch::channel(false);
         let a = Activity::new();
-        let mut ended = a.begin(false).deliver(Frames(1).boxed(), 1000);
-        let mut dropped = a.begin(false).deliver(Frames(5).boxed(), 1000);
-        // Its last frame: hyper need not ask again.
-        ended.frame().await.unwrap().unwrap();
+        let mut ended = a.begin(false).deliver(Frames(3).boxed(), Some(1000), true);
+        let mut dropped = a.begin(false).deliver(Frames(5).boxed(), Some(1000), true);
+        // A frame every 3 s, three times the limit, each asked for at once.
+        let paced =
+            Paced { left: 4, every: Duration::from_secs(3), sleep: Box::pin(tokio::time::sleep(Duration::ZERO)) };
+        let mut paced = a.begin(false).deliver(paced.boxed(), Some(1000), true);
+        // Taken to its end (hyper asks once more and gets None), and kept.
+        while ended.frame().await.is_some() {}
         dropped.frame().await.unwrap().unwrap();
         drop(dropped);
+        let slow = tokio::spawn(async move {
+            while paced.frame().await.is_some() {}
+            paced
+        });
+        // HTTP/1: writes are bounded at the socket; its frames are not watched.
+        let mut http1 = a.begin(true).deliver(Frames(5).boxed(), Some(1000), false);
+        http1.frame().await.unwrap().unwrap();
         let started = Instant::now();
         let stopper = tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(10)).await;
+            tokio::time::sleep(Duration::from_secs(20)).await;
             tx.send(true).unwrap();
             tx
         });
         drive(conn(), shut, rx, a, None).await.unwrap();
-        // Only the drain at 10 s ended it, gracefully.
-        assert_eq!(started.elapsed(), Duration::from_millis(10_100));
-        drop((ended, stopper.await.unwrap()));
+        // Only the drain at 20 s ended it, gracefully.
+        assert_eq!(started.elapsed(), Duration::from_millis(20_100));
+        drop((ended, http1, slow.await.unwrap(), stopper.await.unwrap()));
+    }
+
+    #[tokio::test]
+    async fn a_large_data_frame_is_handed_out_in_pieces_of_at_most_max_frame() {
+        let a = Activity::new();
+        let big = Bytes::from(vec![7u8; 3 * MAX_FRAME + 100]);
+        let full = http_body_util::Full::new(big.clone()).map_err(|n: std::convert::Infallible| match n {}).boxed();
+        let mut body = a.begin(false).deliver(full, Some(1000), true);
+        assert_eq!(hyper::body::Body::size_hint(&body).exact(), Some(big.len() as u64));
+        let mut got = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let data = frame.unwrap().into_data().unwrap();
+            assert!(data.len() <= MAX_FRAME, "{}", data.len());
+            got.push(data);
+            let left = big.len() - got.iter().map(Bytes::len).sum::<usize>();
+            assert_eq!(hyper::body::Body::size_hint(&body).exact(), Some(left as u64));
+            assert_eq!(hyper::body::Body::is_end_stream(&body), left == 0);
+        }
+        assert_eq!(got.iter().map(Bytes::len).collect::<Vec<_>>(), [MAX_FRAME, MAX_FRAME, MAX_FRAME, 100]);
+        assert_eq!(got.concat(), big);
     }
 
     #[tokio::test(start_paused = true)]
@@ -418,7 +529,7 @@ mod tests {
         let (_tx, rx) = watch::channel(false);
         let a = Activity::new();
         // No stall limit: only the idle limit (5 s) is at work.
-        let mut body = a.begin(false).deliver(Frames(100).boxed(), 0);
+        let mut body = a.begin(false).deliver(Frames(100).boxed(), None, true);
         let started = Instant::now();
         let client = tokio::spawn(async move {
             // A frame every 2 s for 12 s, then the body is done with.

@@ -5,7 +5,9 @@
 //! connection it was writing to (the client's, or the backend's). The fast path bounds
 //! its own reads and writes (`fast::bounded`). A client that stops reading its
 //! response makes hyper stop asking the body for frames, so that wait is bounded at
-//! the client's socket instead (`fast::Prefixed`, with the same [`WaitTimer`]).
+//! the client's socket instead (`fast::Prefixed`, with the same [`WaitTimer`]), and on
+//! HTTP/2, whose flow control can hold data without a write waiting, by the wait for
+//! hyper to ask for the next frame (`lifetime`).
 
 use crate::BoxError;
 use bytes::Bytes;

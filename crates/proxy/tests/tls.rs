@@ -281,9 +281,7 @@ async fn an_https_client_that_stops_reading_is_cut_after_stall_timeout_and_one_t
     use tokio::io::AsyncWriteExt;
     // 32 MiB per answer: more than the sockets and TLS buffers between proxy and client hold.
     const BIG: usize = 32 << 20;
-    let mut answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {BIG}\r\n\r\n").into_bytes();
-    answer.resize(answer.len() + BIG, b'b');
-    let (baddr, served) = head_only_backend(answer).await;
+    let (baddr, served) = head_only_backend(big_answer(BIG)).await;
     let dir = tempfile::tempdir().unwrap();
     // 1 s: the client that reads at once must not be cut by a pause of the test's own.
     let p = Proxy::start(one_cert(dir.path(), "", baddr, "stall_timeout_ms = 1000")).await.unwrap();

@@ -67,7 +67,8 @@ impl Proc {
         Proc::run(cmd, std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap(), log)
     }
 
-    /// Starts `cmd` (a drover) with its output in `out`, the file at `log`.
+    /// Starts `cmd` (drover, or `ip netns exec` of it) with its output in `out`, the
+    /// file at `log`.
     fn run(mut cmd: Command, out: std::fs::File, log: PathBuf) -> Proc {
         let child = cmd
             .env("RUST_LOG", "info")

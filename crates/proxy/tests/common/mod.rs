@@ -334,6 +334,13 @@ pub async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Vec<u8> {
     head
 }
 
+/// A 200 response with a body of `len` bytes, as a backend writes it.
+pub fn big_answer(len: usize) -> Vec<u8> {
+    let mut answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n").into_bytes();
+    answer.resize(answer.len() + len, b'b');
+    answer
+}
+
 /// A backend that reads each request's head, writes `answer` (if any) and then holds
 /// the socket open, reading nothing more: a backend that stalls, or stops taking an
 /// upload. Aborting the task closes every connection.
