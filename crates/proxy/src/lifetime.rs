@@ -158,21 +158,20 @@ impl Activity {
 pub(crate) struct Open(Arc<Activity>);
 
 impl Open {
-    /// The answering service's `stall_timeout_ms` (0: never) now bounds writes to the client.
-    fn answered_by(&self, stall_timeout_ms: u64) {
-        self.0.send_stall_ms.store(stall_timeout_ms, Ordering::Relaxed);
-    }
-
-    /// `body` as this request's response, which keeps the request open until hyper is
-    /// done with it (an HTTP/2 connection streaming a long answer is not idle).
-    /// `stall_timeout_ms`: the answering service's (`None`: no service answered), which
-    /// then bounds writes to the client and, on HTTP/2, the client's taking of each
-    /// frame (see the module's doc).
+    /// `body` as this request's response. `stall_timeout_ms`: the answering service's
+    /// (`None`: no service answered), which then bounds writes to the client and, on
+    /// HTTP/2, the client's taking of each frame (see the module's doc). An HTTP/2
+    /// request stays open until hyper is done with the body (a connection streaming a
+    /// long answer is not idle); HTTP/1's body goes as it is, with no wrapper to pay
+    /// for per request, as hyper bounds HTTP/1's idle time itself.
     pub(crate) fn deliver(self, body: Body, stall_timeout_ms: Option<u64>, http2: bool) -> Body {
         if let Some(ms) = stall_timeout_ms {
-            self.answered_by(ms);
+            self.0.send_stall_ms.store(ms, Ordering::Relaxed);
         }
-        let limit = stall_timeout_ms.filter(|&ms| http2 && ms > 0).map(Duration::from_millis);
+        if !http2 {
+            return body;
+        }
+        let limit = stall_timeout_ms.filter(|&ms| ms > 0).map(Duration::from_millis);
         let id = self.0.next_body.fetch_add(1, Ordering::Relaxed);
         Delivered { inner: body, rest: Bytes::new(), open: self, limit, id, out: false }.boxed()
     }
